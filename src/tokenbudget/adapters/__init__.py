@@ -1,0 +1,25 @@
+"""Framework adapters: the only place that knows how a framework's models are built.
+
+Each adapter is looked up by class path, so optional frameworks are never imported to check.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import timm as timm_adapter
+
+
+def find_adapter(model: nn.Module) -> timm_adapter.TimmAdapter:
+    """The adapter for ``model``; ``ValueError`` naming what is supported when there is none."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"tb.apply expects a torch.nn.Module, got {type(model).__name__}")
+    if timm_adapter.matches(model):
+        return timm_adapter.TimmAdapter(model)
+    raise ValueError(
+        f"tokenbudget cannot patch {type(model).__module__}.{type(model).__name__}: it supports "
+        f"{timm_adapter.SUPPORTED}. Hugging Face transformers and OpenCLIP adapters are planned."
+    )
+
+
+__all__ = ["find_adapter"]

@@ -1,0 +1,49 @@
+"""The hardware ceiling of a token schedule: the same per-layer token counts, reduced for free.
+
+`FreeReduction` drops the last ``r`` tokens of each block by slicing (no matching, no merging), so
+a model patched with it runs exactly the token counts of the real method with zero reduction cost.
+Its speedup is the most any implementation of that schedule can reach on this machine: at small
+batch on a CPU, blocks on few tokens are bound by reading their weights, not by FLOPs, so the
+ceiling sits below the FLOPs-ideal speedup. The bench reports both.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import Tensor, nn
+
+from ..adapters import find_adapter
+from ..context import PatchContext
+from ..patch import install_strategy, patched_config
+from ..state import TokenState
+
+
+class FreeReduction:
+    """Strategy with another strategy's plan whose reduction is a free slice (benchmark only)."""
+
+    needs_keys = False
+    prop_attn = False
+    trace_source = False
+
+    def __init__(self, planner: object) -> None:
+        self.planner = planner
+        self.config = planner.config
+
+    def plan(self, num_tokens: int, num_prefix: int) -> tuple[list[int], list[int]]:
+        return self.planner.plan(num_tokens, num_prefix)
+
+    def reduce(self, x: Tensor, keys: Tensor | None, state: TokenState, layer: int) -> Tensor:
+        return x[:, : x.shape[1] - state.merged_per_layer[layer]]
+
+
+def free_reduction_copy(model: nn.Module, patched: nn.Module) -> nn.Module:
+    """A copy of unpatched ``model`` that runs ``patched``'s token schedule with free reduction."""
+    from ..strategies import make_strategy
+
+    clone = copy.deepcopy(model)
+    adapter = find_adapter(clone)
+    planner = make_strategy(patched_config(patched), adapter.num_layers)
+    ctx = PatchContext(FreeReduction(planner), adapter.num_prefix, adapter.num_layers, adapter.grid)
+    install_strategy(clone, adapter, ctx)
+    return clone

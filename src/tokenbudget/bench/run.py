@@ -1,0 +1,187 @@
+"""`tokenbudget bench`: patched vs unpatched model, same process, interleaved, medians."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..config import ReductionConfig
+from ..patch import apply, last_state
+from .ceiling import free_reduction_copy
+from .flops import block_dims, ideal_speedup, model_flops
+from .memory import peak_forward_memory
+from .throughput import measure_interleaved
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BenchRow:
+    """One (config, batch size) measurement against the unpatched model."""
+
+    model: str
+    config: dict
+    batch_size: int
+    device: str
+    dtype: str
+    threads: int
+    baseline_img_s: float
+    patched_img_s: float
+    speedup: float
+    ideal_speedup: float
+    efficiency: float
+    ceiling_speedup: float | None
+    ceiling_efficiency: float | None
+    flops_ratio: float
+    baseline_peak_mb: float | None
+    patched_peak_mb: float | None
+    input_tokens: int
+    final_tokens: int
+    tokens_per_layer: list[int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_model(name: str, *, pretrained: bool = False, img_size: int | None = None) -> nn.Module:
+    """A timm model by name (``pretrained=True`` downloads through timm), or ``dinov2_small``: the
+    embedded offline DINOv2 ViT-S/14 (real weights, no network)."""
+    if name in ("dinov2_small", "embedded"):
+        from ..models import dinov2_small
+
+        return dinov2_small(img_size=img_size or 224, pretrained=True)
+    import timm
+
+    kwargs = {"img_size": img_size} if img_size else {}
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(
+                f"unknown timm model {name!r}; see timm.list_models('vit_*'), or use 'dinov2_small'"
+            ) from None
+        raise
+    except OSError as err:
+        raise ValueError(
+            f"could not fetch pretrained weights for {name!r} ({err}); without a network use --random "
+            "weights or the embedded model 'dinov2_small'"
+        ) from None
+    return model.eval()
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def bench(
+    model: nn.Module,
+    configs: Sequence[ReductionConfig],
+    *,
+    model_name: str = "model",
+    batch_sizes: Sequence[int] = (1, 32),
+    device: str | torch.device = "cpu",
+    dtype: str = "fp32",
+    samples: int = 10,
+    warmup: int = 3,
+    measure_memory: bool = True,
+    ceiling: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> list[BenchRow]:
+    """Measure each config against the unpatched ``model`` at each batch size.
+
+    The unpatched model and one patched copy per config are timed interleaved in one process on
+    random input at the model's default image size. Throughput is images per second from the
+    median time per batch. With ``ceiling``, each config's token schedule is also run with free
+    reduction (a slice, see :mod:`.ceiling`): the speedup this machine allows for those token
+    counts, so the method's own cost shows as ``ceiling_efficiency`` = speedup / ceiling speedup.
+    """
+    device = torch.device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    model = model.eval().to(device=device, dtype=torch_dtype)
+    patched = [apply(copy.deepcopy(model), cfg) for cfg in configs]
+    free = [free_reduction_copy(model, m) for m in patched] if ceiling else []
+    dims = [block_dims(b) for b in model.blocks]
+    height, width = model.patch_embed.img_size
+    rows = []
+    for batch_size in batch_sizes:
+        x = torch.randn(batch_size, 3, height, width, device=device, dtype=torch_dtype)
+
+        runs = {"baseline": _forward(model, x)} | {
+            f"config{i}": _forward(m, x) for i, m in enumerate(patched)
+        }
+        runs |= {f"free{i}": _forward(m, x) for i, m in enumerate(free)}
+        seconds = measure_interleaved(runs, device, warmup=warmup, samples=samples, progress=progress)
+        base_mem = peak_forward_memory(runs["baseline"], device) if measure_memory else None
+        for i, (cfg, m) in enumerate(zip(configs, patched, strict=True)):
+            runs[f"config{i}"]()
+            state = last_state(m)
+            ideal = ideal_speedup(state.input_tokens, state.tokens_per_layer, dims)
+            full = model_flops(state.input_tokens, [state.input_tokens] * len(dims), dims)
+            mem = peak_forward_memory(runs[f"config{i}"], device) if measure_memory else None
+            speedup = seconds["baseline"] / seconds[f"config{i}"]
+            ceiling_speedup = seconds["baseline"] / seconds[f"free{i}"] if ceiling else None
+            rows.append(
+                BenchRow(
+                    model=model_name,
+                    config=cfg.to_dict(),
+                    batch_size=batch_size,
+                    device=str(device),
+                    dtype=dtype,
+                    threads=torch.get_num_threads(),
+                    baseline_img_s=batch_size / seconds["baseline"],
+                    patched_img_s=batch_size / seconds[f"config{i}"],
+                    speedup=speedup,
+                    ideal_speedup=ideal,
+                    efficiency=speedup / ideal,
+                    ceiling_speedup=ceiling_speedup,
+                    ceiling_efficiency=None if ceiling_speedup is None else speedup / ceiling_speedup,
+                    flops_ratio=model_flops(state.input_tokens, state.tokens_per_layer, dims) / full,
+                    baseline_peak_mb=None if base_mem is None else base_mem / 2**20,
+                    patched_peak_mb=None if mem is None else mem / 2**20,
+                    input_tokens=state.input_tokens,
+                    final_tokens=state.tokens_per_layer[-1],
+                    tokens_per_layer=list(state.tokens_per_layer),
+                )
+            )
+    return rows
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    """Plain-text table of bench rows."""
+    header = (
+        f"{'config':<28} {'batch':>5} {'base img/s':>10} {'tb img/s':>9} {'speedup':>7} "
+        f"{'ideal':>6} {'eff':>5} {'ceiling':>7} {'c-eff':>5} {'tokens':>9} {'base MB':>8} {'tb MB':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        cfg = {
+            k: v for k, v in row.config.items() if v is not None and k not in ("prop_attn", "trace_source")
+        }
+        label = ",".join(f"{k}={v}" for k, v in cfg.items() if k != "method")
+        label = f"{row.config['method']}({label})"
+        mem = (
+            f"{row.baseline_peak_mb:>8.1f} {row.patched_peak_mb:>7.1f}"
+            if row.baseline_peak_mb is not None and row.patched_peak_mb is not None
+            else f"{'-':>8} {'-':>7}"
+        )
+        ceil = (
+            f"{row.ceiling_speedup:>6.2f}x {row.ceiling_efficiency:>5.2f}"
+            if row.ceiling_speedup is not None and row.ceiling_efficiency is not None
+            else f"{'-':>7} {'-':>5}"
+        )
+        lines.append(
+            f"{label:<28} {row.batch_size:>5} {row.baseline_img_s:>10.1f} {row.patched_img_s:>9.1f} "
+            f"{row.speedup:>6.2f}x {row.ideal_speedup:>5.2f}x {row.efficiency:>5.2f} {ceil} "
+            f"{row.input_tokens:>4}->{row.final_tokens:<4} {mem}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,226 @@
+"""The ``tokenbudget`` command: bench, visualize, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from .config import ReductionConfig, ToMe, config_from_json
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_budget_args(parser: argparse.ArgumentParser, default_r: str | None) -> None:
+    group = parser.add_argument_group("budget (ToMe); give one of --r, --keep, --tokens, --config")
+    group.add_argument("--method", default="tome", choices=["tome"], help="reduction method (default: tome)")
+    group.add_argument(
+        "--r",
+        type=_int_list,
+        default=None,
+        help=f"tokens merged per block; comma list for several configs (default: {default_r})",
+    )
+    group.add_argument(
+        "--inflection",
+        type=float,
+        default=None,
+        help="ToMe schedule inflection in [-1, 1] with --r (-1: decreasing)",
+    )
+    group.add_argument(
+        "--keep",
+        type=_float_list,
+        default=None,
+        help="fraction of tokens left after the last block; comma list",
+    )
+    group.add_argument(
+        "--tokens", type=_int_list, default=None, help="tokens left after the last block; comma list"
+    )
+    group.add_argument("--config", default=None, help='a JSON config, e.g. \'{"method": "tome", "r": 16}\'')
+    group.add_argument("--no-prop-attn", action="store_true", help="turn off proportional attention")
+    parser.set_defaults(default_r=default_r)
+
+
+def _configs(args: argparse.Namespace) -> list[ReductionConfig]:
+    given = [name for name in ("r", "keep", "tokens", "config") if getattr(args, name) is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one budget option, not {', '.join('--' + g for g in given)}")
+    prop = not args.no_prop_attn
+    if args.config is not None:
+        return [config_from_json(args.config)]
+    if args.keep is not None:
+        return [ToMe(keep=k, prop_attn=prop) for k in args.keep]
+    if args.tokens is not None:
+        return [ToMe(tokens=t, prop_attn=prop) for t in args.tokens]
+    rs = args.r if args.r is not None else _int_list(args.default_r)
+    if args.inflection is not None:
+        return [ToMe(r=(r, args.inflection), prop_attn=prop) for r in rs]
+    return [ToMe(r=r, prop_attn=prop) for r in rs]
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench, format_table, load_model
+
+    _set_threads(args.threads)
+    configs = _configs(args)
+    model = load_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
+    batch_sizes = args.batch_size
+    total = len(batch_sizes) * args.samples
+    bar = _progress(total, "bench", disable=args.json or args.quiet)
+    rows = bench(
+        model,
+        configs,
+        model_name=args.model,
+        batch_sizes=batch_sizes,
+        device=args.device,
+        dtype=args.dtype,
+        samples=args.samples,
+        warmup=args.warmup,
+        measure_memory=not args.no_memory,
+        ceiling=not args.no_ceiling,
+        progress=bar.update,
+    )
+    bar.close()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+    else:
+        weights = (
+            "embedded DINOv2 weights"
+            if args.model == "dinov2_small"
+            else ("pretrained" if args.pretrained else "random weights")
+        )
+        print(
+            f"{args.model} ({weights}), device {args.device}, {args.dtype}, {torch.get_num_threads()} threads"
+        )
+        print(format_table(rows))
+        print(
+            "speedup: measured images/s over the unpatched model; ideal: FLOPs-ideal speedup; eff = speedup/ideal;"
+        )
+        print(
+            "ceiling: speedup of the same token counts with free reduction; c-eff = speedup/ceiling; MB: peak forward memory"
+        )
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .bench import load_model
+    from .data import load_image
+    from .viz import render_merges
+
+    configs = _configs(args)
+    if len(configs) != 1:
+        raise ValueError("visualize takes one budget")
+    model = load_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
+    picture, summary = render_merges(model, load_image(args.image), configs[0])
+    Image.fromarray(picture).save(args.output)
+    print(f"wrote {args.output}: {summary['input_tokens']} -> {summary['tokens_per_layer'][-1]} tokens")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _set_threads(args.threads)
+    return run_demo(out_dir=args.out, quick=args.quick, as_json=args.json)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, disable: bool):  # noqa: ANN202
+    if disable:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenbudget", description="Token budgets for vision transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model_help = "timm model name (random weights unless --pretrained) or dinov2_small, the embedded offline DINOv2 ViT-S/14"
+    bench = sub.add_parser("bench", help="throughput, FLOPs and memory: patched vs unpatched, same process")
+    bench.add_argument("--model", default="vit_small_patch16_224", help=model_help)
+    bench.add_argument(
+        "--pretrained", action="store_true", help="load timm's pretrained weights (needs a network)"
+    )
+    bench.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    bench.add_argument("--batch-size", type=_int_list, default=[1, 32], help="comma list (default: 1,32)")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    bench.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    bench.add_argument("--samples", type=int, default=10, help="timed samples per model (median)")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    bench.add_argument("--no-ceiling", action="store_true", help="skip the free-reduction ceiling run")
+    bench.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_budget_args(bench, default_r="16")
+    bench.set_defaults(func=cmd_bench)
+
+    vis = sub.add_parser("visualize", help="draw the merge groups over an image")
+    vis.add_argument("image", help="image file, or skimage:NAME (astronaut, coffee, chelsea, ...)")
+    vis.add_argument("-o", "--output", default="merges.png", help="output PNG (default: merges.png)")
+    vis.add_argument("--model", default="dinov2_small", help=model_help)
+    vis.add_argument("--pretrained", action="store_true")
+    vis.add_argument("--img-size", type=int, default=None)
+    _add_budget_args(vis, default_r="16")
+    vis.set_defaults(func=cmd_visualize)
+
+    demo = sub.add_parser(
+        "demo", help="ToMe on the embedded DINOv2 at a few budgets: table and merge picture"
+    )
+    demo.add_argument(
+        "--out", default="demo_output", help="folder for the picture and JSON (default: demo_output)"
+    )
+    demo.add_argument("--quick", action="store_true", help="fewer budgets and samples (for smoke tests)")
+    demo.add_argument("--threads", type=int, default=None)
+    demo.add_argument("--json", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as err:
+        print(f"tokenbudget {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

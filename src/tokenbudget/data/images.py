@@ -1,0 +1,81 @@
+"""Images for demos and pictures: files, or scikit-image's bundled samples (offline)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+# Natural colour images bundled with scikit-image (no download needed).
+SAMPLE_IMAGES = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _require(module: str, extra: str = "demo"):  # noqa: ANN202 - returns a module
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ImportError(
+            f"this needs {module}; install it with: pip install 'tokenbudget[{extra}]'"
+        ) from None
+
+
+def load_image(source: str | os.PathLike):  # noqa: ANN201 - PIL.Image.Image
+    """An RGB ``PIL.Image`` from a file path, or ``skimage:NAME`` for a scikit-image sample."""
+    _require("PIL")
+    from PIL import Image
+
+    text = os.fspath(source)
+    if text.startswith("skimage:"):
+        name = text.split(":", 1)[1]
+        if name not in SAMPLE_IMAGES:
+            raise ValueError(f"unknown scikit-image sample {name!r}; choose from {', '.join(SAMPLE_IMAGES)}")
+        _require("skimage")
+        import skimage.data
+
+        return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    if not os.path.exists(text):
+        raise FileNotFoundError(
+            f"no image at {text!r}; give an image file or skimage:NAME ({', '.join(SAMPLE_IMAGES)})"
+        )
+    return Image.open(text).convert("RGB")
+
+
+def center_crop_resize(image, size: int):  # noqa: ANN001, ANN201 - PIL in, PIL out
+    """Resize the shorter side to ``size`` (bicubic) and crop the centre square."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def preprocess(
+    image, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:  # noqa: ANN001
+    """PIL image -> normalized tensor [3, size, size] (centre crop)."""
+    import numpy as np
+
+    array = np.asarray(center_crop_resize(image, size), dtype=np.float32) / 255.0  # [H, W, 3]
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    return (tensor - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def sample_images(size: int, names: Sequence[str] = SAMPLE_IMAGES) -> torch.Tensor:
+    """scikit-image's bundled natural images as a normalized batch [len(names), 3, size, size]."""
+    return torch.stack([preprocess(load_image(f"skimage:{n}"), size) for n in names])

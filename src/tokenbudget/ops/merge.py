@@ -1,0 +1,49 @@
+"""Merging tokens by a :class:`~tokenbudget.ops.match.Matching`: size-weighted average and source tracking."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .match import Matching
+
+
+def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
+    """Size-weighted average merge of tokens ``x`` [B, N, C] with sizes ``size`` [B, N, 1].
+
+    A merged token is the average of the input tokens it stands for, so each token carries its
+    size (how many input patches it covers) and merges are weighted by it. ``size=None`` means every
+    token has size 1 (no merge happened yet), which saves a multiply.
+
+    Returns ``(x_merged [B, N - r, C], size_merged [B, N - r, 1])``.
+    """
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+        merged = matching.merge(x, mode="sum")
+    else:
+        merged = matching.merge(x * size, mode="sum")
+    new_size = matching.merge(size, mode="sum")
+    return merged / new_size, new_size
+
+
+def update_token_map(token_map: Tensor, matching: Matching) -> Tensor:
+    """Follow input tokens through one merge.
+
+    Args:
+        token_map: [B, N0] for each token of the model's input, the index of the current token
+            (of N) that contains it.
+        matching: the matching that reduces N tokens to N - r.
+
+    Returns:
+        [B, N0] the index among the N - r output tokens.
+    """
+    return matching.position_map().gather(1, token_map)
+
+
+def token_map_to_source(token_map: Tensor, num_tokens: int) -> Tensor:
+    """Dense source map [B, N, N0] (bool): ``source[b, i, j]`` is True when current token ``i``
+    contains input token ``j``. Each column has exactly one True (the map is a partition)."""
+    batch, num_inputs = token_map.shape
+    source = torch.zeros(batch, num_tokens, num_inputs, dtype=torch.bool, device=token_map.device)
+    source.scatter_(1, token_map.unsqueeze(1), True)
+    return source

@@ -1,0 +1,92 @@
+"""TokenState: what one forward pass did to the tokens. A fresh state is made by every forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .ops.merge import token_map_to_source
+
+
+@dataclass
+class TokenState:
+    """Per-forward record of the token sequence.
+
+    Attributes:
+        batch_size: images in the forward.
+        input_tokens: tokens entering the first block (prefix included).
+        num_prefix: leading class/distillation/register tokens, never merged.
+        grid: (rows, cols) of the patch grid at the input, when the model knows it.
+        requested_per_layer: tokens each block was asked to merge.
+        merged_per_layer: tokens each block merges (less than requested where a block can merge at
+            most half of its non-prefix tokens).
+        tokens_per_layer: token count after each block that has run in this forward.
+        size: [B, N, 1] how many input tokens each current token stands for; ``None`` while all are 1.
+        token_map: [B, N0] for each input token, the index of the current token containing it
+            (only with ``trace_source=True``).
+    """
+
+    batch_size: int
+    input_tokens: int
+    num_prefix: int
+    grid: tuple[int, int] | None
+    requested_per_layer: list[int]
+    merged_per_layer: list[int]
+    tokens_per_layer: list[int] = field(default_factory=list)
+    size: Tensor | None = None
+    token_map: Tensor | None = None
+    _bias: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_tokens(self) -> int:
+        """Current token count."""
+        return self.tokens_per_layer[-1] if self.tokens_per_layer else self.input_tokens
+
+    @property
+    def clamped_layers(self) -> list[int]:
+        """Blocks that merged fewer tokens than requested."""
+        pairs = zip(self.requested_per_layer, self.merged_per_layer, strict=True)
+        return [i for i, (req, got) in enumerate(pairs) if got < req]
+
+    @property
+    def sizes(self) -> Tensor:
+        """[B, N] token sizes (all ones before any merge)."""
+        if self.size is None:
+            return torch.ones(self.batch_size, self.num_tokens)
+        return self.size[..., 0]
+
+    @property
+    def source(self) -> Tensor | None:
+        """[B, N, N0] bool: which input tokens each current token contains (``None`` unless traced)."""
+        if self.token_map is None:
+            return None
+        return token_map_to_source(self.token_map, self.num_tokens)
+
+    def attention_bias(self, dtype: torch.dtype) -> Tensor | None:
+        """Proportional attention bias [B, 1, 1, N]: log(size) added to every query's logits.
+
+        ``None`` while every size is 1 (log 1 = 0), so unmerged blocks run exactly as upstream.
+        """
+        if self.size is None:
+            return None
+        cached = self._bias
+        if cached is None or cached[0] is not self.size or cached[1].dtype != dtype:
+            # Blocks that merge nothing reuse the bias of the latest merge.
+            cached = (self.size, self.size.log().to(dtype).transpose(1, 2).unsqueeze(1))
+            self._bias = cached
+        return cached[1]
+
+    def summary(self) -> dict:
+        """JSON-friendly description (no tensors)."""
+        return {
+            "batch_size": self.batch_size,
+            "input_tokens": self.input_tokens,
+            "num_prefix": self.num_prefix,
+            "grid": list(self.grid) if self.grid else None,
+            "requested_per_layer": list(self.requested_per_layer),
+            "merged_per_layer": list(self.merged_per_layer),
+            "tokens_per_layer": list(self.tokens_per_layer),
+            "clamped_layers": self.clamped_layers,
+        }
