@@ -217,3 +217,46 @@ def test_timm_model_at_another_image_size() -> None:
         assert state.input_tokens == patches + 1
         assert state.tokens_per_layer[-1] == 1 + patches // 2
         assert state.grid == (side // 8, side // 8)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("vit_tiny_patch16_224", {"depth": 3}),
+        ("deit_tiny_distilled_patch16_224", {"depth": 3}),
+        ("vit_small_patch14_reg4_dinov2", {"depth": 3, "img_size": 112}),
+        ("vit_base_patch16_clip_224", {"depth": 2}),
+        ("vit_small_patch16_224", {"depth": 3, "qk_norm": True, "global_pool": "avg"}),
+    ],
+)
+def test_timm_model_names(name: str, kwargs: dict) -> None:
+    """The same contract on timm's own model definitions (random weights, fewer blocks)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    size = model.patch_embed.img_size
+    x = torch.randn(2, 3, *size)
+    expected = _outputs(model, x)
+    tb.apply(model, tb.ToMe(r=0))
+    assert (_outputs(model, x) - expected).abs().max() <= 1e-5
+    tb.apply(model, tb.ToMe(r=8, trace_source=True))
+    reduced = _outputs(model, x)
+    state = tb.last_state(model)
+    assert state.num_prefix == model.num_prefix_tokens
+    assert state.tokens_per_layer[-1] == state.input_tokens - 8 * len(model.blocks)
+    assert bool((state.sizes[:, : state.num_prefix] == 1).all())
+    assert reduced.shape == expected.shape and not torch.allclose(reduced, expected)
+    tb.remove(model)
+    assert torch.equal(_outputs(model, x), expected)
+
+
+def test_training_backward_through_merges(images) -> None:
+    """Merging is differentiable (the matching itself is not): a patched model can be fine-tuned."""
+    model = make_tiny("dinov2_layerscale").train()
+    tb.apply(model, tb.ToMe(r=8))
+    loss = model(images).logsumexp(dim=-1).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert model.blocks[-1].mlp.fc1.weight.grad.abs().sum() > 0

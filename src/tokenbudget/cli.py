@@ -116,7 +116,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         print(format_table(rows))
         print(
-            "speedup: measured images/s over the unpatched model; ideal: FLOPs-ideal speedup; eff = speedup/ideal;"
+            "speedup: measured images/s over the unpatched model (IQR: quartiles of paired per-sample ratios); ideal: FLOPs-ideal speedup; eff = speedup/ideal;"
         )
         print(
             "ceiling: speedup of the same token counts with free reduction; c-eff = speedup/ceiling; MB: peak forward memory"

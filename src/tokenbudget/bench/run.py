@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -14,7 +15,7 @@ from ..patch import apply, last_state
 from .ceiling import free_reduction_copy
 from .flops import block_dims, ideal_speedup, model_flops
 from .memory import peak_forward_memory
-from .throughput import measure_interleaved
+from .throughput import measure_interleaved, paired_ratio_quartiles
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,6 +33,8 @@ class BenchRow:
     baseline_img_s: float
     patched_img_s: float
     speedup: float
+    speedup_q1: float
+    speedup_q3: float
     ideal_speedup: float
     efficiency: float
     ceiling_speedup: float | None
@@ -120,7 +123,8 @@ def bench(
             f"config{i}": _forward(m, x) for i, m in enumerate(patched)
         }
         runs |= {f"free{i}": _forward(m, x) for i, m in enumerate(free)}
-        seconds = measure_interleaved(runs, device, warmup=warmup, samples=samples, progress=progress)
+        times = measure_interleaved(runs, device, warmup=warmup, samples=samples, progress=progress)
+        seconds = {name: statistics.median(t) for name, t in times.items()}
         base_mem = peak_forward_memory(runs["baseline"], device) if measure_memory else None
         for i, (cfg, m) in enumerate(zip(configs, patched, strict=True)):
             runs[f"config{i}"]()
@@ -129,6 +133,7 @@ def bench(
             full = model_flops(state.input_tokens, [state.input_tokens] * len(dims), dims)
             mem = peak_forward_memory(runs[f"config{i}"], device) if measure_memory else None
             speedup = seconds["baseline"] / seconds[f"config{i}"]
+            q1, _, q3 = paired_ratio_quartiles(times["baseline"], times[f"config{i}"])
             ceiling_speedup = seconds["baseline"] / seconds[f"free{i}"] if ceiling else None
             rows.append(
                 BenchRow(
@@ -141,6 +146,8 @@ def bench(
                     baseline_img_s=batch_size / seconds["baseline"],
                     patched_img_s=batch_size / seconds[f"config{i}"],
                     speedup=speedup,
+                    speedup_q1=q1,
+                    speedup_q3=q3,
                     ideal_speedup=ideal,
                     efficiency=speedup / ideal,
                     ceiling_speedup=ceiling_speedup,
@@ -159,7 +166,7 @@ def bench(
 def format_table(rows: Sequence[BenchRow]) -> str:
     """Plain-text table of bench rows."""
     header = (
-        f"{'config':<28} {'batch':>5} {'base img/s':>10} {'tb img/s':>9} {'speedup':>7} "
+        f"{'config':<28} {'batch':>5} {'base img/s':>10} {'tb img/s':>9} {'speedup':>7} {'(IQR)':>11} "
         f"{'ideal':>6} {'eff':>5} {'ceiling':>7} {'c-eff':>5} {'tokens':>9} {'base MB':>8} {'tb MB':>7}"
     )
     lines = [header, "-" * len(header)]
@@ -181,7 +188,7 @@ def format_table(rows: Sequence[BenchRow]) -> str:
         )
         lines.append(
             f"{label:<28} {row.batch_size:>5} {row.baseline_img_s:>10.1f} {row.patched_img_s:>9.1f} "
-            f"{row.speedup:>6.2f}x {row.ideal_speedup:>5.2f}x {row.efficiency:>5.2f} {ceil} "
+            f"{row.speedup:>6.2f}x {f'{row.speedup_q1:.2f}-{row.speedup_q3:.2f}':>11} {row.ideal_speedup:>5.2f}x {row.efficiency:>5.2f} {ceil} "
             f"{row.input_tokens:>4}->{row.final_tokens:<4} {mem}"
         )
     return "\n".join(lines)

@@ -32,8 +32,8 @@ def measure_interleaved(
     samples: int = 10,
     min_sample_seconds: float = 0.2,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, float]:
-    """Median seconds per call of each run, measured interleaved.
+) -> dict[str, list[float]]:
+    """Seconds per call of each run in every sample, measured interleaved (take medians).
 
     Each model warms up, then every sample times each model in turn (order rotating), so drifts
     in clock speed or background load hit all models alike. A sample repeats a call enough times
@@ -53,4 +53,15 @@ def measure_interleaved(
             times[name].append(time_once(runs[name], device, repeats[name]) / repeats[name])
         if progress is not None:
             progress(1)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_ratio_quartiles(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """Quartiles (25 %, 50 %, 75 %) of the per-sample ratios of two interleaved series.
+
+    Samples taken side by side share the machine's state at that moment, so their ratio is far
+    less noisy than the ratio of two independent medians.
+    """
+    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return q[0], q[1], q[2]

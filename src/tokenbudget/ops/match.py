@@ -55,7 +55,8 @@ class Matching:
         return self.src_idx.shape[1]
 
     @cached_property
-    def _flat(self) -> tuple[Tensor, Tensor, Tensor]:
+    def flat_indices(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(kept [B*(N-r)], src [B*r], dst [B*r]) row indices into [B*N, C] inputs and [B*(N-r), C] outputs."""
         batch = self.kept_idx.shape[0]
         if batch == 1:
             return self.kept_idx.reshape(-1), self.src_idx.reshape(-1), self.dst_idx.reshape(-1)
@@ -77,7 +78,7 @@ class Matching:
         if mode not in ("sum", "mean", "amax"):
             raise ValueError(f"unknown merge mode {mode!r}; use 'sum', 'mean' or 'amax'")
         batch, num_tokens, channels = x.shape
-        kept, src, dst = self._flat
+        kept, src, dst = self.flat_indices
         rows = x.reshape(batch * num_tokens, channels)
         out = rows.index_select(0, kept)  # [B * (N - r), C]
         if self.r:

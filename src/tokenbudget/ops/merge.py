@@ -13,17 +13,31 @@ def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[
 
     A merged token is the average of the input tokens it stands for, so each token carries its
     size (how many input patches it covers) and merges are weighted by it. ``size=None`` means every
-    token has size 1 (no merge happened yet), which saves a multiply.
+    token has size 1 (no merge happened yet).
 
     Returns ``(x_merged [B, N - r, C], size_merged [B, N - r, 1])``.
     """
+    batch, num_tokens, channels = x.shape
+    num_out = num_tokens - matching.r
+    kept, src, dst = matching.flat_indices
+    rows = x.reshape(batch * num_tokens, channels)
+    # Select first and weight the selected rows in place: no full-size x * size temporary.
+    out = rows.index_select(0, kept)  # [B * (N - r), C]
+    moved = rows.index_select(0, src)  # [B * r, C]
     if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
-        merged = matching.merge(x, mode="sum")
+        moved_size = out.new_ones(matching.r * batch, 1)
+        new_size = out.new_ones(batch * num_out, 1).index_add_(0, dst, moved_size)
     else:
-        merged = matching.merge(x * size, mode="sum")
-    new_size = matching.merge(size, mode="sum")
-    return merged / new_size, new_size
+        size_rows = size.reshape(batch * num_tokens, 1)
+        kept_size = size_rows.index_select(0, kept)
+        moved_size = size_rows.index_select(0, src)
+        out.mul_(kept_size)
+        moved = moved * moved_size
+        # Out of place: autograd keeps kept_size for the mul_ above.
+        new_size = kept_size.index_add(0, dst, moved_size)
+    out.index_add_(0, dst, moved)
+    out.div_(new_size)
+    return out.view(batch, num_out, channels), new_size.view(batch, num_out, 1)
 
 
 def update_token_map(token_map: Tensor, matching: Matching) -> Tensor:
