@@ -126,3 +126,16 @@ def test_matching_picks_most_similar_pairs() -> None:
     assert dst_inputs == [1, 3]
     # output order: prefix, unmerged A (input order), then B (input order)
     assert m.kept_idx[0].tolist() == [0, 6, 1, 3, 5]
+
+
+def test_sizes_stay_float32_under_bfloat16() -> None:
+    """bfloat16 cannot count past 256: sizes are float32 whatever the token dtype."""
+    x = torch.randn(1, 601, 8).bfloat16()
+    size = None
+    for _ in range(8):
+        # identical keys: every A token matches the same first B token, which grows past 256
+        m = bipartite_soft_matching(torch.ones(1, x.shape[1], 4), 60, 1)
+        x, size = merge_weighted(x, size, m)
+        assert x.dtype == torch.bfloat16 and size.dtype == torch.float32
+    assert float(size.sum()) == 601.0
+    assert float(size.max()) > 256

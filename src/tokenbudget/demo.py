@@ -50,7 +50,9 @@ def run_demo(out_dir: str = "demo_output", quick: bool = False, as_json: bool = 
     full_cls, full_mean = _features(model, images)
 
     configs = (
-        [ToMe(r=8), ToMe(r=16)] if quick else [ToMe(r=4), ToMe(r=8), ToMe(r=12), ToMe(r=16), ToMe(keep=0.25)]
+        [ToMe(r=8), ToMe(r=16)]
+        if quick
+        else [ToMe(r=4), ToMe(r=8), ToMe(r=16), ToMe(r=(16, -1.0)), ToMe(keep=0.5)]
     )
     fidelity = []
     for cfg in configs:

@@ -102,7 +102,8 @@ def bench(
 
     The unpatched model and one patched copy per config are timed interleaved in one process on
     random input at the model's default image size. Throughput is images per second from the
-    median time per batch. With ``ceiling``, each config's token schedule is also run with free
+    median time per batch; speedups are the median (and quartiles) of the per-sample ratios of the
+    interleaved runs. With ``ceiling``, each config's token schedule is also run with free
     reduction (a slice, see :mod:`.ceiling`): the speedup this machine allows for those token
     counts, so the method's own cost shows as ``ceiling_efficiency`` = speedup / ceiling speedup.
     """
@@ -132,9 +133,12 @@ def bench(
             ideal = ideal_speedup(state.input_tokens, state.tokens_per_layer, dims)
             full = model_flops(state.input_tokens, [state.input_tokens] * len(dims), dims)
             mem = peak_forward_memory(runs[f"config{i}"], device) if measure_memory else None
-            speedup = seconds["baseline"] / seconds[f"config{i}"]
-            q1, _, q3 = paired_ratio_quartiles(times["baseline"], times[f"config{i}"])
-            ceiling_speedup = seconds["baseline"] / seconds[f"free{i}"] if ceiling else None
+            # Speedups are medians of paired per-sample ratios: samples taken side by side share
+            # the machine's momentary speed, which drifts on shared hosts.
+            q1, speedup, q3 = paired_ratio_quartiles(times["baseline"], times[f"config{i}"])
+            ceiling_speedup = (
+                paired_ratio_quartiles(times["baseline"], times[f"free{i}"])[1] if ceiling else None
+            )
             rows.append(
                 BenchRow(
                     model=model_name,

@@ -13,7 +13,8 @@ def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[
 
     A merged token is the average of the input tokens it stands for, so each token carries its
     size (how many input patches it covers) and merges are weighted by it. ``size=None`` means every
-    token has size 1 (no merge happened yet).
+    token has size 1 (no merge happened yet). Sizes are kept in float32 whatever the dtype of ``x``
+    (bfloat16 cannot count past 256).
 
     Returns ``(x_merged [B, N - r, C], size_merged [B, N - r, 1])``.
     """
@@ -25,14 +26,14 @@ def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[
     out = rows.index_select(0, kept)  # [B * (N - r), C]
     moved = rows.index_select(0, src)  # [B * r, C]
     if size is None:
-        moved_size = out.new_ones(matching.r * batch, 1)
-        new_size = out.new_ones(batch * num_out, 1).index_add_(0, dst, moved_size)
+        moved_size = torch.ones(matching.r * batch, 1, device=x.device)
+        new_size = torch.ones(batch * num_out, 1, device=x.device).index_add_(0, dst, moved_size)
     else:
         size_rows = size.reshape(batch * num_tokens, 1)
         kept_size = size_rows.index_select(0, kept)
         moved_size = size_rows.index_select(0, src)
         out.mul_(kept_size)
-        moved = moved * moved_size
+        moved = (moved * moved_size).to(x.dtype)
         # Out of place: autograd keeps kept_size for the mul_ above.
         new_size = kept_size.index_add(0, dst, moved_size)
     out.index_add_(0, dst, moved)
