@@ -260,3 +260,13 @@ def test_training_backward_through_merges(images) -> None:
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None for g in grads)
     assert model.blocks[-1].mlp.fc1.weight.grad.abs().sum() > 0
+
+
+def test_bad_config_keeps_the_previous_patch(images) -> None:
+    model = make_tiny("vit")
+    tb.apply(model, tb.ToMe(r=4))
+    with pytest.raises(ValueError):
+        tb.apply(model, tb.ToMe(r=100))
+    assert tb.patched_config(model) == tb.ToMe(r=4)
+    _outputs(model, images)
+    assert tb.last_state(model).tokens_per_layer[-1] == 65 - 16

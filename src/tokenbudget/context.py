@@ -43,6 +43,7 @@ class PatchContext:
             grid=self._grid_for(num_tokens),
             requested_per_layer=requested,
             merged_per_layer=merged,
+            device=x.device,
         )
         if self.strategy.trace_source:
             state.token_map = torch.arange(num_tokens, device=x.device).expand(batch, -1).clone()

@@ -16,15 +16,15 @@ _ATTR = "_tokenbudget"  # where a patched model keeps its (adapter, context); no
 def apply(model: nn.Module, config: ReductionConfig) -> nn.Module:
     """Patch ``model`` in place to reduce tokens as ``config`` says; returns the model.
 
-    Applying again first removes the previous patch, so it is safe to repeat or to change the
-    config. The module tree and ``state_dict`` keys are unchanged while patched.
+    Applying again replaces the previous patch, so it is safe to repeat or to change the config;
+    a config that fails validation leaves the model as it was. The module tree and ``state_dict``
+    keys are unchanged while patched.
     """
     if not isinstance(config, ReductionConfig):
         raise ValueError(
             f"config must be a tokenbudget config such as tb.ToMe(r=16), got {type(config).__name__}"
         )
     adapter = find_adapter(model)
-    remove(model)
     strategy = make_strategy(config, adapter.num_layers)
     if adapter.default_num_tokens is not None:
         # Fail at apply time, not at the first forward, for budgets the default input cannot meet.

@@ -37,6 +37,7 @@ class TokenState:
     tokens_per_layer: list[int] = field(default_factory=list)
     size: Tensor | None = None
     token_map: Tensor | None = None
+    device: torch.device | None = None
     _bias: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -54,7 +55,7 @@ class TokenState:
     def sizes(self) -> Tensor:
         """[B, N] token sizes (all ones before any merge)."""
         if self.size is None:
-            return torch.ones(self.batch_size, self.num_tokens)
+            return torch.ones(self.batch_size, self.num_tokens, device=self.device)
         return self.size[..., 0]
 
     @property

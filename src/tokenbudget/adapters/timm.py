@@ -138,11 +138,8 @@ class WeightedPool:
 class GridGuard:
     """Replaces entry points that reshape tokens back to the patch grid (not defined after merging)."""
 
-    def __init__(self, model: nn.Module, name: str, ctx: PatchContext) -> None:
-        self.model = model
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.ctx = ctx
-        self.original = getattr(type(model), name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(
@@ -207,7 +204,7 @@ class TimmAdapter:
             model.pool = WeightedPool(model, ctx)
         for name in ("forward_intermediates", "get_intermediate_layers"):
             if hasattr(type(model), name) and not ctx.strategy.config.is_identity:
-                setattr(model, name, GridGuard(model, name, ctx))
+                setattr(model, name, GridGuard(name))
 
     def uninstall(self) -> None:
         for handle in self._hooks:
