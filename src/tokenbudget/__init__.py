@@ -9,13 +9,24 @@ tb.remove(model)
 """
 
 from . import models
-from .config import ReductionConfig, ToMe, config_from_dict, config_from_json
+from .config import (
+    BudgetConfig,
+    GridPool,
+    RandomDrop,
+    ReductionConfig,
+    ToMe,
+    config_from_dict,
+    config_from_json,
+)
 from .patch import apply, is_patched, last_state, patched_config, remove
 from .state import TokenState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetConfig",
+    "GridPool",
+    "RandomDrop",
     "ReductionConfig",
     "ToMe",
     "TokenState",

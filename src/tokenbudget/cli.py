@@ -9,7 +9,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import ReductionConfig, ToMe, config_from_json
+from .config import GridPool, RandomDrop, ReductionConfig, ToMe, config_from_json
+
+METHODS = {"tome": ToMe, "random": RandomDrop, "pool": GridPool}
 
 
 def _int_list(text: str) -> list[int]:
@@ -30,8 +32,13 @@ def _float_list(text: str) -> list[float]:
 
 
 def _add_budget_args(parser: argparse.ArgumentParser, default_r: str | None) -> None:
-    group = parser.add_argument_group("budget (ToMe); give one of --r, --keep, --tokens, --config")
-    group.add_argument("--method", default="tome", choices=["tome"], help="reduction method (default: tome)")
+    group = parser.add_argument_group("method and budget; give one of --r, --keep, --tokens, --config")
+    group.add_argument(
+        "--method",
+        default="tome",
+        choices=sorted(METHODS),
+        help="tome (Token Merging), random (random drop baseline), pool (spatial pooling baseline)",
+    )
     group.add_argument(
         "--r",
         type=_int_list,
@@ -62,17 +69,18 @@ def _configs(args: argparse.Namespace) -> list[ReductionConfig]:
     given = [name for name in ("r", "keep", "tokens", "config") if getattr(args, name) is not None]
     if len(given) > 1:
         raise ValueError(f"give one budget option, not {', '.join('--' + g for g in given)}")
-    prop = not args.no_prop_attn
     if args.config is not None:
         return [config_from_json(args.config)]
+    cls = METHODS[args.method]
+    extra = {} if cls is RandomDrop else {"prop_attn": not args.no_prop_attn}
     if args.keep is not None:
-        return [ToMe(keep=k, prop_attn=prop) for k in args.keep]
+        return [cls(keep=k, **extra) for k in args.keep]
     if args.tokens is not None:
-        return [ToMe(tokens=t, prop_attn=prop) for t in args.tokens]
+        return [cls(tokens=t, **extra) for t in args.tokens]
     rs = args.r if args.r is not None else _int_list(args.default_r)
     if args.inflection is not None:
-        return [ToMe(r=(r, args.inflection), prop_attn=prop) for r in rs]
-    return [ToMe(r=r, prop_attn=prop) for r in rs]
+        return [cls(r=(r, args.inflection), **extra) for r in rs]
+    return [cls(r=r, **extra) for r in rs]
 
 
 def _set_threads(threads: int | None) -> None:

@@ -58,39 +58,33 @@ def config_from_json(text: str) -> ReductionConfig:
 
 
 @dataclass(frozen=True)
-class ToMe(ReductionConfig):
-    """Token Merging (Bolya et al., ICLR 2023): bipartite soft matching between attention and MLP.
-
-    Give exactly one budget:
+class BudgetConfig(ReductionConfig):
+    """A per-layer token budget shared by every method: exactly one of ``r``, ``keep``, ``tokens``.
 
     Args:
-        r: tokens merged per block: an int, ``(r, inflection)`` (ToMe's linear schedule, inflection
+        r: tokens removed per block: an int, ``(r, inflection)`` (ToMe's linear schedule, inflection
             in [-1, 1], -1 = the paper's decreasing schedule) or a list with one count per block.
-            ``r=0`` leaves the model unchanged. A block that cannot merge ``r`` (at most half of its
-            non-prefix tokens) merges what it can; ``last_state(model).merged_per_layer`` says so.
+            ``r=0`` leaves the model unchanged. A block that cannot remove ``r`` (at most half of its
+            non-prefix tokens) removes what it can; ``last_state(model).merged_per_layer`` says so.
         keep: fraction of the non-prefix tokens left after the last block (0 < keep <= 1), turned
             into a per-layer schedule for the actual input length.
         tokens: total tokens (prefix included) left after the last block.
-        prop_attn: proportional attention: add log(token size) to the attention logits so a merged
-            token counts as the tokens it stands for.
-        trace_source: track which input patches each token contains (``state.source``,
-            ``state.token_map``), for visualization.
     """
-
-    method: ClassVar[str] = "tome"
 
     r: RSpec | None = None
     keep: float | None = None
     tokens: int | None = None
-    prop_attn: bool = True
-    trace_source: bool = False
+
+    #: boolean options of the subclass, validated as such
+    _flags: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
-        given = [name for name in ("r", "keep", "tokens") if getattr(self, name) is not None]
+        name = type(self).__name__
+        given = [field for field in ("r", "keep", "tokens") if getattr(self, field) is not None]
         if len(given) != 1:
             raise ValueError(
-                "ToMe needs exactly one budget: r (tokens merged per block, e.g. ToMe(r=16)), keep "
-                f"(fraction of tokens left, e.g. ToMe(keep=0.25)) or tokens (tokens left); got {given or 'none'}"
+                f"{name} needs exactly one budget: r (tokens removed per block, e.g. {name}(r=16)), keep "
+                f"(fraction of tokens left, e.g. {name}(keep=0.25)) or tokens (tokens left); got {given or 'none'}"
             )
         r = self.r
         if isinstance(r, list) and len(r) == 2 and isinstance(r[1], float):
@@ -112,7 +106,7 @@ class ToMe(ReductionConfig):
         if self.tokens is not None:
             if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
                 raise ValueError(f"tokens must be an int >= 1, got {self.tokens!r}")
-        for flag in ("prop_attn", "trace_source"):
+        for flag in self._flags:
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
 
@@ -133,3 +127,58 @@ class ToMe(ReductionConfig):
                 return self.r[0] == 0
             return all(c == 0 for c in self.r)
         return self.keep == 1.0
+
+
+@dataclass(frozen=True)
+class ToMe(BudgetConfig):
+    """Token Merging (Bolya et al., ICLR 2023): bipartite soft matching between attention and MLP.
+
+    Give exactly one budget (``r``, ``keep`` or ``tokens``, see :class:`BudgetConfig`); ``r`` is the
+    number of tokens merged per block.
+
+    Args:
+        prop_attn: proportional attention: add log(token size) to the attention logits so a merged
+            token counts as the tokens it stands for.
+        trace_source: track which input patches each token contains (``state.source``,
+            ``state.token_map``), for visualization.
+    """
+
+    method: ClassVar[str] = "tome"
+    _flags: ClassVar[tuple[str, ...]] = ("prop_attn", "trace_source")
+
+    prop_attn: bool = True
+    trace_source: bool = False
+
+
+@dataclass(frozen=True)
+class RandomDrop(BudgetConfig):
+    """Baseline: drop ``r`` random non-prefix tokens per block (same place and counts as ToMe).
+
+    The choice is random per image and per block but reproducible: block ``i`` of every forward
+    draws from a generator seeded with ``seed + i``.
+    """
+
+    method: ClassVar[str] = "random"
+
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class GridPool(BudgetConfig):
+    """Baseline: spatial average pooling at ToMe's per-layer counts.
+
+    Each block merges tokens with their spatially nearest partner (distance between the centroids
+    of the patches they cover), size-weighted, with ToMe's alternating split; the result is 2-D
+    average pooling of the patch grid spread over the blocks, blind to content.
+    """
+
+    method: ClassVar[str] = "pool"
+    _flags: ClassVar[tuple[str, ...]] = ("prop_attn", "trace_source")
+
+    prop_attn: bool = True
+    trace_source: bool = False

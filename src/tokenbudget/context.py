@@ -47,6 +47,8 @@ class PatchContext:
         )
         if self.strategy.trace_source:
             state.token_map = torch.arange(num_tokens, device=x.device).expand(batch, -1).clone()
+        if getattr(self.strategy, "needs_positions", False):
+            state.positions = _grid_positions(state, x.device)
         self._local.state = state
         return state
 
@@ -93,3 +95,18 @@ class PatchContext:
             return self.grid
         side = int(round(patches**0.5))
         return (side, side) if side * side == patches else None
+
+
+def _grid_positions(state: TokenState, device: torch.device) -> torch.Tensor:
+    """[B, N, 2] (row, col) of every input token on the patch grid; prefix tokens at (0, 0)."""
+    if state.grid is None:
+        raise ValueError(
+            f"{state.input_tokens - state.num_prefix} patch tokens do not form a known grid; "
+            "position-based reduction needs the patch grid"
+        )
+    rows, cols = state.grid
+    r = torch.arange(rows, device=device, dtype=torch.float32).repeat_interleave(cols)
+    c = torch.arange(cols, device=device, dtype=torch.float32).repeat(rows)
+    patches = torch.stack([r, c], dim=1)  # [rows * cols, 2], row-major like the patch tokens
+    prefix = torch.zeros(state.num_prefix, 2, device=device)
+    return torch.cat([prefix, patches]).expand(state.batch_size, -1, -1)

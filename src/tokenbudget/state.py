@@ -26,6 +26,8 @@ class TokenState:
         size: [B, N, 1] how many input tokens each current token stands for; ``None`` while all are 1.
         token_map: [B, N0] for each input token, the index of the current token containing it
             (only with ``trace_source=True``).
+        positions: [B, N, 2] (row, col) centroid of the patches each token covers (only for
+            strategies that match by position).
     """
 
     batch_size: int
@@ -37,6 +39,7 @@ class TokenState:
     tokens_per_layer: list[int] = field(default_factory=list)
     size: Tensor | None = None
     token_map: Tensor | None = None
+    positions: Tensor | None = None
     device: torch.device | None = None
     _bias: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 

@@ -64,6 +64,10 @@ def render_merges(model: torch.nn.Module, image, config) -> tuple[np.ndarray, di
     from .data.images import IMAGENET_MEAN, IMAGENET_STD, center_crop_resize, preprocess
     from .patch import apply, last_state, remove
 
+    if not hasattr(config, "trace_source"):
+        raise ValueError(
+            f"{type(config).__name__} drops tokens instead of merging them; visualize a merging method (tome, pool)"
+        )
     size = int(model.patch_embed.img_size[0])
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)

@@ -23,6 +23,7 @@ class FreeReduction:
     """Strategy with another strategy's plan whose reduction is a free slice (benchmark only)."""
 
     needs_keys = False
+    needs_positions = False
     prop_attn = False
     trace_source = False
 

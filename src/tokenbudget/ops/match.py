@@ -122,13 +122,23 @@ def _layout(num_tokens: int, num_prefix: int, device: torch.device) -> tuple[Ten
     )
 
 
-def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 1) -> Matching:
+def bipartite_soft_matching(
+    metric: Tensor,
+    r: int,
+    num_prefix: int = 1,
+    similarity: str = "cosine",
+    tie_break: Tensor | None = None,
+) -> Matching:
     """ToMe's bipartite soft matching.
 
     Args:
         metric: [B, N, D] similarity features (ToMe: attention keys averaged over heads).
         r: number of tokens to remove; clamped to :func:`max_mergeable` (check ``Matching.r``).
         num_prefix: leading tokens (class/distillation/register) that are never merged.
+        similarity: ``"cosine"`` (ToMe) or ``"neg_sqdist"`` (negative squared Euclidean distance,
+            for matching by position).
+        tie_break: optional [B, Na] small scores added to each A token's best score before ranking,
+            to spread the choice among equally good edges (positions on a grid tie everywhere).
 
     Returns:
         A :class:`Matching`. Each token of set A (non-prefix, even positions) picks its most
@@ -145,10 +155,17 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 1) -> Matc
         empty = kept.new_empty(batch, 0)
         return Matching(kept, empty, empty, num_tokens)
 
+    if similarity not in ("cosine", "neg_sqdist"):
+        raise ValueError(f"unknown similarity {similarity!r}; use 'cosine' or 'neg_sqdist'")
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        scores = metric[:, a_start::2] @ metric[:, b_start::2].transpose(1, 2)  # [B, Na, Nb] cosine
+        if similarity == "cosine":
+            metric = metric / metric.norm(dim=-1, keepdim=True)
+            scores = metric[:, a_start::2] @ metric[:, b_start::2].transpose(1, 2)  # [B, Na, Nb] cosine
+        else:
+            scores = -torch.cdist(metric[:, a_start::2], metric[:, b_start::2]).square()
         best_score, best_b = scores.max(dim=-1)  # [B, Na] each A token's best B partner
+        if tie_break is not None:
+            best_score = best_score + tie_break
         order = best_score.argsort(dim=-1, descending=True)  # [B, Na] most similar first
         src_rows = order[:, :r]  # [B, r] A rows merged away
         unm_rows = order[:, r:].sort(dim=-1).values  # [B, Na - r] A rows kept, in input order

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from ..config import ReductionConfig, ToMe
+from ..config import GridPool, RandomDrop, ReductionConfig, ToMe
+from .base import ScheduledStrategy
+from .baselines import GridPoolStrategy, RandomDropStrategy
 from .tome import ToMeStrategy
 
+_STRATEGIES: dict[type, type[ScheduledStrategy]] = {
+    ToMe: ToMeStrategy,
+    RandomDrop: RandomDropStrategy,
+    GridPool: GridPoolStrategy,
+}
 
-def make_strategy(config: ReductionConfig, num_layers: int) -> ToMeStrategy:
+
+def make_strategy(config: ReductionConfig, num_layers: int) -> ScheduledStrategy:
     """The strategy object for ``config`` on a model with ``num_layers`` blocks."""
-    if isinstance(config, ToMe):
-        return ToMeStrategy(config, num_layers)
-    raise ValueError(f"no strategy for config {config!r}; known configs: ToMe")
+    cls = _STRATEGIES.get(type(config))
+    if cls is None:
+        raise ValueError(
+            f"no strategy for config {config!r}; known configs: {[c.__name__ for c in _STRATEGIES]}"
+        )
+    return cls(config, num_layers)
 
 
-__all__ = ["ToMeStrategy", "make_strategy"]
+__all__ = ["GridPoolStrategy", "RandomDropStrategy", "ScheduledStrategy", "ToMeStrategy", "make_strategy"]
