@@ -149,6 +149,67 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .bench import load_model
+    from .data.images import IMAGENET_MEAN, IMAGENET_STD
+    from .evaluate import evaluate, format_eval_table, load_eval_data, pareto_plot
+    from .evaluate.harness import method_config, rows_to_csv
+
+    _set_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:  # fail on a bad method or budget before any model or data is loaded
+        for keep in args.keep:
+            method_config(m, keep)
+    model = load_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = int(model.patch_embed.img_size[0])
+    data = load_eval_data(
+        args.data,
+        size,
+        cfg.get("mean", IMAGENET_MEAN),
+        cfg.get("std", IMAGENET_STD),
+        n_train=args.n_train,
+        n_test=args.n_test,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+    )
+    batches = -(-len(data.train_images) // args.batch_size) + -(-len(data.test_images) // args.batch_size)
+    conditions = sum(1 for keep in args.keep if keep < 1.0) * len(methods)
+    bar = _progress(
+        batches + conditions * -(-len(data.test_images) // args.batch_size), "eval", disable=args.json
+    )
+    rows = evaluate(
+        model,
+        data,
+        methods,
+        args.keep,
+        batch_size=args.batch_size,
+        speed_batch_size=args.speed_batch_size,
+        speed_samples=args.speed_samples,
+        progress=bar.update,
+    )
+    bar.close()
+    if args.csv:
+        with open(args.csv, "w") as fh:
+            fh.write(rows_to_csv(rows))
+    if args.plot:
+        pareto_plot(rows, args.plot)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    print(
+        f"{args.model} on {data.name}: {len(data.train_images)} train / {len(data.test_images)} test images, "
+        f"{size} px, {torch.get_num_threads()} threads"
+    )
+    print(format_eval_table(rows))
+    print(
+        f"k-NN (cosine, k={rows[0].knn_k}) and linear probe fit on full-token train features; drop in points vs full; "
+        "cosine: reduced vs full test features; speedup measured at batch "
+        f"{args.speed_batch_size} in this run"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -206,6 +267,37 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--img-size", type=int, default=None)
     _add_budget_args(vis, default_r="16")
     vis.set_defaults(func=cmd_visualize)
+
+    ev = sub.add_parser(
+        "eval", help="accuracy and fidelity of reduced features against full tokens, with speed"
+    )
+    ev.add_argument("--model", default="dinov2_small", help=model_help)
+    ev.add_argument("--pretrained", action="store_true")
+    ev.add_argument("--img-size", type=int, default=None)
+    ev.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="fashion-mnist (offline copy), or a directory: IDX files or CLASS/ image folders",
+    )
+    ev.add_argument("--methods", default="tome,random,pool", help="comma list of tome, random, pool")
+    ev.add_argument(
+        "--keep",
+        type=_float_list,
+        default=[1.0, 0.5, 0.25],
+        help="fractions of tokens left (default 1.0,0.5,0.25)",
+    )
+    ev.add_argument("--n-train", type=int, default=1000, help="Fashion-MNIST train images (balanced subset)")
+    ev.add_argument("--n-test", type=int, default=500, help="Fashion-MNIST test images (balanced subset)")
+    ev.add_argument("--test-fraction", type=float, default=0.2, help="image folders without train/ and test/")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--speed-batch-size", type=int, default=32)
+    ev.add_argument("--speed-samples", type=int, default=5)
+    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--csv", default=None, help="write the rows as CSV")
+    ev.add_argument("--plot", default=None, help="write a Pareto plot (accuracy vs speedup) as PNG")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser(
         "demo", help="ToMe on the embedded DINOv2 at a few budgets: table and merge picture"

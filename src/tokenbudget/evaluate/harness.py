@@ -1,0 +1,270 @@
+"""The quality harness: accuracy and fidelity of reduced features against full tokens, with speed.
+
+For each method and budget the backbone is patched, the *test* images are embedded with reduced
+tokens, and scored by classifiers fit on *full-token* training features (k-NN and a linear
+probe): the accuracy a deployed classifier keeps when the backbone is reduced under it.
+Features are the class token concatenated with the size-weighted mean of the other tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..bench.run import bench
+from ..config import GridPool, RandomDrop, ReductionConfig, ToMe
+from ..patch import apply, last_state, remove
+from .metrics import cosine_fidelity, knn_accuracy, linear_probe_accuracy
+
+METHODS: dict[str, type] = {"tome": ToMe, "random": RandomDrop, "pool": GridPool}
+
+
+@dataclass
+class EvalData:
+    """Images [N, 3, H, W] (normalized for the model) and labels [N] for train and test."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+@dataclass
+class EvalRow:
+    """Scores of one (method, keep) condition against full tokens."""
+
+    method: str
+    keep: float
+    config: dict
+    knn_acc: float
+    knn_drop: float
+    linear_acc: float
+    linear_drop: float
+    cosine: float
+    img_s: float
+    speedup: float
+    flops_ratio: float
+    peak_mb: float | None
+    final_tokens: int
+    knn_k: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def method_config(method: str, keep: float) -> ReductionConfig:
+    """The config of ``method`` that leaves ``keep`` of the non-prefix tokens after the last block."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    return METHODS[method](keep=keep)
+
+
+def extract_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """[N, 2C] features: class token and size-weighted mean of the non-prefix tokens (normed output)."""
+    prefix = model.num_prefix_tokens
+    patched = hasattr(model, "_tokenbudget")
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            tokens = model.forward_features(images[start : start + batch_size])  # [b, N', C]
+            if patched:
+                sizes = last_state(model).sizes[:, prefix:, None].to(tokens.dtype)
+            else:
+                sizes = torch.ones_like(tokens[:, prefix:, :1])
+            mean = (tokens[:, prefix:] * sizes).sum(1) / sizes.sum(1)
+            out.append(torch.cat([tokens[:, 0], mean], dim=1))
+            if progress is not None:
+                progress(1)
+    return torch.cat(out)
+
+
+def evaluate(
+    model: nn.Module,
+    data: EvalData,
+    methods: Sequence[str] = ("tome", "random", "pool"),
+    keeps: Sequence[float] = (1.0, 0.5, 0.25),
+    *,
+    batch_size: int = 64,
+    k: int = 20,
+    speed_batch_size: int = 32,
+    speed_samples: int = 5,
+    progress: Callable[[int], None] | None = None,
+) -> list[EvalRow]:
+    """Score every (method, keep) on ``data``; ``keep=1.0`` is the full model, listed once."""
+    configs = [(m, kp, method_config(m, kp)) for kp in keeps for m in methods if kp < 1.0]
+    model = model.eval()
+    train_full = extract_features(model, data.train_images, batch_size, progress)
+    test_full = extract_features(model, data.test_images, batch_size, progress)
+    y_train, y_test = data.train_labels, data.test_labels
+    # Small folders can hold fewer training images than k neighbours: use them all, and say so (knn_k).
+    k = min(k, len(y_train))
+    knn_full = knn_accuracy(train_full, y_train, test_full, y_test, k=k)
+    lin_full = linear_probe_accuracy(train_full, y_train, test_full, y_test)
+
+    speed = bench(
+        model,
+        [cfg for _, _, cfg in configs],
+        model_name=data.name,
+        batch_sizes=(speed_batch_size,),
+        samples=speed_samples,
+        warmup=1,
+        ceiling=False,
+    )
+    num_tokens = speed[0].input_tokens if speed else None
+    rows = []
+    if 1.0 in keeps:
+        rows.append(
+            EvalRow(
+                method="full",
+                keep=1.0,
+                config={},
+                knn_acc=knn_full,
+                knn_drop=0.0,
+                linear_acc=lin_full,
+                linear_drop=0.0,
+                cosine=1.0,
+                img_s=speed[0].baseline_img_s if speed else float("nan"),
+                speedup=1.0,
+                flops_ratio=1.0,
+                peak_mb=speed[0].baseline_peak_mb if speed else None,
+                final_tokens=num_tokens or 0,
+                knn_k=k,
+            )
+        )
+    for (method, keep, cfg), row in zip(configs, speed, strict=True):
+        apply(model, cfg)
+        try:
+            test_reduced = extract_features(model, data.test_images, batch_size, progress)
+        finally:
+            remove(model)
+        knn = knn_accuracy(train_full, y_train, test_reduced, y_test, k=k)
+        lin = linear_probe_accuracy(train_full, y_train, test_reduced, y_test)
+        rows.append(
+            EvalRow(
+                method=method,
+                keep=keep,
+                config=cfg.to_dict(),
+                knn_acc=knn,
+                knn_drop=100 * (knn_full - knn),
+                linear_acc=lin,
+                linear_drop=100 * (lin_full - lin),
+                cosine=cosine_fidelity(test_reduced, test_full),
+                img_s=row.patched_img_s,
+                speedup=row.speedup,
+                flops_ratio=row.flops_ratio,
+                peak_mb=row.patched_peak_mb,
+                final_tokens=row.final_tokens,
+                knn_k=k,
+            )
+        )
+    return rows
+
+
+def format_eval_table(rows: Sequence[EvalRow]) -> str:
+    header = (
+        f"{'method':<8} {'keep':>5} {'tokens':>6} {'FLOPs':>6} {'k-NN':>7} {'drop':>6} {'linear':>7} {'drop':>6} "
+        f"{'cosine':>7} {'img/s':>7} {'speedup':>7} {'MB':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        mb = f"{r.peak_mb:>7.1f}" if r.peak_mb is not None else f"{'-':>7}"
+        lines.append(
+            f"{r.method:<8} {r.keep:>5.2f} {r.final_tokens:>6} {r.flops_ratio:>6.2f} {r.knn_acc:>7.3f} {r.knn_drop:>6.1f} "
+            f"{r.linear_acc:>7.3f} {r.linear_drop:>6.1f} {r.cosine:>7.4f} {r.img_s:>7.1f} {r.speedup:>6.2f}x {mb}"
+        )
+    return "\n".join(lines)
+
+
+def rows_to_csv(rows: Sequence[EvalRow]) -> str:
+    buffer = io.StringIO()
+    names = [f for f in EvalRow.__dataclass_fields__ if f != "config"]
+    writer = csv.DictWriter(buffer, fieldnames=names)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({n: getattr(r, n) for n in names})
+    return buffer.getvalue()
+
+
+def pareto_plot(rows: Sequence[EvalRow], path: str, metric: str = "knn_acc") -> None:
+    """Accuracy against measured speedup, one line per method (full tokens as the common start)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("the Pareto plot needs matplotlib: pip install 'tokenbudget[plots]'") from None
+    full = [r for r in rows if r.method == "full"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r.method for r in rows if r.method != "full"):
+        pts = full + sorted((r for r in rows if r.method == method), key=lambda r: r.speedup)
+        ax.plot([r.speedup for r in pts], [getattr(r, metric) for r in pts], marker="o", label=method)
+        for r in pts[len(full) :]:
+            ax.annotate(f"keep {r.keep:g}", (r.speedup, getattr(r, metric)), fontsize=7)
+    ax.set_xlabel("measured speedup over full tokens")
+    ax.set_ylabel({"knn_acc": "k-NN accuracy", "linear_acc": "linear-probe accuracy"}.get(metric, metric))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_eval_data(
+    source: str,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    n_train: int = 1000,
+    n_test: int = 500,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> EvalData:
+    """``"fashion-mnist"`` (offline Debian copy, a balanced seeded subset of ``n_train``/``n_test``
+    images) or a directory: Fashion-MNIST IDX files, or an image folder with one subfolder per class."""
+    from pathlib import Path
+
+    from ..data import fashion_mnist_subset, load_image_folder, load_images, to_model_input
+
+    def fashion(root: str | None) -> EvalData:
+        if n_train < 10 or n_test < 10:
+            raise ValueError(
+                "Fashion-MNIST subsets need at least 10 train and 10 test images (one per class)"
+            )
+        tr_x, tr_y = fashion_mnist_subset("train", n_train // 10, seed, root)
+        te_x, te_y = fashion_mnist_subset("test", n_test // 10, seed, root)
+        return EvalData(
+            "fashion-mnist",
+            to_model_input(tr_x, size, mean, std),
+            tr_y,
+            to_model_input(te_x, size, mean, std),
+            te_y,
+        )
+
+    if source == "fashion-mnist":
+        return fashion(None)
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no dataset at {source!r}; give 'fashion-mnist' or a directory (image folder or IDX files)"
+        )
+    if any(path.glob("*-idx?-ubyte*")):
+        return fashion(str(path))
+    folder = load_image_folder(path, test_fraction=test_fraction, seed=seed)
+    tr_x, tr_y = load_images(folder.train, size, mean, std)
+    te_x, te_y = load_images(folder.test, size, mean, std)
+    return EvalData(path.name or str(path), tr_x, tr_y, te_x, te_y)

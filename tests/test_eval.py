@@ -1,0 +1,96 @@
+"""The quality harness end to end on a tiny model and small real or synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny
+from tokenbudget.cli import main
+from tokenbudget.evaluate import EvalData, evaluate, format_eval_table, pareto_plot
+from tokenbudget.evaluate.harness import method_config, rows_to_csv
+
+
+def _clustered_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes of 32 px images that differ in brightness: separable even by a random ViT."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    images = torch.randn(n, 3, 32, 32, generator=g) * 0.3 + (labels.float() * 2 - 1)[:, None, None, None]
+    return images, labels
+
+
+def test_harness_rows(tmp_path) -> None:
+    model = make_tiny("dinov2_registers")
+    tr_x, tr_y = _clustered_images(40, 0)
+    te_x, te_y = _clustered_images(20, 1)
+    rows = evaluate(
+        model, EvalData("toy", tr_x, tr_y, te_x, te_y), ("tome", "random", "pool"), (1.0, 0.5),
+        k=5, speed_batch_size=4, speed_samples=1,
+    )  # fmt: skip
+    assert [r.method for r in rows] == ["full", "tome", "random", "pool"]
+    full = rows[0]
+    assert full.knn_acc == 1.0 and full.cosine == 1.0 and full.final_tokens == 69
+    for r in rows[1:]:
+        assert r.final_tokens == 5 + 32  # the same token count for every method
+        assert 0 < r.flops_ratio < 1 and r.speedup > 0
+        assert -1 <= r.cosine < 1
+        assert r.knn_drop == pytest.approx(100 * (full.knn_acc - r.knn_acc))
+    table = format_eval_table(rows)
+    assert "random" in table and "pool" in table
+    parsed = list(csv.DictReader(io.StringIO(rows_to_csv(rows))))
+    assert len(parsed) == 4 and parsed[1]["method"] == "tome"
+    plot = tmp_path / "pareto.png"
+    pareto_plot(rows, str(plot))
+    assert plot.stat().st_size > 5000
+    assert not hasattr(model, "_tokenbudget")  # the harness leaves the model unpatched
+
+
+def test_bad_method_and_budget() -> None:
+    with pytest.raises(ValueError, match="unknown method 'evit'"):
+        method_config("evit", 0.5)
+    with pytest.raises(ValueError, match=r"keep must be in \(0, 1\]"):
+        method_config("tome", 1.5)
+
+
+def test_eval_cli_on_an_image_folder(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, value in (("dark", 40), ("light", 215)):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(6):
+            pixels = np.clip(rng.normal(value, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
+    argv = ["eval", "--model", "vit_tiny_patch16_224", "--data", str(tmp_path / "data"), "--methods", "tome,pool",
+            "--keep", "1.0,0.5", "--speed-batch-size", "2", "--speed-samples", "1", "--json",
+            "--csv", str(tmp_path / "out.csv")]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["full", "tome", "pool"]
+    assert rows[0]["knn_k"] == 10  # fewer training images than k=20: all of them
+    assert (tmp_path / "out.csv").read_text().startswith("method,keep")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--data", "/no/such/dir"], "no dataset at '/no/such/dir'"),
+        (["eval", "--methods", "tome,evit"], "unknown method 'evit'"),
+        (["eval", "--keep", "0.5,2"], "keep must be in (0, 1]"),
+    ],
+)
+def test_eval_bad_input(argv, message, capsys) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_image_folder_is_an_error(tmp_path, capsys) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert main(["eval", "--model", "vit_tiny_patch16_224", "--data", str(tmp_path)]) == 2
+    assert "no images" in capsys.readouterr().err
