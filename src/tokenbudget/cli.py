@@ -210,6 +210,61 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .bench import load_model
+    from .data.images import IMAGENET_MEAN, IMAGENET_STD
+    from .evaluate import format_eval_table, load_eval_data
+    from .evaluate.plan import check_targets, plan
+
+    _set_threads(args.threads)
+    check_targets(args.target_speedup, args.target_flops, args.max_drop)
+    model = load_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = int(model.patch_embed.img_size[0])
+    data = load_eval_data(
+        args.data,
+        size,
+        cfg.get("mean", IMAGENET_MEAN),
+        cfg.get("std", IMAGENET_STD),
+        n_train=args.n_train,
+        n_test=args.n_test,
+        seed=args.seed,
+    )
+    keeps = args.keep or None
+    result = plan(
+        model,
+        data,
+        target_speedup=args.target_speedup,
+        target_flops=args.target_flops,
+        max_drop=args.max_drop,
+        speed_batch_size=args.batch_size,
+        speed_samples=args.speed_samples,
+        **({"keeps": keeps} if keeps else {}),
+    )
+    if result.choice is None:
+        raise ValueError(result.reason)
+    config_json = json.dumps(result.choice.config)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(config_json + "\n")
+    if args.json:
+        print(config_json)
+        return 0
+    front = {id(r) for r in result.front}
+    print(
+        f"{args.model} on {data.name} ({len(data.test_images)} calibration images), batch {args.batch_size}:"
+    )
+    table = format_eval_table(result.rows).splitlines()
+    print(table[0] + "  front")
+    print(table[1])
+    for row, line in zip(result.rows, table[2:], strict=True):
+        mark = "  <- chosen" if row is result.choice else ("  *" if id(row) in front else "")
+        print(line + mark)
+    print(f"* on the measured Pareto front (speedup vs k-NN accuracy); choice: {result.reason}")
+    print(config_json)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -298,6 +353,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", default=None, help="write a Pareto plot (accuracy vs speedup) as PNG")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plan", help="choose a config for a target speedup, FLOPs fraction or accuracy drop")
+    target = pl.add_argument_group("target (one or more; all must hold)")
+    target.add_argument(
+        "--target-speedup", type=float, default=None, help="e.g. 2.0: at least twice as fast here"
+    )
+    target.add_argument("--target-flops", type=float, default=None, help="e.g. 0.5: at most half the FLOPs")
+    target.add_argument(
+        "--max-drop", type=float, default=None, help="e.g. 0.5: lose at most 0.5 points of k-NN accuracy"
+    )
+    pl.add_argument("--model", default="dinov2_small", help=model_help)
+    pl.add_argument("--pretrained", action="store_true")
+    pl.add_argument("--img-size", type=int, default=None)
+    pl.add_argument("--data", default="fashion-mnist", help="calibration data: fashion-mnist or a directory")
+    pl.add_argument("--n-train", type=int, default=300)
+    pl.add_argument("--n-test", type=int, default=200)
+    pl.add_argument(
+        "--keep", type=_float_list, default=None, help="candidate keep fractions (default 0.9 ... 0.1)"
+    )
+    pl.add_argument("--batch-size", type=int, default=8, help="batch size the speed is measured at")
+    pl.add_argument("--speed-samples", type=int, default=5)
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--threads", type=int, default=None)
+    pl.add_argument("--out", default=None, help="write the chosen config JSON here")
+    pl.add_argument("--json", action="store_true", help="print only the chosen config JSON")
+    pl.set_defaults(func=cmd_plan)
 
     demo = sub.add_parser(
         "demo", help="ToMe on the embedded DINOv2 at a few budgets: table and merge picture"

@@ -1,0 +1,117 @@
+"""`tokenbudget plan`: turn a target ("2x faster", "half the FLOPs", "lose at most 0.5 points")
+into a config, by measuring candidate budgets on the user's model, data and machine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from .harness import EvalData, EvalRow, evaluate
+
+#: fractions of tokens left after the last block that the planner tries
+DEFAULT_KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
+
+
+@dataclass
+class Plan:
+    """The chosen row (``None`` when no candidate meets the target), all measured rows, the front."""
+
+    choice: EvalRow | None
+    rows: list[EvalRow]
+    front: list[EvalRow]
+    reason: str
+
+
+def pareto_front(rows: Sequence[EvalRow]) -> list[EvalRow]:
+    """Rows no other row beats on both measured speedup and k-NN accuracy, by speedup."""
+    front = [
+        r
+        for r in rows
+        if not any(
+            o.speedup >= r.speedup
+            and o.knn_acc >= r.knn_acc
+            and (o.speedup > r.speedup or o.knn_acc > r.knn_acc)
+            for o in rows
+        )
+    ]
+    return sorted(front, key=lambda r: r.speedup)
+
+
+def check_targets(target_speedup: float | None, target_flops: float | None, max_drop: float | None) -> None:
+    """Fail before any measurement on a missing or impossible target."""
+    if target_speedup is None and target_flops is None and max_drop is None:
+        raise ValueError("give a target: --target-speedup, --target-flops or --max-drop")
+    if target_speedup is not None and target_speedup <= 1.0:
+        raise ValueError(
+            f"--target-speedup must be above 1.0 (e.g. 2.0 for twice as fast), got {target_speedup}"
+        )
+    if target_flops is not None and not 0.0 < target_flops < 1.0:
+        raise ValueError(f"--target-flops is a fraction of the full FLOPs in (0, 1), got {target_flops}")
+    if max_drop is not None and max_drop < 0:
+        raise ValueError(f"--max-drop is in accuracy points and must be >= 0, got {max_drop}")
+
+
+def choose(
+    rows: Sequence[EvalRow],
+    *,
+    target_speedup: float | None = None,
+    target_flops: float | None = None,
+    max_drop: float | None = None,
+) -> tuple[EvalRow | None, str]:
+    """Pick among measured rows. Every given target must hold; then, with a speed or FLOPs target,
+    the most accurate row wins (ties: the faster); with only ``max_drop``, the fastest row wins."""
+    check_targets(target_speedup, target_flops, max_drop)
+    ok = [
+        r
+        for r in rows
+        if r.method != "full"
+        and (target_speedup is None or r.speedup >= target_speedup)
+        and (target_flops is None or r.flops_ratio <= target_flops)
+        and (max_drop is None or r.knn_drop <= max_drop + 1e-9)  # drops are float differences
+    ]
+    reduced = [r for r in rows if r.method != "full"]
+    if not ok:
+        fastest = max(reduced, key=lambda r: r.speedup)
+        fewest = min(reduced, key=lambda r: r.flops_ratio)
+        return None, (
+            f"no candidate meets the target; measured here the fastest is {fastest.speedup:.2f}x "
+            f"(keep={fastest.keep}, k-NN drop {fastest.knn_drop:.1f} points) and the cheapest "
+            f"{fewest.flops_ratio:.2f} of the FLOPs"
+        )
+    if target_speedup is None and target_flops is None:
+        best = max(ok, key=lambda r: (r.speedup, r.knn_acc))
+        return best, f"fastest candidate losing at most {max_drop} points of k-NN accuracy"
+    best = max(ok, key=lambda r: (r.knn_acc, r.speedup))
+    return best, "most accurate candidate meeting the target"
+
+
+def plan(
+    model: nn.Module,
+    data: EvalData,
+    *,
+    target_speedup: float | None = None,
+    target_flops: float | None = None,
+    max_drop: float | None = None,
+    keeps: Sequence[float] = DEFAULT_KEEPS,
+    speed_batch_size: int = 8,
+    speed_samples: int = 5,
+    batch_size: int = 64,
+    progress=None,  # noqa: ANN001 - optional callable(int)
+) -> Plan:
+    """Measure ToMe at each ``keep`` on ``data`` (accuracy, FLOPs, speedup at ``speed_batch_size``)
+    and choose the config for the target."""
+    check_targets(target_speedup, target_flops, max_drop)
+    rows = evaluate(
+        model,
+        data,
+        ("tome",),
+        (1.0, *keeps),
+        batch_size=batch_size,
+        speed_batch_size=speed_batch_size,
+        speed_samples=speed_samples,
+        progress=progress,
+    )
+    choice, reason = choose(rows, target_speedup=target_speedup, target_flops=target_flops, max_drop=max_drop)
+    return Plan(choice, rows, pareto_front(rows), reason)
