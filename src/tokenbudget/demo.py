@@ -30,6 +30,26 @@ def _features(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tenso
     return tokens[:, 0], (tokens[:, p:] * sizes).sum(1) / sizes.sum(1)
 
 
+def _fashion_mnist_slice(model: torch.nn.Module, quick: bool, say) -> list | None:  # noqa: ANN001
+    """A small slice of the quality harness: ToMe vs random drop at half the tokens, if the offline
+    Fashion-MNIST copy is installed (scripts/setup.sh installs it)."""
+    from .data.images import IMAGENET_MEAN, IMAGENET_STD
+    from .evaluate import evaluate, load_eval_data
+
+    n_train, n_test = (100, 50) if quick else (300, 200)
+    try:
+        data = load_eval_data(
+            "fashion-mnist", 224, IMAGENET_MEAN, IMAGENET_STD, n_train=n_train, n_test=n_test
+        )
+    except FileNotFoundError as err:
+        say(f"(skipping the accuracy slice: {err})")
+        return None
+    say(f"scoring k-NN / linear probe on {n_train}+{n_test} Fashion-MNIST images ...")
+    return evaluate(
+        model, data, ("tome", "random"), (1.0, 0.5, 0.25), speed_batch_size=8, speed_samples=2 if quick else 3
+    )
+
+
 def run_demo(out_dir: str = "demo_output", quick: bool = False, as_json: bool = False) -> int:
     from PIL import Image
 
@@ -78,6 +98,8 @@ def run_demo(out_dir: str = "demo_output", quick: bool = False, as_json: bool = 
         ceiling=False,
     )
 
+    accuracy = _fashion_mnist_slice(model, quick, say)
+
     pictures = []
     for name in ("astronaut",) if quick else ("astronaut", "coffee", "chelsea"):
         picture, _ = render_merges(model, load_image(f"skimage:{name}"), ToMe(r=16))
@@ -91,6 +113,7 @@ def run_demo(out_dir: str = "demo_output", quick: bool = False, as_json: bool = 
         "threads": torch.get_num_threads(),
         "rows": [r.to_dict() | f for r, f in zip(rows, fidelity, strict=True)],
         "pictures": pictures,
+        "fashion_mnist": [r.to_dict() for r in accuracy] if accuracy else None,
         "seconds": time.perf_counter() - start,
     }
     with open(os.path.join(out_dir, "demo.json"), "w") as fh:
@@ -111,6 +134,15 @@ def run_demo(out_dir: str = "demo_output", quick: bool = False, as_json: bool = 
             f"tome({cfg}){'':<{22 - len(cfg)}} {row.flops_ratio:>6.2f} {fid['cos_class_token']:>17.4f} {fid['cos_mean_patch']:>16.4f}"
         )
     print()
+    if accuracy:
+        from .evaluate import format_eval_table
+
+        n_train, n_test = (100, 50) if quick else (300, 200)
+        print(
+            f"accuracy on a Fashion-MNIST slice ({n_train} train / {n_test} test; full run: tokenbudget eval):"
+        )
+        print(format_eval_table(accuracy))
+        print()
     print("merge pictures (each colour one merged token, r=16):", ", ".join(pictures))
     print(f"numbers in {os.path.join(out_dir, 'demo.json')}; demo took {results['seconds']:.0f} s")
     return 0
