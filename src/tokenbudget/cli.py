@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -153,6 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .bench import load_model
     from .data.images import IMAGENET_MEAN, IMAGENET_STD
     from .evaluate import evaluate, format_eval_table, load_eval_data, pareto_plot
+    from .evaluate.distributed import is_main
     from .evaluate.harness import method_config, rows_to_csv
 
     _set_threads(args.threads)
@@ -175,8 +177,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     batches = -(-len(data.train_images) // args.batch_size) + -(-len(data.test_images) // args.batch_size)
     conditions = sum(1 for keep in args.keep if keep < 1.0) * len(methods)
+    # Under torchrun only rank 0 shows progress and writes results (every rank computes the same rows).
     bar = _progress(
-        batches + conditions * -(-len(data.test_images) // args.batch_size), "eval", disable=args.json
+        batches + conditions * -(-len(data.test_images) // args.batch_size),
+        "eval",
+        disable=args.json or os.environ.get("RANK", "0") != "0",
     )
     rows = evaluate(
         model,
@@ -189,6 +194,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=bar.update,
     )
     bar.close()
+    if not is_main():
+        return 0
     if args.csv:
         with open(args.csv, "w") as fh:
             fh.write(rows_to_csv(rows))
@@ -214,6 +221,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .bench import load_model
     from .data.images import IMAGENET_MEAN, IMAGENET_STD
     from .evaluate import format_eval_table, load_eval_data
+    from .evaluate.distributed import is_main
     from .evaluate.plan import check_targets, plan
 
     _set_threads(args.threads)
@@ -241,6 +249,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         speed_samples=args.speed_samples,
         **({"keeps": keeps} if keeps else {}),
     )
+    if not is_main():
+        return 0
     if result.choice is None:
         raise ValueError(result.reason)
     config_json = json.dumps(result.choice.config)

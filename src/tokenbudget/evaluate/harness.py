@@ -19,6 +19,7 @@ from torch import nn
 from ..bench.run import bench
 from ..config import GridPool, RandomDrop, ReductionConfig, ToMe
 from ..patch import apply, last_state, remove
+from . import distributed as dist_utils
 from .metrics import cosine_fidelity, knn_accuracy, linear_probe_accuracy
 
 METHODS: dict[str, type] = {"tome": ToMe, "random": RandomDrop, "pool": GridPool}
@@ -73,12 +74,23 @@ def extract_features(
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """[N, 2C] features: class token and size-weighted mean of the non-prefix tokens (normed output)."""
+    """[N, 2C] features: class token and size-weighted mean of the non-prefix tokens (normed output).
+
+    Under ``torchrun`` each rank embeds a contiguous run of whole batches (the batches a single
+    process would form, so batch-dependent reductions such as random drop match it exactly) and
+    every rank receives the full [N, 2C] in the original order.
+    """
     prefix = model.num_prefix_tokens
     patched = hasattr(model, "_tokenbudget")
+    lo, hi = 0, len(images)
+    distributed = dist_utils.is_active()
+    if distributed:
+        n_batches = -(-len(images) // batch_size)
+        b_lo, b_hi = dist_utils.shard_bounds(n_batches, dist_utils.rank(), dist_utils.world_size())
+        lo, hi = min(b_lo * batch_size, len(images)), min(b_hi * batch_size, len(images))
     out = []
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
+        for start in range(lo, hi, batch_size):
             tokens = model.forward_features(images[start : start + batch_size])  # [b, N', C]
             if patched:
                 sizes = last_state(model).sizes[:, prefix:, None].to(tokens.dtype)
@@ -88,7 +100,14 @@ def extract_features(
             out.append(torch.cat([tokens[:, 0], mean], dim=1))
             if progress is not None:
                 progress(1)
-    return torch.cat(out)
+    if not distributed:
+        return torch.cat(out)
+    if out:
+        local = torch.cat(out)
+    else:  # more ranks than batches: this rank holds an empty block of the right width and dtype
+        param = next(model.parameters())
+        local = torch.empty(0, 2 * model.embed_dim, dtype=param.dtype, device=param.device)
+    return dist_utils.gather_rows(local, len(images))
 
 
 def evaluate(
@@ -106,6 +125,8 @@ def evaluate(
     """Score every (method, keep) on ``data``; ``keep=1.0`` is the full model, listed once."""
     configs = [(m, kp, method_config(m, kp)) for kp in keeps for m in methods if kp < 1.0]
     model = model.eval()
+    if dist_utils.maybe_init_distributed():
+        dist_utils.broadcast_module(model)  # every rank embeds with rank 0's weights (random ones too)
     train_full = extract_features(model, data.train_images, batch_size, progress)
     test_full = extract_features(model, data.test_images, batch_size, progress)
     y_train, y_test = data.train_labels, data.test_labels
@@ -114,15 +135,33 @@ def evaluate(
     knn_full = knn_accuracy(train_full, y_train, test_full, y_test, k=k)
     lin_full = linear_probe_accuracy(train_full, y_train, test_full, y_test)
 
-    speed = bench(
-        model,
-        [cfg for _, _, cfg in configs],
-        model_name=data.name,
-        batch_sizes=(speed_batch_size,),
-        samples=speed_samples,
-        warmup=1,
-        ceiling=False,
-    )
+    # Timing is per machine, not per shard: rank 0 measures alone (the others wait, so they do not
+    # compete for its cores) and shares its rows, so every rank builds the same EvalRows.
+    speed, failure = None, None
+    if dist_utils.is_main():
+        try:
+            speed = bench(
+                model,
+                [cfg for _, _, cfg in configs],
+                model_name=data.name,
+                batch_sizes=(speed_batch_size,),
+                samples=speed_samples,
+                warmup=1,
+                ceiling=False,
+            )
+        except Exception as err:
+            if not dist_utils.is_active():
+                raise
+            failure = err  # reach the barrier first, so that the other ranks fail instead of hanging
+    if dist_utils.is_active():
+        dist_utils.barrier()
+        speed, message = dist_utils.broadcast_object(
+            (speed, None if failure is None else f"{type(failure).__name__}: {failure}")
+        )
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise RuntimeError(f"the speed benchmark failed on rank 0: {message}")
     num_tokens = speed[0].input_tokens if speed else None
     rows = []
     if 1.0 in keeps:
