@@ -94,3 +94,17 @@ def test_empty_image_folder_is_an_error(tmp_path, capsys) -> None:
     (tmp_path / "b").mkdir()
     assert main(["eval", "--model", "vit_tiny_patch16_224", "--data", str(tmp_path)]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def test_skimage_crops_are_labelled_by_photo() -> None:
+    from tokenbudget.data import SAMPLE_IMAGES
+    from tokenbudget.data.images import IMAGENET_MEAN, IMAGENET_STD
+    from tokenbudget.evaluate import load_eval_data
+
+    data = load_eval_data("skimage", 32, IMAGENET_MEAN, IMAGENET_STD)
+    n = len(SAMPLE_IMAGES) * 4
+    assert data.train_images.shape == (n, 3, 32, 32) and data.test_images.shape == (n, 3, 32, 32)
+    assert torch.equal(data.train_labels.bincount(), torch.full((len(SAMPLE_IMAGES),), 4))
+    assert not torch.equal(data.train_images, data.test_images)
+    again = load_eval_data("skimage", 32, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(again.test_images, data.test_images)  # seeded

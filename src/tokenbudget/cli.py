@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--data",
         default="fashion-mnist",
-        help="fashion-mnist (offline copy), or a directory: IDX files or CLASS/ image folders",
+        help="fashion-mnist (offline copy), skimage (crops of bundled photos, labelled by photo), or a directory: IDX files or CLASS/ image folders",
     )
     ev.add_argument("--methods", default="tome,random,pool", help="comma list of tome, random, pool")
     ev.add_argument(

@@ -296,6 +296,8 @@ def load_eval_data(
 
     if source == "fashion-mnist":
         return fashion(None)
+    if source == "skimage":
+        return skimage_crops(size, mean, std, seed=seed)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(
@@ -307,3 +309,32 @@ def load_eval_data(
     tr_x, tr_y = load_images(folder.train, size, mean, std)
     te_x, te_y = load_images(folder.test, size, mean, std)
     return EvalData(path.name or str(path), tr_x, tr_y, te_x, te_y)
+
+
+def skimage_crops(
+    size: int, mean: Sequence[float], std: Sequence[float], *, crops_per_image: int = 8, seed: int = 0
+) -> EvalData:
+    """Label-free data from scikit-image's bundled photos: random crops (30-80 % of the shorter side),
+    labelled by the photo they come from, alternately train and test. k-NN then measures whether
+    reduced features still retrieve crops of the same photo; cosine measures fidelity."""
+    import numpy as np
+    from PIL import Image
+
+    from ..data import SAMPLE_IMAGES, load_image, preprocess
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label, name in enumerate(SAMPLE_IMAGES):
+        photo = load_image(f"skimage:{name}")
+        w, h = photo.size
+        for _ in range(crops_per_image):
+            side = int(min(w, h) * rng.uniform(0.3, 0.8))
+            left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            crop = photo.crop((left, top, left + side, top + side)).resize(
+                (size, size), Image.Resampling.BICUBIC
+            )
+            images.append(preprocess(crop, size, mean, std))
+            labels.append(label)
+    x, y = torch.stack(images), torch.tensor(labels)
+    train = torch.arange(len(y)) % 2 == 0
+    return EvalData("skimage-crops", x[train], y[train], x[~train], y[~train])
