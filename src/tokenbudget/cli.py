@@ -150,10 +150,29 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _model_and_data(args: argparse.Namespace):  # noqa: ANN202 - (nn.Module, EvalData)
+    """The model named on the command line and the eval data, preprocessed for it."""
     from .bench import load_model
     from .data.images import IMAGENET_MEAN, IMAGENET_STD
-    from .evaluate import evaluate, format_eval_table, load_eval_data, pareto_plot
+    from .evaluate import load_eval_data
+
+    model = load_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    data = load_eval_data(
+        args.data,
+        int(model.patch_embed.img_size[0]),
+        cfg.get("mean", IMAGENET_MEAN),
+        cfg.get("std", IMAGENET_STD),
+        n_train=args.n_train,
+        n_test=args.n_test,
+        test_fraction=getattr(args, "test_fraction", 0.2),
+        seed=args.seed,
+    )
+    return model, data
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_eval_table, pareto_plot
     from .evaluate.distributed import is_main
     from .evaluate.harness import method_config, rows_to_csv
 
@@ -162,19 +181,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for m in methods:  # fail on a bad method or budget before any model or data is loaded
         for keep in args.keep:
             method_config(m, keep)
-    model = load_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    model, data = _model_and_data(args)
     size = int(model.patch_embed.img_size[0])
-    data = load_eval_data(
-        args.data,
-        size,
-        cfg.get("mean", IMAGENET_MEAN),
-        cfg.get("std", IMAGENET_STD),
-        n_train=args.n_train,
-        n_test=args.n_test,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-    )
     batches = -(-len(data.train_images) // args.batch_size) + -(-len(data.test_images) // args.batch_size)
     conditions = sum(1 for keep in args.keep if keep < 1.0) * len(methods)
     # Under torchrun only rank 0 shows progress and writes results (every rank computes the same rows).
@@ -218,26 +226,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .bench import load_model
-    from .data.images import IMAGENET_MEAN, IMAGENET_STD
-    from .evaluate import format_eval_table, load_eval_data
+    from .evaluate import format_eval_table
     from .evaluate.distributed import is_main
     from .evaluate.plan import check_targets, plan
 
     _set_threads(args.threads)
     check_targets(args.target_speedup, args.target_flops, args.max_drop)
-    model = load_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = int(model.patch_embed.img_size[0])
-    data = load_eval_data(
-        args.data,
-        size,
-        cfg.get("mean", IMAGENET_MEAN),
-        cfg.get("std", IMAGENET_STD),
-        n_train=args.n_train,
-        n_test=args.n_test,
-        seed=args.seed,
-    )
+    model, data = _model_and_data(args)
     keeps = args.keep or None
     result = plan(
         model,
