@@ -10,9 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import GridPool, RandomDrop, ReductionConfig, ToMe, config_from_json
-
-METHODS = {"tome": ToMe, "random": RandomDrop, "pool": GridPool}
+from .config import RandomDrop, ReductionConfig, config_class, config_from_json, method_names
 
 
 def _int_list(text: str) -> list[int]:
@@ -37,7 +35,7 @@ def _add_budget_args(parser: argparse.ArgumentParser, default_r: str | None) -> 
     group.add_argument(
         "--method",
         default="tome",
-        choices=sorted(METHODS),
+        choices=method_names(),
         help="tome (Token Merging), random (random drop baseline), pool (spatial pooling baseline)",
     )
     group.add_argument(
@@ -72,7 +70,7 @@ def _configs(args: argparse.Namespace) -> list[ReductionConfig]:
         raise ValueError(f"give one budget option, not {', '.join('--' + g for g in given)}")
     if args.config is not None:
         return [config_from_json(args.config)]
-    cls = METHODS[args.method]
+    cls = config_class(args.method)
     extra = {} if cls is RandomDrop else {"prop_attn": not args.no_prop_attn}
     if args.keep is not None:
         return [cls(keep=k, **extra) for k in args.keep]

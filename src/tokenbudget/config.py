@@ -30,13 +30,23 @@ class ReductionConfig:
         return json.dumps(self.to_dict(), **kwargs)
 
 
+def method_names() -> list[str]:
+    """Names of every registered method (``"tome"``, ``"random"``, ``"pool"``, ...)."""
+    return list(_REGISTRY)
+
+
+def config_class(method: str) -> type[ReductionConfig]:
+    """The config class registered under ``method``; ``ValueError`` listing the known ones."""
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(_REGISTRY)}")
+    return _REGISTRY[method]
+
+
 def config_from_dict(data: dict[str, Any]) -> ReductionConfig:
     """Build a config from :meth:`ReductionConfig.to_dict` output (or hand-written JSON)."""
     data = dict(data)
     method = data.pop("method", None)
-    if method not in _REGISTRY:
-        raise ValueError(f"unknown method {method!r}; known methods: {sorted(_REGISTRY)}")
-    cls = _REGISTRY[method]
+    cls = config_class(method)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -15,19 +15,14 @@ import torch.nn.functional as F
 
 from .bench import bench, format_table
 from .config import ToMe
-from .patch import apply, last_state, remove
+from .patch import apply, remove
 
 
 def _features(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class token [B, C], size-weighted mean of the patch tokens [B, C]) of the normed output."""
-    with torch.inference_mode():
-        tokens = model.forward_features(images)
-    p = model.num_prefix_tokens
-    try:
-        sizes = last_state(model).sizes[:, p:, None].to(tokens.dtype)
-    except ValueError:  # unpatched: every token has size 1
-        sizes = torch.ones_like(tokens[:, p:, :1])
-    return tokens[:, 0], (tokens[:, p:] * sizes).sum(1) / sizes.sum(1)
+    """(class token [B, C], size-weighted mean of the patch tokens [B, C]): the harness's features, split."""
+    from .evaluate import extract_features
+
+    return extract_features(model, images).chunk(2, dim=1)
 
 
 def _fashion_mnist_slice(model: torch.nn.Module, quick: bool, say) -> list | None:  # noqa: ANN001

@@ -17,12 +17,10 @@ import torch
 from torch import nn
 
 from ..bench.run import bench
-from ..config import GridPool, RandomDrop, ReductionConfig, ToMe
-from ..patch import apply, last_state, remove
+from ..config import ReductionConfig, config_class
+from ..patch import apply, is_patched, last_state, remove
 from . import distributed as dist_utils
 from .metrics import cosine_fidelity, knn_accuracy, linear_probe_accuracy
-
-METHODS: dict[str, type] = {"tome": ToMe, "random": RandomDrop, "pool": GridPool}
 
 
 @dataclass
@@ -61,11 +59,10 @@ class EvalRow:
 
 def method_config(method: str, keep: float) -> ReductionConfig:
     """The config of ``method`` that leaves ``keep`` of the non-prefix tokens after the last block."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    cls = config_class(method)
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    return METHODS[method](keep=keep)
+    return cls(keep=keep)
 
 
 def extract_features(
@@ -81,7 +78,7 @@ def extract_features(
     every rank receives the full [N, 2C] in the original order.
     """
     prefix = model.num_prefix_tokens
-    patched = hasattr(model, "_tokenbudget")
+    patched = is_patched(model)
     lo, hi = 0, len(images)
     distributed = dist_utils.is_active()
     if distributed:
