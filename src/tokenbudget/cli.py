@@ -177,9 +177,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:  # fail on a bad method or budget before any model or data is loaded
-        for keep in args.keep:
+        for keep in args.keep if args.flops_speedup is None else [0.5]:
             method_config(m, keep)
     model, data = _model_and_data(args)
+    if args.flops_speedup is not None:
+        from .evaluate.harness import keep_for_flops_speedup
+
+        args.keep = [1.0] + [keep_for_flops_speedup(model, s) for s in args.flops_speedup]
     size = int(model.patch_embed.img_size[0])
     batches = -(-len(data.train_images) // args.batch_size) + -(-len(data.test_images) // args.batch_size)
     conditions = sum(1 for keep in args.keep if keep < 1.0) * len(methods)
@@ -220,6 +224,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "cosine: reduced vs full test features; speedup measured at batch "
         f"{args.speed_batch_size} in this run"
     )
+    return 0
+
+
+def cmd_make_anomaly(args: argparse.Namespace) -> int:
+    from .data.anomaly import ANOMALY_CLASSES, anomaly_set, save_image_folder, save_preview
+
+    data = anomaly_set(args.n_base, args.size, args.seed, args.scale)
+    counts = {name: int((data.labels == i).sum()) for i, name in enumerate(ANOMALY_CLASSES)}
+    print(f"anomaly set: {len(data.labels)} images of {args.size} px from {args.n_base} base crops {counts}")
+    if args.out:
+        save_image_folder(data, args.out)
+        print(f"wrote {args.out}/CLASS/*.png (use it with: tokenbudget eval --data {args.out})")
+    if args.preview:
+        save_preview(data, args.preview)
+        print(f"wrote {args.preview}")
     return 0
 
 
@@ -335,14 +354,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--data",
         default="fashion-mnist",
-        help="fashion-mnist (offline copy), skimage (crops of bundled photos, labelled by photo), or a directory: IDX files or CLASS/ image folders",
+        help="fashion-mnist (offline copy), skimage (crops of bundled photos, labelled by photo), anomaly / anomaly-small (textures labelled by a small flaw: tokenbudget make-anomaly), or a directory: IDX files or CLASS/ image folders",
     )
-    ev.add_argument("--methods", default="tome,random,pool", help="comma list of tome, random, pool")
+    ev.add_argument(
+        "--methods", default="tome,random,pool", help=f"comma list of {', '.join(method_names())}"
+    )
     ev.add_argument(
         "--keep",
         type=_float_list,
         default=[1.0, 0.5, 0.25],
         help="fractions of tokens left (default 1.0,0.5,0.25)",
+    )
+    ev.add_argument(
+        "--flops-speedup",
+        type=_float_list,
+        default=None,
+        help="instead of --keep: FLOPs-ideal speedups, e.g. 1.5,2 (each becomes the keep that reaches it)",
     )
     ev.add_argument("--n-train", type=int, default=1000, help="Fashion-MNIST train images (balanced subset)")
     ev.add_argument("--n-test", type=int, default=500, help="Fashion-MNIST test images (balanced subset)")
@@ -356,6 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", default=None, help="write a Pareto plot (accuracy vs speedup) as PNG")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    an = sub.add_parser(
+        "make-anomaly",
+        help="generate (and cache) the anomaly set: textures labelled clean/spot/scratch/flaw",
+    )
+    an.add_argument("--n-base", type=int, default=150, help="base crops; each gives 4 images (default 150)")
+    an.add_argument("--size", type=int, default=224, help="image side in px (default 224)")
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--scale", type=float, default=1.0, help="flaw size factor (anomaly-small: 0.5)")
+    an.add_argument("--out", default=None, help="also write an image folder DIR/CLASS/*.png")
+    an.add_argument("--preview", default=None, help="write a PNG grid of the first base crops")
+    an.set_defaults(func=cmd_make_anomaly)
 
     pl = sub.add_parser("plan", help="choose a config for a target speedup, FLOPs fraction or accuracy drop")
     target = pl.add_argument_group("target (one or more; all must hold)")

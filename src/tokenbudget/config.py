@@ -154,10 +154,32 @@ class ToMe(BudgetConfig):
     """
 
     method: ClassVar[str] = "tome"
-    _flags: ClassVar[tuple[str, ...]] = ("prop_attn", "trace_source")
+    _flags: ClassVar[tuple[str, ...]] = ("prop_attn", "trace_source", "preserve_detail")
 
     prop_attn: bool = True
     trace_source: bool = False
+    preserve_detail: bool = False
+    detail_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        f = self.detail_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+            raise ValueError(f"detail_fraction must be a fraction in [0, 1), e.g. 0.05; got {f!r}")
+
+
+@dataclass(frozen=True)
+class ToMeDetail(ToMe):
+    """ToMe that never merges the most distinctive tokens: :class:`ToMe` with ``preserve_detail=True``.
+
+    At each block, the ``detail_fraction`` of non-prefix tokens whose nearest neighbour is least
+    similar are set aside (neither merged away nor merged into); bipartite matching merges the same
+    number of tokens as ToMe among the rest, so speed and budgets are ToMe's.
+    """
+
+    method: ClassVar[str] = "tome-detail"
+
+    preserve_detail: bool = True
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,58 @@ def method_config(method: str, keep: float) -> ReductionConfig:
     return cls(keep=keep)
 
 
+def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
+    """The ``keep`` whose per-layer schedule gives ``model`` a FLOPs-ideal speedup of ``speedup``
+    at its default input (all our scheduled methods share the schedule, hence the FLOPs).
+
+    Found by bisection on ``keep`` to 1e-4; ``ValueError`` for a speedup no schedule reaches.
+    """
+    from ..adapters import find_adapter
+    from ..bench.flops import block_dims, ideal_speedup
+    from ..schedule import clamp_schedule, resolve_schedule
+
+    adapter = find_adapter(model)
+    tokens, prefix, layers = adapter.default_num_tokens, adapter.num_prefix, adapter.num_layers
+    if tokens is None:
+        raise ValueError("the model has no default patch grid; give --keep values instead of a speedup")
+    dims = [block_dims(block) for block in adapter.blocks]
+
+    def achieved(keep: float) -> float:
+        requested = resolve_schedule(
+            r=None, keep=keep, tokens=None, num_tokens=tokens, num_prefix=prefix, num_layers=layers
+        )
+        per_layer, n = [], tokens
+        for merged in clamp_schedule(requested, tokens, prefix):
+            n -= merged
+            per_layer.append(n)
+        return ideal_speedup(tokens, per_layer, dims)
+
+    def feasible(keep: float) -> bool:
+        try:
+            achieved(keep)
+        except ValueError:  # fewer tokens than the blocks can reach
+            return False
+        return True
+
+    # The fastest schedule: the smallest feasible keep (bisection on feasibility).
+    lo, hi = 1.0 / (tokens - prefix), 1.0
+    if not feasible(lo):
+        while hi - lo > 1e-4:
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if feasible(mid) else (mid, hi)
+        lo = hi
+    fastest = achieved(lo)
+    if speedup < 1.0 or speedup > fastest:
+        raise ValueError(
+            f"a FLOPs-ideal speedup of {speedup} is out of reach for this model: choose one in [1, {fastest:.2f}]"
+        )
+    hi = 1.0
+    while hi - lo > 1e-4:  # achieved() falls as keep grows
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if achieved(mid) >= speedup else (lo, mid)
+    return round(lo, 4)
+
+
 def extract_features(
     model: nn.Module,
     images: torch.Tensor,
@@ -271,7 +323,9 @@ def load_eval_data(
     seed: int = 0,
 ) -> EvalData:
     """``"fashion-mnist"`` (offline Debian copy, a balanced seeded subset of ``n_train``/``n_test``
-    images) or a directory: Fashion-MNIST IDX files, or an image folder with one subfolder per class."""
+    images), ``"skimage"`` (:func:`skimage_crops`), ``"anomaly"`` / ``"anomaly-small"``
+    (:func:`anomaly_data`, flaws at full and half size), or a directory: Fashion-MNIST IDX files, or
+    an image folder with one subfolder per class."""
     from pathlib import Path
 
     from ..data import fashion_mnist_subset, load_image_folder, load_images, to_model_input
@@ -295,6 +349,16 @@ def load_eval_data(
         return fashion(None)
     if source == "skimage":
         return skimage_crops(size, mean, std, seed=seed)
+    if source in ("anomaly", "anomaly-small"):
+        return anomaly_data(
+            size,
+            mean,
+            std,
+            n_train=n_train,
+            n_test=n_test,
+            seed=seed,
+            scale=1.0 if source == "anomaly" else 0.5,
+        )
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(
@@ -335,3 +399,30 @@ def skimage_crops(
     x, y = torch.stack(images), torch.tensor(labels)
     train = torch.arange(len(y)) % 2 == 0
     return EvalData("skimage-crops", x[train], y[train], x[~train], y[~train])
+
+
+def anomaly_data(
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    n_train: int = 400,
+    n_test: int = 200,
+    seed: int = 0,
+    scale: float = 1.0,
+) -> EvalData:
+    """The detail-decided anomaly set (:mod:`tokenbudget.data.anomaly`): textures labelled clean /
+    spot / scratch / flaw, every base crop in all four classes, train and test from disjoint base
+    crops (``n_train // 4`` and ``n_test // 4`` of them). Generated once per setting and cached."""
+    from ..data.anomaly import anomaly_set
+
+    if n_train < 4 or n_test < 4:
+        raise ValueError("the anomaly set needs at least 4 train and 4 test images (one per class)")
+    n_train_base, n_test_base = n_train // 4, n_test // 4
+    data = anomaly_set(n_train_base + n_test_base, size, seed, scale)
+    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div_(255.0)  # [N, 3, S, S]
+    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    y = torch.from_numpy(data.labels)
+    train = torch.from_numpy(data.base_ids) < n_train_base
+    name = "anomaly" if scale == 1.0 else f"anomaly-x{scale:g}"
+    return EvalData(name, x[train], y[train], x[~train], y[~train])

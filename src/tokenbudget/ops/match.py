@@ -176,3 +176,42 @@ def bipartite_soft_matching(
         src_idx = a_pos[src_rows]
         dst_idx = best_b.gather(1, src_rows) + (num_prefix + num_unmerged)
     return Matching(kept, src_idx, dst_idx, num_tokens)
+
+
+def nearest_neighbour_similarity(metric: Tensor, num_prefix: int) -> Tensor:
+    """[B, N - num_prefix] each non-prefix token's cosine similarity to its most similar other
+    non-prefix token: low = a token nothing else resembles (a distinctive detail)."""
+    tokens = metric[:, num_prefix:]
+    tokens = tokens / tokens.norm(dim=-1, keepdim=True)
+    sim = tokens @ tokens.transpose(1, 2)  # [B, M, M]
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    return sim.amax(dim=-1)
+
+
+def detail_preserving_matching(metric: Tensor, r: int, num_prefix: int, protect: int) -> Matching:
+    """Bipartite soft matching that never merges the ``protect`` most distinctive tokens.
+
+    The non-prefix tokens whose nearest neighbour (cosine, over all other non-prefix tokens) is
+    least similar are set aside like prefix tokens: they are neither merged away nor merged into,
+    so a lone unusual patch keeps its own token and size 1. ToMe's matching then runs on the rest.
+    Protection is capped so that ``r`` merges stay possible (``protect <= N - num_prefix - 2r``):
+    the budget, and so the speed, are exactly ToMe's.
+
+    Output layout: [prefix] + [protected, in input order] + [ToMe's layout of the rest].
+    """
+    batch, num_tokens, _ = metric.shape
+    mergeable = num_tokens - num_prefix
+    r = max(0, min(r, max_mergeable(num_tokens, num_prefix)))
+    protect = max(0, min(protect, mergeable - 2 * r))
+    if protect == 0:
+        return bipartite_soft_matching(metric, r, num_prefix)
+    with torch.no_grad():
+        nn_sim = nearest_neighbour_similarity(metric, num_prefix)  # [B, M]
+        order = nn_sim.argsort(dim=-1)  # least similar first
+        protected = order[:, :protect].sort(dim=-1).values + num_prefix  # [B, P] input positions
+        rest = order[:, protect:].sort(dim=-1).values + num_prefix  # [B, M - P]
+        prefix = torch.arange(num_prefix, device=metric.device).expand(batch, -1)
+        perm = torch.cat([prefix, protected, rest], dim=1)  # [B, N]: permuted position -> input position
+        permuted = metric.gather(1, perm.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
+        inner = bipartite_soft_matching(permuted, r, num_prefix + protect)
+    return Matching(perm.gather(1, inner.kept_idx), perm.gather(1, inner.src_idx), inner.dst_idx, num_tokens)

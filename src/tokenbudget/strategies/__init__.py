@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from ..config import GridPool, RandomDrop, ReductionConfig, ToMe
+from ..config import GridPool, RandomDrop, ReductionConfig, ToMe, ToMeDetail
 from .base import ScheduledStrategy
 from .baselines import GridPoolStrategy, RandomDropStrategy
 from .tome import ToMeStrategy
 
 _STRATEGIES: dict[type, type[ScheduledStrategy]] = {
     ToMe: ToMeStrategy,
+    ToMeDetail: ToMeStrategy,
     RandomDrop: RandomDropStrategy,
     GridPool: GridPoolStrategy,
 }

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
-from ..ops.match import bipartite_soft_matching
+from ..ops.match import bipartite_soft_matching, detail_preserving_matching
 from ..ops.merge import merge_weighted, update_token_map
 from ..state import TokenState
 from .base import ScheduledStrategy
@@ -19,7 +21,12 @@ class ToMeStrategy(ScheduledStrategy):
     def reduce(self, x: Tensor, keys: Tensor, state: TokenState, layer: int) -> Tensor:
         """Merge tokens ``x`` [B, N, C] using ``keys`` [B, N, d] (head-averaged attention keys, any
         positive scale); updates ``state`` in place."""
-        matching = bipartite_soft_matching(keys, state.merged_per_layer[layer], state.num_prefix)
+        r = state.merged_per_layer[layer]
+        if self.config.preserve_detail:
+            protect = math.ceil(self.config.detail_fraction * (x.shape[1] - state.num_prefix))
+            matching = detail_preserving_matching(keys, r, state.num_prefix, protect)
+        else:
+            matching = bipartite_soft_matching(keys, r, state.num_prefix)
         x, state.size = merge_weighted(x, state.size, matching)
         if state.token_map is not None:
             state.token_map = update_token_map(state.token_map, matching)
