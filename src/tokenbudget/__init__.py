@@ -12,6 +12,7 @@ from . import models
 from .config import (
     BudgetConfig,
     GridPool,
+    Prune,
     RandomDrop,
     ReductionConfig,
     ToMe,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetConfig",
     "GridPool",
+    "Prune",
     "RandomDrop",
     "ReductionConfig",
     "ToMe",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import RandomDrop, ReductionConfig, config_class, config_from_json, method_names
+from .config import ReductionConfig, config_class, config_from_json, method_names
 
 
 def _int_list(text: str) -> list[int]:
@@ -36,7 +37,8 @@ def _add_budget_args(parser: argparse.ArgumentParser, default_r: str | None) -> 
         "--method",
         default="tome",
         choices=method_names(),
-        help="tome (Token Merging), random (random drop baseline), pool (spatial pooling baseline)",
+        help="tome (Token Merging), random (random drop baseline), pool (spatial pooling baseline), "
+        "prune (EViT attention pruning, --keep per stage), dynamicvit (learned pruning, --predictor)",
     )
     group.add_argument(
         "--r",
@@ -61,7 +63,32 @@ def _add_budget_args(parser: argparse.ArgumentParser, default_r: str | None) -> 
     )
     group.add_argument("--config", default=None, help='a JSON config, e.g. \'{"method": "tome", "r": 16}\'')
     group.add_argument("--no-prop-attn", action="store_true", help="turn off proportional attention")
+    _add_stage_args(group)
     parser.set_defaults(default_r=default_r)
+
+
+def _add_stage_args(group: argparse._ArgumentGroup) -> None:
+    """Options of the pruning methods (prune, dynamicvit), whose --keep is a per-stage ratio."""
+    group.add_argument(
+        "--layers",
+        type=_int_list,
+        default=None,
+        help="prune/dynamicvit: 0-based blocks that prune (default 3,6,9)",
+    )
+    group.add_argument(
+        "--predictor", default=None, help="dynamicvit: trained predictors (tokenbudget train-predictor)"
+    )
+
+
+def _stage_options(cls: type, args: argparse.Namespace) -> dict:
+    """Keyword options for a pruning config (per-stage keep) from --layers / --predictor."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    options = {}
+    if getattr(args, "layers", None) is not None and "layers" in names:
+        options["layers"] = tuple(args.layers)
+    if getattr(args, "predictor", None) is not None and "predictor" in names:
+        options["predictor"] = args.predictor
+    return options
 
 
 def _configs(args: argparse.Namespace) -> list[ReductionConfig]:
@@ -71,7 +98,15 @@ def _configs(args: argparse.Namespace) -> list[ReductionConfig]:
     if args.config is not None:
         return [config_from_json(args.config)]
     cls = config_class(args.method)
-    extra = {} if cls is RandomDrop else {"prop_attn": not args.no_prop_attn}
+    names = {f.name for f in dataclasses.fields(cls)}
+    extra = {"prop_attn": not args.no_prop_attn} if "prop_attn" in names else {}
+    if "r" not in names:  # pruning methods: --keep is the per-stage keep ratio
+        extra |= _stage_options(cls, args)
+        if args.r is not None or args.tokens is not None:
+            raise ValueError(
+                f"method {args.method} takes --keep (fraction kept at each pruning layer), not --r/--tokens"
+            )
+        return [cls(keep=k, **extra) for k in args.keep] if args.keep is not None else [cls(**extra)]
     if args.keep is not None:
         return [cls(keep=k, **extra) for k in args.keep]
     if args.tokens is not None:
@@ -176,9 +211,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    options = {m: _stage_options(config_class(m), args) for m in methods}
     for m in methods:  # fail on a bad method or budget before any model or data is loaded
         for keep in args.keep:
-            method_config(m, keep)
+            method_config(m, keep, options[m])
     model, data = _model_and_data(args)
     size = int(model.patch_embed.img_size[0])
     batches = -(-len(data.train_images) // args.batch_size) + -(-len(data.test_images) // args.batch_size)
@@ -198,6 +234,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         speed_batch_size=args.speed_batch_size,
         speed_samples=args.speed_samples,
         progress=bar.update,
+        method_options=options,
     )
     bar.close()
     if not is_main():
@@ -337,7 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="fashion-mnist",
         help="fashion-mnist (offline copy), skimage (crops of bundled photos, labelled by photo), or a directory: IDX files or CLASS/ image folders",
     )
-    ev.add_argument("--methods", default="tome,random,pool", help="comma list of tome, random, pool")
+    ev.add_argument(
+        "--methods",
+        default="tome,random,pool",
+        help="comma list of tome, random, pool, prune, dynamicvit (prune/dynamicvit: --keep is per stage)",
+    )
+    _add_stage_args(ev.add_argument_group("pruning methods"))
     ev.add_argument(
         "--keep",
         type=_float_list,

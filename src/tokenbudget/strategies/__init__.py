@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from ..config import GridPool, RandomDrop, ReductionConfig, ToMe
+from ..config import GridPool, Prune, RandomDrop, ReductionConfig, ToMe
 from .base import ScheduledStrategy
 from .baselines import GridPoolStrategy, RandomDropStrategy
+from .prune import PruneStrategy
 from .tome import ToMeStrategy
 
 _STRATEGIES: dict[type, type[ScheduledStrategy]] = {
     ToMe: ToMeStrategy,
     RandomDrop: RandomDropStrategy,
     GridPool: GridPoolStrategy,
+    Prune: PruneStrategy,
 }
 
 
@@ -24,4 +26,11 @@ def make_strategy(config: ReductionConfig, num_layers: int) -> ScheduledStrategy
     return cls(config, num_layers)
 
 
-__all__ = ["GridPoolStrategy", "RandomDropStrategy", "ScheduledStrategy", "ToMeStrategy", "make_strategy"]
+__all__ = [
+    "GridPoolStrategy",
+    "PruneStrategy",
+    "RandomDropStrategy",
+    "ScheduledStrategy",
+    "ToMeStrategy",
+    "make_strategy",
+]
