@@ -11,6 +11,7 @@ tb.remove(model)
 from . import models
 from .config import (
     BudgetConfig,
+    DynamicViT,
     GridPool,
     Prune,
     RandomDrop,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetConfig",
+    "DynamicViT",
     "GridPool",
     "Prune",
     "RandomDrop",

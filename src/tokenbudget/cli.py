@@ -305,6 +305,48 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_predictor(args: argparse.Namespace) -> int:
+    """Train DynamicViT predictors for a model on unlabelled training images and save them."""
+    from .learned import save_predictors
+    from .learned.train import train_predictors
+
+    _set_threads(args.threads)
+    if args.max_minutes <= 0:
+        raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
+    model, data = _model_and_data(args)
+    bar = _progress(args.steps, "train-predictor", disable=args.quiet)
+
+    def progress(step: int, losses: dict) -> None:
+        bar.update(1)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", kept=losses["kept"])
+
+    predictors, report = train_predictors(
+        model,
+        data.train_images,
+        keep=args.keep,
+        layers=tuple(args.layers),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        max_seconds=60 * args.max_minutes,
+        progress=progress,
+        info={"model": args.model, "data": data.name, "n_train": len(data.train_images)},
+    )
+    bar.close()
+    weights, config = save_predictors(predictors, args.out)
+    summary = report.summary()
+    print(
+        f"trained {len(predictors.layers)} predictors for {args.model} (layers {list(predictors.layers)}, "
+        f"keep {args.keep} per stage) in {summary['steps']} steps, {summary['seconds']} s: loss "
+        f"{summary['loss_first']:.4f} -> {summary['loss_last_mean']:.4f} (mean of the last fifth), kept "
+        f"fractions {[round(k, 3) for k in summary['kept_fraction_last']]}"
+    )
+    print(f"wrote {weights} and {config}; use tb.DynamicViT(keep={args.keep}, predictor={str(config)!r})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -424,6 +466,34 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default=None, help="write the chosen config JSON here")
     pl.add_argument("--json", action="store_true", help="print only the chosen config JSON")
     pl.set_defaults(func=cmd_plan)
+
+    tp = sub.add_parser(
+        "train-predictor",
+        help="train DynamicViT keep/drop predictors (frozen backbone, distillation from all tokens)",
+    )
+    tp.add_argument("--model", default="dinov2_small", help=model_help)
+    tp.add_argument("--pretrained", action="store_true")
+    tp.add_argument("--img-size", type=int, default=None)
+    tp.add_argument("--data", default="fashion-mnist", help="fashion-mnist (offline copy) or a directory")
+    tp.add_argument("--n-train", type=int, default=500, help="training images (labels are not used)")
+    tp.add_argument("--n-test", type=int, default=10, help=argparse.SUPPRESS)
+    tp.add_argument("--keep", type=float, default=0.7, help="target keep ratio per stage (default 0.7)")
+    tp.add_argument(
+        "--layers", type=_int_list, default=[3, 6, 9], help="0-based pruning blocks (default 3,6,9)"
+    )
+    tp.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
+    tp.add_argument("--batch-size", type=int, default=8)
+    tp.add_argument("--lr", type=float, default=1e-3)
+    tp.add_argument("--max-minutes", type=float, default=30.0, help="stop after this long (default 30)")
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--threads", type=int, default=None)
+    tp.add_argument(
+        "--out",
+        default="predictors/dinov2_small_dynamicvit",
+        help="output stem: writes STEM.safetensors and STEM.json (default predictors/dinov2_small_dynamicvit)",
+    )
+    tp.add_argument("--quiet", action="store_true", help="no progress bar")
+    tp.set_defaults(func=cmd_train_predictor)
 
     demo = sub.add_parser(
         "demo", help="ToMe on the embedded DINOv2 at a few budgets: table and merge picture"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ..config import GridPool, Prune, RandomDrop, ReductionConfig, ToMe
+from ..config import DynamicViT, GridPool, Prune, RandomDrop, ReductionConfig, ToMe
 from .base import ScheduledStrategy
 from .baselines import GridPoolStrategy, RandomDropStrategy
+from .dynamicvit import DynamicViTStrategy
 from .prune import PruneStrategy
 from .tome import ToMeStrategy
 
@@ -13,6 +14,7 @@ _STRATEGIES: dict[type, type[ScheduledStrategy]] = {
     RandomDrop: RandomDropStrategy,
     GridPool: GridPoolStrategy,
     Prune: PruneStrategy,
+    DynamicViT: DynamicViTStrategy,
 }
 
 
@@ -27,6 +29,7 @@ def make_strategy(config: ReductionConfig, num_layers: int) -> ScheduledStrategy
 
 
 __all__ = [
+    "DynamicViTStrategy",
     "GridPoolStrategy",
     "PruneStrategy",
     "RandomDropStrategy",
