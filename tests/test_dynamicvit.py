@@ -213,3 +213,34 @@ def test_config_json_and_eval_option(saved) -> None:
     assert method_config("dynamicvit", 0.5, {"predictor": path, "layers": (1, 2)}) == cfg
     with pytest.raises(ValueError, match="keep is the fraction"):
         tb.DynamicViT(keep=0)
+
+
+def test_train_predictor_and_eval_cli(tmp_path, capsys, one_thread) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from tokenbudget.cli import main
+
+    rng = np.random.default_rng(0)
+    for c, value in (("dark", 40), ("light", 215)):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(6):
+            pixels = np.clip(rng.normal(value, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
+    common = ["--model", "test_vit", "--img-size", "64", "--data", str(tmp_path / "data")]
+    out = str(tmp_path / "pred")
+    argv = ["train-predictor", *common, "--layers", "1,3", "--keep", "0.6", "--steps", "3", "--batch-size", "4",
+            "--out", out, "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "in 3 steps" in capsys.readouterr().out
+    assert load_predictors(out).layers == (1, 3)
+    argv = ["eval", *common, "--methods", "prune,dynamicvit", "--layers", "1,3", "--predictor", out,
+            "--keep", "1.0,0.6", "--speed-batch-size", "2", "--speed-samples", "1", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["full", "prune", "dynamicvit"]
+    # 16 patches: 16 -> 10 -> 6 (prune adds its fused token at each stage: 16 -> 10+1 -> 7+1)
+    assert rows[2]["final_tokens"] == 1 + 6 and rows[1]["final_tokens"] == 1 + 8
+    assert rows[2]["config"]["predictor"] == out
+    assert main(["eval", *common, "--methods", "dynamicvit", "--layers", "1,3", "--keep", "0.5"]) == 2
+    assert "needs trained predictors" in capsys.readouterr().err
