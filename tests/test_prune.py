@@ -215,3 +215,40 @@ def test_cli_refuses_r_for_prune(capsys) -> None:
 
     assert main(["bench", "--method", "prune", "--r", "8", "--samples", "1"]) == 2
     assert "takes --keep" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_prune_and_dynamicvit_on_embedded_dinov2(tmp_path) -> None:
+    """Both pruning methods end to end on the real DINOv2 ViT-S/14 weights (offline)."""
+    pytest.importorskip("onnx", reason="the embedded model needs: pip install 'tokenbudget[demo]'")
+    from tokenbudget.data import sample_images
+    from tokenbudget.learned.train import train_predictors
+
+    model = tb.models.dinov2_small(img_size=224, cache_dir=tmp_path / "cache")
+    images = sample_images(224, ("astronaut", "coffee"))
+    with torch.inference_mode():
+        full = model.forward_features(images)[:, 0]
+        tb.apply(model, tb.Prune(keep=0.7))
+        pruned = model.forward_features(images)[:, 0]
+    assert tb.last_state(model).tokens_per_layer == [257] * 3 + [182] * 3 + [129] * 3 + [92] * 3
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(pruned, full).min() > 0.8
+    # class attention chooses better than chance: random drop at the same per-layer counts
+    with torch.inference_mode():
+        tb.apply(model, tb.Prune(keep=0.7, fuse=False))
+        attentive = model.forward_features(images)[:, 0]
+        counts = tb.last_state(model).merged_per_layer
+        tb.apply(model, tb.RandomDrop(r=counts))
+        random = model.forward_features(images)[:, 0]
+    assert tb.last_state(model).tokens_per_layer[-1] == 90
+    assert bool((cos(attentive, full) > cos(random, full)).all())
+    tb.remove(model)
+    predictors, report = train_predictors(model, images, steps=2, batch_size=2)
+    from tokenbudget.learned import save_predictors
+
+    save_predictors(predictors, tmp_path / "pred")
+    tb.apply(model, tb.DynamicViT(keep=0.7, predictor=str(tmp_path / "pred")))
+    with torch.inference_mode():
+        out = model.forward_features(images)
+    assert out.shape == (2, 1 + 89, 384)  # no fused token: 256 -> 180 -> 126 -> 89 patches
+    assert torch.isfinite(out).all() and report.steps == 2
