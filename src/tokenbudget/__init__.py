@@ -11,7 +11,9 @@ tb.remove(model)
 from . import models
 from .config import (
     BudgetConfig,
+    DynamicViT,
     GridPool,
+    Prune,
     RandomDrop,
     ReductionConfig,
     ToMe,
@@ -25,7 +27,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetConfig",
+    "DynamicViT",
     "GridPool",
+    "Prune",
     "RandomDrop",
     "ReductionConfig",
     "ToMe",

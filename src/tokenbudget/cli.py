@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import RandomDrop, ReductionConfig, config_class, config_from_json, method_names
+from .config import BudgetConfig, ReductionConfig, config_class, config_from_json, method_names
 
 
 def _int_list(text: str) -> list[int]:
@@ -36,7 +37,8 @@ def _add_budget_args(parser: argparse.ArgumentParser, default_r: str | None) -> 
         "--method",
         default="tome",
         choices=method_names(),
-        help="tome (Token Merging), random (random drop baseline), pool (spatial pooling baseline)",
+        help="tome (Token Merging), random (random drop baseline), pool (spatial pooling baseline), "
+        "prune (EViT attention pruning, --keep per stage), dynamicvit (learned pruning, --predictor)",
     )
     group.add_argument(
         "--r",
@@ -61,7 +63,36 @@ def _add_budget_args(parser: argparse.ArgumentParser, default_r: str | None) -> 
     )
     group.add_argument("--config", default=None, help='a JSON config, e.g. \'{"method": "tome", "r": 16}\'')
     group.add_argument("--no-prop-attn", action="store_true", help="turn off proportional attention")
+    _add_stage_args(group)
     parser.set_defaults(default_r=default_r)
+
+
+def _add_stage_args(group: argparse._ArgumentGroup) -> None:
+    """Options of the pruning methods (prune, dynamicvit), whose --keep is a per-stage ratio."""
+    group.add_argument(
+        "--layers",
+        type=_int_list,
+        default=None,
+        help="prune/dynamicvit: 0-based blocks that prune (default 3,6,9)",
+    )
+    group.add_argument(
+        "--predictor", default=None, help="dynamicvit: trained predictors (tokenbudget train-predictor)"
+    )
+
+
+def _scheduled_methods() -> list[str]:
+    return [m for m in method_names() if issubclass(config_class(m), BudgetConfig)]
+
+
+def _stage_options(cls: type, args: argparse.Namespace) -> dict:
+    """Keyword options for a pruning config (per-stage keep) from --layers / --predictor."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    options = {}
+    if getattr(args, "layers", None) is not None and "layers" in names:
+        options["layers"] = tuple(args.layers)
+    if getattr(args, "predictor", None) is not None and "predictor" in names:
+        options["predictor"] = args.predictor
+    return options
 
 
 def _configs(args: argparse.Namespace) -> list[ReductionConfig]:
@@ -71,7 +102,15 @@ def _configs(args: argparse.Namespace) -> list[ReductionConfig]:
     if args.config is not None:
         return [config_from_json(args.config)]
     cls = config_class(args.method)
-    extra = {} if cls is RandomDrop else {"prop_attn": not args.no_prop_attn}
+    names = {f.name for f in dataclasses.fields(cls)}
+    extra = {"prop_attn": not args.no_prop_attn} if "prop_attn" in names else {}
+    if "r" not in names:  # pruning methods: --keep is the per-stage keep ratio
+        extra |= _stage_options(cls, args)
+        if args.r is not None or args.tokens is not None:
+            raise ValueError(
+                f"method {args.method} takes --keep (fraction kept at each pruning layer), not --r/--tokens"
+            )
+        return [cls(keep=k, **extra) for k in args.keep] if args.keep is not None else [cls(**extra)]
     if args.keep is not None:
         return [cls(keep=k, **extra) for k in args.keep]
     if args.tokens is not None:
@@ -176,9 +215,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    options = {m: _stage_options(config_class(m), args) for m in methods}
     for m in methods:  # fail on a bad method or budget before any model or data is loaded
+        if args.flops_speedup is not None and not issubclass(config_class(m), BudgetConfig):
+            raise ValueError(
+                f"--flops-speedup needs methods with a per-layer schedule ({', '.join(_scheduled_methods())}); "
+                f"{m!r} keeps a fraction per stage: give it --keep"
+            )
         for keep in args.keep if args.flops_speedup is None else [0.5]:
-            method_config(m, keep)
+            method_config(m, keep, options[m])
     model, data = _model_and_data(args)
     if args.flops_speedup is not None:
         from .evaluate.harness import keep_for_flops_speedup
@@ -202,6 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         speed_batch_size=args.speed_batch_size,
         speed_samples=args.speed_samples,
         progress=bar.update,
+        method_options=options,
     )
     bar.close()
     if not is_main():
@@ -287,6 +333,48 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_predictor(args: argparse.Namespace) -> int:
+    """Train DynamicViT predictors for a model on unlabelled training images and save them."""
+    from .learned import save_predictors
+    from .learned.train import train_predictors
+
+    _set_threads(args.threads)
+    if args.max_minutes <= 0:
+        raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
+    model, data = _model_and_data(args)
+    bar = _progress(args.steps, "train-predictor", disable=args.quiet)
+
+    def progress(step: int, losses: dict) -> None:
+        bar.update(1)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", kept=losses["kept"])
+
+    predictors, report = train_predictors(
+        model,
+        data.train_images,
+        keep=args.keep,
+        layers=tuple(args.layers),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        max_seconds=60 * args.max_minutes,
+        progress=progress,
+        info={"model": args.model, "data": data.name, "n_train": len(data.train_images)},
+    )
+    bar.close()
+    weights, config = save_predictors(predictors, args.out)
+    summary = report.summary()
+    print(
+        f"trained {len(predictors.layers)} predictors for {args.model} (layers {list(predictors.layers)}, "
+        f"keep {args.keep} per stage) in {summary['steps']} steps, {summary['seconds']} s: loss "
+        f"{summary['loss_first']:.4f} -> {summary['loss_last_mean']:.4f} (mean of the last fifth), kept "
+        f"fractions {[round(k, 3) for k in summary['kept_fraction_last']]}"
+    )
+    print(f"wrote {weights} and {config}; use tb.DynamicViT(keep={args.keep}, predictor={str(config)!r})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -357,8 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fashion-mnist (offline copy), skimage (crops of bundled photos, labelled by photo), anomaly / anomaly-small (textures labelled by a small flaw: tokenbudget make-anomaly), or a directory: IDX files or CLASS/ image folders",
     )
     ev.add_argument(
-        "--methods", default="tome,random,pool", help=f"comma list of {', '.join(method_names())}"
+        "--methods",
+        default="tome,random,pool",
+        help=f"comma list of {', '.join(method_names())} (prune/dynamicvit: --keep is per stage)",
     )
+    _add_stage_args(ev.add_argument_group("pruning methods"))
     ev.add_argument(
         "--keep",
         type=_float_list,
@@ -421,6 +512,34 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default=None, help="write the chosen config JSON here")
     pl.add_argument("--json", action="store_true", help="print only the chosen config JSON")
     pl.set_defaults(func=cmd_plan)
+
+    tp = sub.add_parser(
+        "train-predictor",
+        help="train DynamicViT keep/drop predictors (frozen backbone, distillation from all tokens)",
+    )
+    tp.add_argument("--model", default="dinov2_small", help=model_help)
+    tp.add_argument("--pretrained", action="store_true")
+    tp.add_argument("--img-size", type=int, default=None)
+    tp.add_argument("--data", default="fashion-mnist", help="fashion-mnist (offline copy) or a directory")
+    tp.add_argument("--n-train", type=int, default=500, help="training images (labels are not used)")
+    tp.add_argument("--n-test", type=int, default=10, help=argparse.SUPPRESS)
+    tp.add_argument("--keep", type=float, default=0.7, help="target keep ratio per stage (default 0.7)")
+    tp.add_argument(
+        "--layers", type=_int_list, default=[3, 6, 9], help="0-based pruning blocks (default 3,6,9)"
+    )
+    tp.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
+    tp.add_argument("--batch-size", type=int, default=8)
+    tp.add_argument("--lr", type=float, default=1e-3)
+    tp.add_argument("--max-minutes", type=float, default=30.0, help="stop after this long (default 30)")
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--threads", type=int, default=None)
+    tp.add_argument(
+        "--out",
+        default="predictors/dinov2_small_dynamicvit",
+        help="output stem: writes STEM.safetensors and STEM.json (default predictors/dinov2_small_dynamicvit)",
+    )
+    tp.add_argument("--quiet", action="store_true", help="no progress bar")
+    tp.set_defaults(func=cmd_train_predictor)
 
     demo = sub.add_parser(
         "demo", help="ToMe on the embedded DINOv2 at a few budgets: table and merge picture"

@@ -9,6 +9,9 @@ from torch import Tensor
 
 from .ops.merge import token_map_to_source
 
+#: weight left to a pruned key in the training-time masked attention (see TokenState.attention_bias)
+DECISION_EPS = 1e-6
+
 
 @dataclass
 class TokenState:
@@ -28,6 +31,8 @@ class TokenState:
             (only with ``trace_source=True``).
         positions: [B, N, 2] (row, col) centroid of the patches each token covers (only for
             strategies that match by position).
+        decision: [B, N, 1] soft keep decisions (1 kept, 0 pruned) of learned pruning while it
+            trains: pruned tokens stay in the batch but are masked out of attention.
     """
 
     batch_size: int
@@ -41,6 +46,7 @@ class TokenState:
     token_map: Tensor | None = None
     positions: Tensor | None = None
     device: torch.device | None = None
+    decision: Tensor | None = None
     _bias: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -73,6 +79,8 @@ class TokenState:
 
         ``None`` while every size is 1 (log 1 = 0), so unmerged blocks run exactly as upstream.
         """
+        if self.decision is not None:
+            return self._decision_bias(dtype)
         if self.size is None:
             return None
         cached = self._bias
@@ -81,6 +89,18 @@ class TokenState:
             cached = (self.size, self.size.log().to(dtype).transpose(1, 2).unsqueeze(1))
             self._bias = cached
         return cached[1]
+
+    def _decision_bias(self, dtype: torch.dtype) -> Tensor:
+        """log(decision + eps) (+ log size) [B, 1, 1, N]: the masked softmax of DynamicViT as a bias.
+
+        softmax(a + log(D + eps)) = exp(a) (D + eps) / sum exp(a) (D + eps): pruned keys (D = 0) get
+        weight ~eps, and the gradient to D is exp(a_j) / sum(...) times the upstream term, finite
+        at D = 0 (the eps cancels), unlike log(D) whose gradient is infinite there.
+        """
+        bias = (self.decision + DECISION_EPS).log()
+        if self.size is not None:
+            bias = bias + self.size.log()
+        return bias.to(dtype).transpose(1, 2).unsqueeze(1)
 
     def summary(self) -> dict:
         """JSON-friendly description (no tensors)."""

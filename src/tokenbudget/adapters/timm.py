@@ -20,6 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..context import PatchContext
+from ..ops.scores import class_attention
 
 SUPPORTED = (
     "timm VisionTransformer models built from timm's pre-norm Block and Attention: vit_*, deit_* "
@@ -55,29 +56,40 @@ class ReducingBlockForward:
 
     def __call__(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         ctx, block, layer = self.ctx, self.block, self.layer
+        strategy = ctx.strategy
         state = ctx.state_for_block(layer, x)  # x: [B, N, C]
         r = state.merged_per_layer[layer]
+        # Strategies that act without removing tokens (learned pruning while training) say so.
+        acts_at = getattr(strategy, "acts_at", None)
+        acts = acts_at(layer, state) if acts_at is not None else r > 0
         if attn_mask is not None or is_causal:
-            if any(state.merged_per_layer):
+            if any(state.merged_per_layer) or acts:
                 raise NotImplementedError(
                     "attn_mask / is_causal cannot be combined with token reduction (the mask is for the "
                     "unreduced tokens); call the model without a mask or use a zero budget"
                 )
-        elif ctx.strategy.prop_attn:
-            attn_mask = state.attention_bias(x.dtype)  # [B, 1, 1, N] log(size), None before any merge
+        elif strategy.prop_attn or state.decision is not None:
+            # [B, 1, 1, N]: log(size) and/or log of soft keep decisions; None before any merge
+            attn_mask = state.attention_bias(x.dtype)
         local = ctx.local
-        want_keys = local.want_keys = r > 0 and ctx.strategy.needs_keys
+        class_attn = acts and getattr(strategy, "needs_class_attention", False)
+        want_keys = local.want_keys = acts and (strategy.needs_keys or class_attn)
+        local.want_query = class_attn
         attn_out = block.attn(block.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
         x = x + block.drop_path1(block.ls1(attn_out))
-        if r > 0:
+        if acts:
             metric = None
-            if want_keys:
+            if class_attn:
+                # EViT's score: the class token's attention row [B, N] (head average), from the class
+                # query and the keys exactly as this block's attention used them (same bias).
+                metric = class_attention(local.query, local.keys, block.attn.scale, attn_mask)
+            elif want_keys:
                 # ToMe's metric: keys [B, H, N, d] averaged over heads. Summed here: the cosine
                 # similarity that uses them does not see the 1/H scale, and a divide is saved.
                 metric = local.keys.sum(dim=1)
-                local.keys = None
-                local.want_keys = False
-            x = ctx.strategy.reduce(x, metric, state, layer)  # [B, N - r, C]
+            local.keys = local.query = None
+            local.want_keys = local.want_query = False
+            x = strategy.reduce(x, metric, state, layer)  # [B, N - r, C]
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         state.tokens_per_layer.append(x.shape[1])
         if self.is_last:
@@ -95,6 +107,18 @@ class KeyCapture:
         local = self.ctx.local
         if getattr(local, "want_keys", False):
             local.keys = output
+
+
+class QueryCapture:
+    """Forward hook on ``attn.q_norm``: hands the class token's query [B, H, 1, d] to the block wrapper."""
+
+    def __init__(self, ctx: PatchContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        local = self.ctx.local
+        if getattr(local, "want_query", False):
+            local.query = output[:, :, :1]  # the class token is always first in timm
 
 
 class WeightedPool:
@@ -189,6 +213,15 @@ class TimmAdapter:
         return len(self.blocks)
 
     @property
+    def has_class_token(self) -> bool:
+        """True when the first token is a class token (timm: ``cls_token`` is a parameter)."""
+        return getattr(self.model, "cls_token", None) is not None
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
     def default_num_tokens(self) -> int | None:
         """Tokens entering the first block at the model's default image size."""
         if self.grid is None:
@@ -200,6 +233,8 @@ class TimmAdapter:
         for layer, block in enumerate(self.blocks):
             block.forward = ReducingBlockForward(block, layer, ctx)
             self._hooks.append(block.attn.k_norm.register_forward_hook(KeyCapture(ctx)))
+            if getattr(ctx.strategy, "needs_class_attention", False):
+                self._hooks.append(block.attn.q_norm.register_forward_hook(QueryCapture(ctx)))
         if hasattr(type(model), "pool"):
             model.pool = WeightedPool(model, ctx)
         for name in ("forward_intermediates", "get_intermediate_layers"):

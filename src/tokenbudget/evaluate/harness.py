@@ -57,12 +57,17 @@ class EvalRow:
         return asdict(self)
 
 
-def method_config(method: str, keep: float) -> ReductionConfig:
-    """The config of ``method`` that leaves ``keep`` of the non-prefix tokens after the last block."""
+def method_config(method: str, keep: float, options: dict | None = None) -> ReductionConfig:
+    """The config of ``method`` that leaves ``keep`` of the non-prefix tokens after the last block.
+
+    For the pruning methods (``prune``, ``dynamicvit``) ``keep`` is their per-stage keep ratio, so
+    the same ``keep`` leaves fewer tokens than ToMe's; every row reports its FLOPs for a fair
+    comparison. ``options`` are further keyword arguments of the config (e.g. ``predictor``).
+    """
     cls = config_class(method)
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    return cls(keep=keep)
+    return cls(keep=keep, **(options or {}))
 
 
 def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
@@ -170,9 +175,16 @@ def evaluate(
     speed_batch_size: int = 32,
     speed_samples: int = 5,
     progress: Callable[[int], None] | None = None,
+    method_options: dict[str, dict] | None = None,
 ) -> list[EvalRow]:
-    """Score every (method, keep) on ``data``; ``keep=1.0`` is the full model, listed once."""
-    configs = [(m, kp, method_config(m, kp)) for kp in keeps for m in methods if kp < 1.0]
+    """Score every (method, keep) on ``data``; ``keep=1.0`` is the full model, listed once.
+
+    ``method_options`` maps a method name to further config options (e.g. ``{"dynamicvit":
+    {"predictor": path}}``)."""
+    method_options = method_options or {}
+    configs = [
+        (m, kp, method_config(m, kp, method_options.get(m))) for kp in keeps for m in methods if kp < 1.0
+    ]
     model = model.eval()
     if dist_utils.maybe_init_distributed():
         dist_utils.broadcast_module(model)  # every rank embeds with rank 0's weights (random ones too)
@@ -263,14 +275,14 @@ def evaluate(
 
 def format_eval_table(rows: Sequence[EvalRow]) -> str:
     header = (
-        f"{'method':<8} {'keep':>5} {'tokens':>6} {'FLOPs':>6} {'k-NN':>7} {'drop':>6} {'linear':>7} {'drop':>6} "
+        f"{'method':<10} {'keep':>5} {'tokens':>6} {'FLOPs':>6} {'k-NN':>7} {'drop':>6} {'linear':>7} {'drop':>6} "
         f"{'cosine':>7} {'img/s':>7} {'speedup':>7} {'MB':>7}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         mb = f"{r.peak_mb:>7.1f}" if r.peak_mb is not None else f"{'-':>7}"
         lines.append(
-            f"{r.method:<8} {r.keep:>5.2f} {r.final_tokens:>6} {r.flops_ratio:>6.2f} {r.knn_acc:>7.3f} {r.knn_drop:>6.1f} "
+            f"{r.method:<10} {r.keep:>5.2f} {r.final_tokens:>6} {r.flops_ratio:>6.2f} {r.knn_acc:>7.3f} {r.knn_drop:>6.1f} "
             f"{r.linear_acc:>7.3f} {r.linear_drop:>6.1f} {r.cosine:>7.4f} {r.img_s:>7.1f} {r.speedup:>6.2f}x {mb}"
         )
     return "\n".join(lines)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from ..config import GridPool, RandomDrop, ReductionConfig, ToMe, ToMeDetail
+from ..config import DynamicViT, GridPool, Prune, RandomDrop, ReductionConfig, ToMe, ToMeDetail
 from .base import ScheduledStrategy
 from .baselines import GridPoolStrategy, RandomDropStrategy
+from .dynamicvit import DynamicViTStrategy
+from .prune import PruneStrategy
 from .tome import ToMeStrategy
 
 _STRATEGIES: dict[type, type[ScheduledStrategy]] = {
@@ -12,6 +14,8 @@ _STRATEGIES: dict[type, type[ScheduledStrategy]] = {
     ToMeDetail: ToMeStrategy,
     RandomDrop: RandomDropStrategy,
     GridPool: GridPoolStrategy,
+    Prune: PruneStrategy,
+    DynamicViT: DynamicViTStrategy,
 }
 
 
@@ -25,4 +29,12 @@ def make_strategy(config: ReductionConfig, num_layers: int) -> ScheduledStrategy
     return cls(config, num_layers)
 
 
-__all__ = ["GridPoolStrategy", "RandomDropStrategy", "ScheduledStrategy", "ToMeStrategy", "make_strategy"]
+__all__ = [
+    "DynamicViTStrategy",
+    "GridPoolStrategy",
+    "PruneStrategy",
+    "RandomDropStrategy",
+    "ScheduledStrategy",
+    "ToMeStrategy",
+    "make_strategy",
+]
