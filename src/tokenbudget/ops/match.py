@@ -176,3 +176,30 @@ def bipartite_soft_matching(
         src_idx = a_pos[src_rows]
         dst_idx = best_b.gather(1, src_rows) + (num_prefix + num_unmerged)
     return Matching(kept, src_idx, dst_idx, num_tokens)
+
+
+def matching_from_pairs(
+    num_tokens: int, num_prefix: int, src_rows: Tensor, dst_cols: Tensor, device: torch.device
+) -> Matching:
+    """A :class:`Matching` from chosen pairs, in this module's token layout contract.
+
+    Args:
+        num_tokens: N, tokens entering the step.
+        num_prefix: leading tokens that are never merged.
+        src_rows: [B, r] rows of the non-prefix A tokens (0 = first A token) merged away.
+        dst_cols: [B, r] column of the non-prefix B token each of them goes into.
+        device: where the index tensors live.
+
+    Used by matchers other than the greedy one (e.g. the optimal assignment) so that merging,
+    sizes and token maps work unchanged.
+    """
+    prefix_pos, a_pos, b_pos = _layout(num_tokens, num_prefix, device)
+    batch, r = src_rows.shape
+    src_rows, dst_cols = src_rows.to(device), dst_cols.to(device)
+    merged = torch.zeros(batch, a_pos.numel(), dtype=torch.bool, device=device)
+    merged.scatter_(1, src_rows, True)
+    # [B, Na - r] A rows kept, in input order (stable sort puts the False rows first, in order)
+    unm_rows = merged.to(torch.int8).argsort(dim=1, stable=True)[:, : a_pos.numel() - r]
+    kept = torch.cat([prefix_pos.expand(batch, -1), a_pos[unm_rows], b_pos.expand(batch, -1)], dim=1)
+    dst_idx = dst_cols + (num_prefix + unm_rows.shape[1])
+    return Matching(kept, a_pos[src_rows], dst_idx, num_tokens)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from ..config import GridPool, RandomDrop, ReductionConfig, ToMe
+from ..config import GridPool, RandomDrop, ReductionConfig, ToFu, ToMe, ToMeOptimal
 from .base import ScheduledStrategy
 from .baselines import GridPoolStrategy, RandomDropStrategy
+from .tofu import ToFuStrategy
 from .tome import ToMeStrategy
 
 _STRATEGIES: dict[type, type[ScheduledStrategy]] = {
     ToMe: ToMeStrategy,
     RandomDrop: RandomDropStrategy,
     GridPool: GridPoolStrategy,
+    ToMeOptimal: ToMeStrategy,
+    ToFu: ToFuStrategy,
 }
 
 
@@ -24,4 +27,11 @@ def make_strategy(config: ReductionConfig, num_layers: int) -> ScheduledStrategy
     return cls(config, num_layers)
 
 
-__all__ = ["GridPoolStrategy", "RandomDropStrategy", "ScheduledStrategy", "ToMeStrategy", "make_strategy"]
+__all__ = [
+    "GridPoolStrategy",
+    "RandomDropStrategy",
+    "ScheduledStrategy",
+    "ToFuStrategy",
+    "ToMeStrategy",
+    "make_strategy",
+]
