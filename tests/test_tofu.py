@@ -164,3 +164,27 @@ def test_config_json_and_validation() -> None:
         tb.ToFu(r=4, switch_layer=1.5)
     with pytest.raises(ValueError, match="ToFu needs exactly one budget"):
         tb.ToFu()
+
+
+@pytest.mark.parametrize("method", ["tofu", "tome-optimal"])
+def test_reachable_from_bench_and_eval_names(method) -> None:
+    from tokenbudget.cli import build_parser
+    from tokenbudget.evaluate.harness import method_config
+
+    assert method_config(method, 0.25) == tb.config_from_dict({"method": method, "keep": 0.25})
+    args = build_parser().parse_args(["bench", "--method", method, "--keep", "0.5"])
+    assert args.method == method
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["tofu", "tome-optimal"])
+def test_bench_runs_the_method(method, capsys) -> None:
+    import json
+
+    from tokenbudget.cli import main
+
+    argv = ["bench", "--model", "vit_tiny_patch16_224", "--method", method, "--r", "8", "--batch-size", "1",
+            "--samples", "1", "--warmup", "1", "--no-memory", "--no-ceiling", "--json", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["config"]["method"] == method and row["tokens_per_layer"][-1] == 197 - 8 * 12

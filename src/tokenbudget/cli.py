@@ -337,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="fashion-mnist",
         help="fashion-mnist (offline copy), skimage (crops of bundled photos, labelled by photo), or a directory: IDX files or CLASS/ image folders",
     )
-    ev.add_argument("--methods", default="tome,random,pool", help="comma list of tome, random, pool")
+    ev.add_argument(
+        "--methods", default="tome,random,pool", help=f"comma list of {', '.join(method_names())}"
+    )
     ev.add_argument(
         "--keep",
         type=_float_list,
