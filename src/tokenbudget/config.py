@@ -151,18 +151,30 @@ class ToMe(BudgetConfig):
             token counts as the tokens it stands for.
         trace_source: track which input patches each token contains (``state.source``,
             ``state.token_map``), for visualization.
+        matching: ``"greedy"`` (ToMe: each A token takes its most similar B token and the ``r``
+            best edges merge; several A tokens may merge into one B token) or ``"optimal"`` (the
+            ``r`` disjoint A->B pairs of maximum total similarity, an exact assignment solved
+            with scipy: ``pip install 'tokenbudget[optimal]'``; see
+            :mod:`tokenbudget.ops.assignment`).
     """
 
     method: ClassVar[str] = "tome"
     _flags: ClassVar[tuple[str, ...]] = ("prop_attn", "trace_source", "preserve_detail")
+    _matchings: ClassVar[tuple[str, ...]] = ("greedy", "optimal")
 
     prop_attn: bool = True
     trace_source: bool = False
+    matching: str = "greedy"
     preserve_detail: bool = False
     detail_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.matching not in self._matchings:
+            raise ValueError(
+                f"matching must be one of {', '.join(map(repr, self._matchings))} "
+                f"(greedy: ToMe's r best edges; optimal: exact one-to-one assignment), got {self.matching!r}"
+            )
         f = self.detail_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
             raise ValueError(f"detail_fraction must be a fraction in [0, 1), e.g. 0.05; got {f!r}")
@@ -214,6 +226,62 @@ class GridPool(BudgetConfig):
 
     prop_attn: bool = True
     trace_source: bool = False
+
+
+@dataclass(frozen=True)
+class ToMeOptimal(ToMe):
+    """ToMe with ``matching="optimal"``, registered as ``"tome-optimal"`` so that
+    ``tokenbudget eval --methods tome,tome-optimal`` and ``bench --method tome-optimal`` reach it."""
+
+    method: ClassVar[str] = "tome-optimal"
+
+    matching: str = "optimal"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.matching != "optimal":
+            raise ValueError(
+                f"ToMeOptimal always uses matching='optimal'; for {self.matching!r} use tb.ToMe(matching=...)"
+            )
+
+
+@dataclass(frozen=True)
+class ToFu(BudgetConfig):
+    """Token Fusion (Kim et al., WACV 2024): prune early, merge late with a norm-preserving average.
+
+    The same bipartite matching as ToMe picks the ``r`` most similar A->B pairs in every block
+    (give exactly one budget, see :class:`BudgetConfig`). In blocks ``< switch_layer`` the
+    matched A token is dropped (pruning: its match is kept unchanged, and absorbs its size so
+    sizes still count input patches); from block ``switch_layer`` on, groups are merged by MLERP:
+    the size-weighted mean direction rescaled to the largest norm in the group
+    (:func:`tokenbudget.ops.merge.merge_mlerp`).
+
+    Args:
+        switch_layer: first block that merges instead of pruning. 0 merges in every block;
+            a value >= the model's depth prunes in every block.
+        prop_attn: proportional attention (log token size added to the attention logits).
+        trace_source: track which input patches each token stands for (``state.token_map``);
+            a dropped patch is attributed to the token it was matched to.
+    """
+
+    method: ClassVar[str] = "tofu"
+    _flags: ClassVar[tuple[str, ...]] = ("prop_attn", "trace_source")
+
+    switch_layer: int = 3
+    prop_attn: bool = True
+    trace_source: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (
+            isinstance(self.switch_layer, bool)
+            or not isinstance(self.switch_layer, int)
+            or self.switch_layer < 0
+        ):
+            raise ValueError(
+                f"switch_layer must be an int >= 0 (the first block that merges; earlier blocks prune), "
+                f"got {self.switch_layer!r}"
+            )
 
 
 def _check_stages(name: str, keep: Any, layers: Any) -> tuple[int, ...]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
-from ..config import ReductionConfig
+from ..config import ReductionConfig, config_class
 from ..patch import apply, last_state
 from .ceiling import free_reduction_copy
 from .flops import block_dims, ideal_speedup, model_flops
@@ -175,8 +175,12 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     )
     lines = [header, "-" * len(header)]
     for row in rows:
+        # Options at their default (e.g. matching="greedy") are left out of the label.
+        defaults = {f.name: f.default for f in fields(config_class(row.config["method"]))}
         cfg = {
-            k: v for k, v in row.config.items() if v is not None and k not in ("prop_attn", "trace_source")
+            k: v
+            for k, v in row.config.items()
+            if v is not None and k not in ("prop_attn", "trace_source") and v != defaults.get(k, None)
         }
         label = ",".join(f"{k}={v}" for k, v in cfg.items() if k != "method")
         label = f"{row.config['method']}({label})"

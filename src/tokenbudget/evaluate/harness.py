@@ -275,14 +275,14 @@ def evaluate(
 
 def format_eval_table(rows: Sequence[EvalRow]) -> str:
     header = (
-        f"{'method':<10} {'keep':>5} {'tokens':>6} {'FLOPs':>6} {'k-NN':>7} {'drop':>6} {'linear':>7} {'drop':>6} "
+        f"{'method':<12} {'keep':>5} {'tokens':>6} {'FLOPs':>6} {'k-NN':>7} {'drop':>6} {'linear':>7} {'drop':>6} "
         f"{'cosine':>7} {'img/s':>7} {'speedup':>7} {'MB':>7}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         mb = f"{r.peak_mb:>7.1f}" if r.peak_mb is not None else f"{'-':>7}"
         lines.append(
-            f"{r.method:<10} {r.keep:>5.2f} {r.final_tokens:>6} {r.flops_ratio:>6.2f} {r.knn_acc:>7.3f} {r.knn_drop:>6.1f} "
+            f"{r.method:<12} {r.keep:>5.2f} {r.final_tokens:>6} {r.flops_ratio:>6.2f} {r.knn_acc:>7.3f} {r.knn_drop:>6.1f} "
             f"{r.linear_acc:>7.3f} {r.linear_drop:>6.1f} {r.cosine:>7.4f} {r.img_s:>7.1f} {r.speedup:>6.2f}x {mb}"
         )
     return "\n".join(lines)

@@ -14,6 +14,7 @@ matches and the output order are exactly those of the reference implementation:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -178,6 +179,33 @@ def bipartite_soft_matching(
     return Matching(kept, src_idx, dst_idx, num_tokens)
 
 
+def matching_from_pairs(
+    num_tokens: int, num_prefix: int, src_rows: Tensor, dst_cols: Tensor, device: torch.device
+) -> Matching:
+    """A :class:`Matching` from chosen pairs, in this module's token layout contract.
+
+    Args:
+        num_tokens: N, tokens entering the step.
+        num_prefix: leading tokens that are never merged.
+        src_rows: [B, r] rows of the non-prefix A tokens (0 = first A token) merged away.
+        dst_cols: [B, r] column of the non-prefix B token each of them goes into.
+        device: where the index tensors live.
+
+    Used by matchers other than the greedy one (e.g. the optimal assignment) so that merging,
+    sizes and token maps work unchanged.
+    """
+    prefix_pos, a_pos, b_pos = _layout(num_tokens, num_prefix, device)
+    batch, r = src_rows.shape
+    src_rows, dst_cols = src_rows.to(device), dst_cols.to(device)
+    merged = torch.zeros(batch, a_pos.numel(), dtype=torch.bool, device=device)
+    merged.scatter_(1, src_rows, True)
+    # [B, Na - r] A rows kept, in input order (stable sort puts the False rows first, in order)
+    unm_rows = merged.to(torch.int8).argsort(dim=1, stable=True)[:, : a_pos.numel() - r]
+    kept = torch.cat([prefix_pos.expand(batch, -1), a_pos[unm_rows], b_pos.expand(batch, -1)], dim=1)
+    dst_idx = dst_cols + (num_prefix + unm_rows.shape[1])
+    return Matching(kept, a_pos[src_rows], dst_idx, num_tokens)
+
+
 def nearest_neighbour_similarity(metric: Tensor, num_prefix: int) -> Tensor:
     """[B, N - num_prefix] each non-prefix token's cosine similarity to its most similar other
     non-prefix token: low = a token nothing else resembles (a distinctive detail)."""
@@ -188,12 +216,19 @@ def nearest_neighbour_similarity(metric: Tensor, num_prefix: int) -> Tensor:
     return sim.amax(dim=-1)
 
 
-def detail_preserving_matching(metric: Tensor, r: int, num_prefix: int, protect: int) -> Matching:
+def detail_preserving_matching(
+    metric: Tensor,
+    r: int,
+    num_prefix: int,
+    protect: int,
+    match: Callable[[Tensor, int, int], Matching] = bipartite_soft_matching,
+) -> Matching:
     """Bipartite soft matching that never merges the ``protect`` most distinctive tokens.
 
     The non-prefix tokens whose nearest neighbour (cosine, over all other non-prefix tokens) is
     least similar are set aside like prefix tokens: they are neither merged away nor merged into,
-    so a lone unusual patch keeps its own token and size 1. ToMe's matching then runs on the rest.
+    so a lone unusual patch keeps its own token and size 1. ``match`` (ToMe's greedy matching, or
+    any matcher with its signature and layout) then runs on the rest.
     Protection is capped so that ``r`` merges stay possible (``protect <= N - num_prefix - 2r``):
     the budget, and so the speed, are exactly ToMe's.
 
@@ -204,7 +239,7 @@ def detail_preserving_matching(metric: Tensor, r: int, num_prefix: int, protect:
     r = max(0, min(r, max_mergeable(num_tokens, num_prefix)))
     protect = max(0, min(protect, mergeable - 2 * r))
     if protect == 0:
-        return bipartite_soft_matching(metric, r, num_prefix)
+        return match(metric, r, num_prefix)
     with torch.no_grad():
         nn_sim = nearest_neighbour_similarity(metric, num_prefix)  # [B, M]
         order = nn_sim.argsort(dim=-1)  # least similar first
@@ -213,5 +248,5 @@ def detail_preserving_matching(metric: Tensor, r: int, num_prefix: int, protect:
         prefix = torch.arange(num_prefix, device=metric.device).expand(batch, -1)
         perm = torch.cat([prefix, protected, rest], dim=1)  # [B, N]: permuted position -> input position
         permuted = metric.gather(1, perm.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
-        inner = bipartite_soft_matching(permuted, r, num_prefix + protect)
+        inner = match(permuted, r, num_prefix + protect)
     return Matching(perm.gather(1, inner.kept_idx), perm.gather(1, inner.src_idx), inner.dst_idx, num_tokens)

@@ -62,3 +62,59 @@ def token_map_to_source(token_map: Tensor, num_tokens: int) -> Tensor:
     source = torch.zeros(batch, num_tokens, num_inputs, dtype=torch.bool, device=token_map.device)
     source.scatter_(1, token_map.unsqueeze(1), True)
     return source
+
+
+def merge_mlerp(
+    x: Tensor, size: Tensor | None, matching: Matching, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """Norm-preserving merge (MLERP, Token Fusion, Kim et al., WACV 2024) of tokens ``x`` [B, N, C].
+
+    Each output token that received merges is the size-weighted mean of its group (the B token
+    and the A tokens merged into it, weighted by their sizes exactly as :func:`merge_weighted`),
+    rescaled to the largest L2 norm among the group's members:
+
+        mlerp(x_1..x_k; s_1..s_k) = m / ||m|| * max_i ||x_i||,   m = sum_i s_i x_i / sum_i s_i
+
+    Averaging similar but not identical vectors shortens them (||m|| <= max_i ||x_i||), a shift
+    in the feature-norm distribution the next block was not trained on; MLERP keeps the direction
+    of the average and the norm of the longest member. Tokens that received nothing are left as
+    :func:`merge_weighted` leaves them (not renormalized), and sizes add up as in :func:`merge_weighted`. ``eps`` guards a
+    mean that is (numerically) the zero vector.
+
+    Returns ``(x_merged [B, N - r, C], size_merged [B, N - r, 1])``.
+    """
+    batch, num_tokens, _ = x.shape
+    mean, new_size = merge_weighted(x, size, matching)  # [B, N - r, C], [B, N - r, 1]
+    if matching.r == 0:
+        return mean, new_size
+    max_norm = matching.merge(x.norm(dim=-1, keepdim=True), mode="amax")  # [B, N - r, 1]
+    _, _, dst = matching.flat_indices
+    received = torch.zeros(batch * (num_tokens - matching.r), 1, dtype=torch.bool, device=x.device)
+    received = received.index_fill_(0, dst, True).view(batch, -1, 1)  # [B, N - r, 1]
+    scale = max_norm / mean.norm(dim=-1, keepdim=True).clamp_min(eps)
+    scale = torch.where(received, scale, torch.ones_like(scale))
+    return mean * scale.to(mean.dtype), new_size
+
+
+def drop_matched(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
+    """Prune-style use of a matching: the merged-away A tokens are dropped, their matches unchanged.
+
+    ``x`` [B, N, C] keeps the rows ``matching.kept_idx`` as they are (a dropped token adds nothing
+    to any feature). Its size is added to the size of the token it was matched to, so sizes still
+    sum to the input token count and proportional attention and size-weighted pooling count the
+    match as standing for the near-duplicate it replaced (the token map sends the dropped patch to
+    the match as well: :func:`update_token_map` works unchanged).
+
+    Returns ``(x_kept [B, N - r, C], size_kept [B, N - r, 1])``.
+    """
+    batch, num_tokens, channels = x.shape
+    num_out = num_tokens - matching.r
+    kept, src, dst = matching.flat_indices
+    out = x.reshape(batch * num_tokens, channels).index_select(0, kept)
+    if size is None:
+        moved_size = torch.ones(matching.r * batch, 1, device=x.device)
+        new_size = torch.ones(batch * num_out, 1, device=x.device).index_add_(0, dst, moved_size)
+    else:
+        size_rows = size.reshape(batch * num_tokens, 1)
+        new_size = size_rows.index_select(0, kept).index_add_(0, dst, size_rows.index_select(0, src))
+    return out.view(batch, num_out, channels), new_size.view(batch, num_out, 1)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from ..config import DynamicViT, GridPool, Prune, RandomDrop, ReductionConfig, ToMe, ToMeDetail
+from ..config import (
+    DynamicViT,
+    GridPool,
+    Prune,
+    RandomDrop,
+    ReductionConfig,
+    ToFu,
+    ToMe,
+    ToMeDetail,
+    ToMeOptimal,
+)
 from .base import ScheduledStrategy
 from .baselines import GridPoolStrategy, RandomDropStrategy
 from .dynamicvit import DynamicViTStrategy
 from .prune import PruneStrategy
+from .tofu import ToFuStrategy
 from .tome import ToMeStrategy
 
 _STRATEGIES: dict[type, type[ScheduledStrategy]] = {
@@ -16,6 +27,8 @@ _STRATEGIES: dict[type, type[ScheduledStrategy]] = {
     GridPool: GridPoolStrategy,
     Prune: PruneStrategy,
     DynamicViT: DynamicViTStrategy,
+    ToMeOptimal: ToMeStrategy,
+    ToFu: ToFuStrategy,
 }
 
 
@@ -35,6 +48,7 @@ __all__ = [
     "PruneStrategy",
     "RandomDropStrategy",
     "ScheduledStrategy",
+    "ToFuStrategy",
     "ToMeStrategy",
     "make_strategy",
 ]

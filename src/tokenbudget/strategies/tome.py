@@ -6,7 +6,8 @@ import math
 
 from torch import Tensor
 
-from ..ops.match import bipartite_soft_matching, detail_preserving_matching
+from ..config import ToMe
+from ..ops.match import Matching, bipartite_soft_matching, detail_preserving_matching
 from ..ops.merge import merge_weighted, update_token_map
 from ..state import TokenState
 from .base import ScheduledStrategy
@@ -18,15 +19,31 @@ class ToMeStrategy(ScheduledStrategy):
     #: the adapter must hand :meth:`reduce` the attention keys averaged over heads [B, N, d].
     needs_keys = True
 
+    def __init__(self, config: ToMe, num_layers: int) -> None:
+        super().__init__(config, num_layers)
+        self.optimal = config.matching == "optimal"
+        if self.optimal:
+            from ..ops.assignment import require_scipy
+
+            require_scipy()  # fail at apply time, naming the extra, not at the first forward
+
+    def match(self, keys: Tensor, r: int, num_prefix: int) -> Matching:
+        """The matching of this block: ToMe's greedy one or the optimal one-to-one assignment."""
+        if self.optimal:
+            from ..ops.assignment import optimal_bipartite_matching
+
+            return optimal_bipartite_matching(keys, r, num_prefix)
+        return bipartite_soft_matching(keys, r, num_prefix)
+
     def reduce(self, x: Tensor, keys: Tensor, state: TokenState, layer: int) -> Tensor:
         """Merge tokens ``x`` [B, N, C] using ``keys`` [B, N, d] (head-averaged attention keys, any
         positive scale); updates ``state`` in place."""
         r = state.merged_per_layer[layer]
         if self.config.preserve_detail:
             protect = math.ceil(self.config.detail_fraction * (x.shape[1] - state.num_prefix))
-            matching = detail_preserving_matching(keys, r, state.num_prefix, protect)
+            matching = detail_preserving_matching(keys, r, state.num_prefix, protect, match=self.match)
         else:
-            matching = bipartite_soft_matching(keys, r, state.num_prefix)
+            matching = self.match(keys, r, state.num_prefix)
         x, state.size = merge_weighted(x, state.size, matching)
         if state.token_map is not None:
             state.token_map = update_token_map(state.token_map, matching)
