@@ -86,3 +86,18 @@ def test_console_script_entry_point() -> None:
     )
     for command in ("bench", "visualize", "demo"):
         assert command in done.stdout
+
+
+def test_bench_takes_a_comma_list_of_methods(capsys) -> None:
+    code = main(
+        ["bench", "--model", "vit_tiny_patch16_224", "--method", "tome,tome-detail,random", "--r", "8",
+         "--batch-size", "1", "--samples", "1", "--warmup", "0", "--no-memory", "--no-ceiling", "--json",
+         "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["config"]["method"] for r in rows] == ["tome", "tome-detail", "random"]
+    assert len({r["tokens_per_layer"][-1] for r in rows}) == 1  # one budget, three methods
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--method", "tome,nope"])
+    assert exit_info.value.code == 2 and "unknown method 'nope'" in capsys.readouterr().err

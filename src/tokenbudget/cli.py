@@ -35,10 +35,10 @@ def _add_budget_args(parser: argparse.ArgumentParser, default_r: str | None) -> 
     group = parser.add_argument_group("method and budget; give one of --r, --keep, --tokens, --config")
     group.add_argument(
         "--method",
-        default="tome",
-        choices=method_names(),
-        help="tome (Token Merging), random (random drop baseline), pool (spatial pooling baseline), "
-        "prune (EViT attention pruning, --keep per stage), dynamicvit (learned pruning, --predictor)",
+        default=["tome"],
+        type=_method_list,
+        help=f"one of {', '.join(method_names())}, or a comma list (timed interleaved against one "
+        "unpatched baseline). prune/dynamicvit: --keep is per stage; dynamicvit needs --predictor",
     )
     group.add_argument(
         "--r",
@@ -96,19 +96,24 @@ def _stage_options(cls: type, args: argparse.Namespace) -> dict:
 
 
 def _configs(args: argparse.Namespace) -> list[ReductionConfig]:
+    """Every (method, budget) config the command line names, methods outermost."""
     given = [name for name in ("r", "keep", "tokens", "config") if getattr(args, name) is not None]
     if len(given) > 1:
         raise ValueError(f"give one budget option, not {', '.join('--' + g for g in given)}")
     if args.config is not None:
         return [config_from_json(args.config)]
-    cls = config_class(args.method)
+    return [config for method in args.method for config in _method_configs(method, args)]
+
+
+def _method_configs(method: str, args: argparse.Namespace) -> list[ReductionConfig]:
+    cls = config_class(method)
     names = {f.name for f in dataclasses.fields(cls)}
     extra = {"prop_attn": not args.no_prop_attn} if "prop_attn" in names else {}
     if "r" not in names:  # pruning methods: --keep is the per-stage keep ratio
         extra |= _stage_options(cls, args)
         if args.r is not None or args.tokens is not None:
             raise ValueError(
-                f"method {args.method} takes --keep (fraction kept at each pruning layer), not --r/--tokens"
+                f"method {method} takes --keep (fraction kept at each pruning layer), not --r/--tokens"
             )
         return [cls(keep=k, **extra) for k in args.keep] if args.keep is not None else [cls(**extra)]
     if args.keep is not None:
@@ -119,6 +124,18 @@ def _configs(args: argparse.Namespace) -> list[ReductionConfig]:
     if args.inflection is not None:
         return [cls(r=(r, args.inflection), **extra) for r in rs]
     return [cls(r=r, **extra) for r in rs]
+
+
+def _method_list(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for method in methods:
+        if method not in method_names():
+            raise argparse.ArgumentTypeError(
+                f"unknown method {method!r}; choose from {', '.join(method_names())}"
+            )
+    if not methods:
+        raise argparse.ArgumentTypeError("give at least one method")
+    return methods
 
 
 def _set_threads(threads: int | None) -> None:
