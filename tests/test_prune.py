@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tokenbudget as tb
-from conftest import make_tiny
+from conftest import VARIANTS, make_tiny
 from tokenbudget.ops.prune import fuse_tokens, select_tokens, top_k_split
 from tokenbudget.ops.scores import class_attention
 from tokenbudget.strategies.stages import stage_keep_count, stage_removals
@@ -124,9 +124,10 @@ def test_counts_sizes_and_prefix(variant, images) -> None:
     assert bool((state.sizes.sum(dim=1) == n0).all())
 
 
-def test_identity_remove_and_repeat(tiny_model, images) -> None:
-    if tiny_model.cls_token is None:
-        pytest.skip("no class token: refused, see test_model_without_class_token_is_refused")
+# Models without a class token are refused: test_model_without_class_token_is_refused.
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "avgpool_no_cls"])
+def test_identity_remove_and_repeat(variant, images) -> None:
+    tiny_model = make_tiny(variant)
     with torch.no_grad():
         expected = tiny_model(images)
         keys = list(tiny_model.state_dict())

@@ -173,7 +173,7 @@ def test_reachable_from_bench_and_eval_names(method) -> None:
 
     assert method_config(method, 0.25) == tb.config_from_dict({"method": method, "keep": 0.25})
     args = build_parser().parse_args(["bench", "--method", method, "--keep", "0.5"])
-    assert args.method == method
+    assert args.method == [method]
 
 
 @pytest.mark.slow
