@@ -20,6 +20,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..context import PatchContext
+from ..ops.merge import size_weighted_mean
+from .blocks import GridGuard, KeyCapture, ReducingBlockForward, merged_sizes
 
 SUPPORTED = (
     "timm VisionTransformer models built from timm's pre-norm Block and Attention: vit_*, deit_* "
@@ -43,58 +45,27 @@ def matches(model: nn.Module) -> bool:
     )
 
 
-class ReducingBlockForward:
-    """Instance-level ``forward`` for one timm ``Block``: the block's own submodules, with the
-    tokens reduced between attention and MLP as the strategy says."""
-
-    def __init__(self, block: nn.Module, layer: int, ctx: PatchContext) -> None:
-        self.block = block
-        self.layer = layer
-        self.ctx = ctx
-        self.is_last = layer == ctx.num_layers - 1
+class TimmBlockForward(ReducingBlockForward):
+    """Instance-level ``forward`` for one timm ``Block``: the block's own ``norm1``, ``attn``, ``ls1``,
+    ``drop_path1`` and ``norm2``, ``mlp``, ``ls2``, ``drop_path2``, reduced in between."""
 
     def __call__(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        ctx, block, layer = self.ctx, self.block, self.layer
-        state = ctx.state_for_block(layer, x)  # x: [B, N, C]
-        r = state.merged_per_layer[layer]
-        if attn_mask is not None or is_causal:
-            if any(state.merged_per_layer):
-                raise NotImplementedError(
-                    "attn_mask / is_causal cannot be combined with token reduction (the mask is for the "
-                    "unreduced tokens); call the model without a mask or use a zero budget"
-                )
-        elif ctx.strategy.prop_attn:
-            attn_mask = state.attention_bias(x.dtype)  # [B, 1, 1, N] log(size), None before any merge
-        local = ctx.local
-        want_keys = local.want_keys = r > 0 and ctx.strategy.needs_keys
-        attn_out = block.attn(block.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        x = x + block.drop_path1(block.ls1(attn_out))
-        if r > 0:
-            metric = None
-            if want_keys:
-                # ToMe's metric: keys [B, H, N, d] averaged over heads. Summed here: the cosine
-                # similarity that uses them does not see the 1/H scale, and a divide is saved.
-                metric = local.keys.sum(dim=1)
-                local.keys = None
-                local.want_keys = False
-            x = ctx.strategy.reduce(x, metric, state, layer)  # [B, N - r, C]
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        state.tokens_per_layer.append(x.shape[1])
-        if self.is_last:
-            ctx.finish(state)
-        return x
+        return self.run(x, attn_mask, masked=is_causal, is_causal=is_causal)
+
+    def attention_branch(self, x: Tensor, attn_bias: Tensor | None, is_causal: bool = False) -> Tensor:
+        block = self.block
+        return block.drop_path1(
+            block.ls1(block.attn(block.norm1(x), attn_mask=attn_bias, is_causal=is_causal))
+        )
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        block = self.block
+        return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-class KeyCapture:
-    """Forward hook on ``attn.k_norm``: hands the keys to the block wrapper of the same thread."""
-
-    def __init__(self, ctx: PatchContext) -> None:
-        self.ctx = ctx
-
-    def __call__(self, module: nn.Module, args: Any, output: Tensor) -> None:
-        local = self.ctx.local
-        if getattr(local, "want_keys", False):
-            local.keys = output
+def _heads_summed(keys: Tensor) -> Tensor:
+    """timm's ``k_norm`` output [B, H, N, d] -> ToMe metric [B, N, d] (summed over heads)."""
+    return keys.sum(dim=1)
 
 
 class WeightedPool:
@@ -107,17 +78,8 @@ class WeightedPool:
 
     def __call__(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         model = self.model
-        state = self.ctx.last_state()
-        merged = state is not None and state.size is not None
-        if merged and (x.shape[0], x.shape[1]) != (state.batch_size, state.num_tokens):
-            if x.shape[1] != state.input_tokens:
-                raise ValueError(
-                    f"pool/forward_head got {x.shape[1]} tokens, but the latest forward of this patched "
-                    f"model in this thread left {state.num_tokens}; pass forward_features' output to "
-                    "forward_head in the same thread"
-                )
-            merged = False  # tokens from an unreduced source: nothing to weight
-        if not merged:
+        size = merged_sizes(self.ctx, x)  # [B, N, 1] or None
+        if size is None:
             return self.original(model, x, pool_type)
         if getattr(model, "attn_pool", None) is not None:
             raise NotImplementedError(
@@ -128,25 +90,11 @@ class WeightedPool:
         if pool_type not in ("avg", "avgmax"):
             return self.original(model, x, pool_type)  # 'token', 'max', '' do not depend on sizes
         start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
-        tokens, size = x[:, start:], state.size[:, start:].to(x.dtype)  # [B, M, C], [B, M, 1]
-        avg = (tokens * size).sum(dim=1) / size.sum(dim=1)
+        tokens = x[:, start:]  # [B, M, C]
+        avg = size_weighted_mean(tokens, size[:, start:])
         if pool_type == "avgmax":
             return 0.5 * (tokens.amax(dim=1) + avg)
         return avg
-
-
-class GridGuard:
-    """Replaces entry points that reshape tokens back to the patch grid (not defined after merging)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            f"{self.name} reshapes tokens back to the patch grid, which merged tokens no longer fill; "
-            "use forward_features (and tb.last_state(model) for sizes and the source map), or "
-            "tb.remove(model) first"
-        )
 
 
 class TimmAdapter:
@@ -198,8 +146,8 @@ class TimmAdapter:
     def install(self, ctx: PatchContext) -> None:
         model = self.model
         for layer, block in enumerate(self.blocks):
-            block.forward = ReducingBlockForward(block, layer, ctx)
-            self._hooks.append(block.attn.k_norm.register_forward_hook(KeyCapture(ctx)))
+            block.forward = TimmBlockForward(block, layer, ctx)
+            self._hooks.append(block.attn.k_norm.register_forward_hook(KeyCapture(ctx, _heads_summed)))
         if hasattr(type(model), "pool"):
             model.pool = WeightedPool(model, ctx)
         for name in ("forward_intermediates", "get_intermediate_layers"):

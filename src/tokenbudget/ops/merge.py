@@ -62,3 +62,10 @@ def token_map_to_source(token_map: Tensor, num_tokens: int) -> Tensor:
     source = torch.zeros(batch, num_tokens, num_inputs, dtype=torch.bool, device=token_map.device)
     source.scatter_(1, token_map.unsqueeze(1), True)
     return source
+
+
+def size_weighted_mean(tokens: Tensor, size: Tensor) -> Tensor:
+    """Mean of tokens ``tokens`` [B, M, C] weighted by their sizes ``size`` [B, M, 1] -> [B, C]:
+    the average over the input patches the tokens stand for (what average pooling gives unmerged)."""
+    size = size.to(tokens.dtype)
+    return (tokens * size).sum(dim=1) / size.sum(dim=1)
