@@ -60,3 +60,34 @@ def test_compiled_patched_model_matches_eager_and_reports_its_state() -> None:
     torch.testing.assert_close(first, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(second, expected, atol=1e-4, rtol=1e-4)
     assert tb.last_state(model).tokens_per_layer == [57, 49, 41, 33]
+
+
+@pytest.mark.slow
+def test_bench_compares_compiled_models() -> None:
+    from tokenbudget.bench import bench
+
+    torch._dynamo.reset()
+    rows = bench(
+        make_tiny("vit"),
+        [tb.ToMe(r=8)],
+        batch_sizes=(2,),
+        samples=2,
+        warmup=1,
+        measure_memory=False,
+        ceiling=False,
+    )
+    (row,) = rows
+    assert row.compiled is False  # the default stays eager
+    rows = bench(
+        make_tiny("vit"),
+        [tb.ToMe(r=8)],
+        batch_sizes=(2,),
+        samples=2,
+        warmup=1,
+        measure_memory=False,
+        ceiling=False,
+        compile=True,
+    )
+    (row,) = rows
+    assert row.compiled and row.baseline_compile_s > 0 and row.patched_compile_s > 0
+    assert row.tokens_per_layer == [57, 49, 41, 33] and row.speedup > 0
