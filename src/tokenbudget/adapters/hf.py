@@ -185,11 +185,18 @@ class HFAdapter:
             raise ValueError(
                 f"{type(backbone).__name__} has no encoder layers tokenbudget knows ({list(_LAYOUTS)})"
             )
+        layout = _LAYOUTS[type(layers[0]).__name__]
+        attention = layers[0].get_submodule(layout.attention)
+        if not (hasattr(attention, "k_proj") and hasattr(attention, "head_dim")):
+            raise ValueError(
+                f"{type(attention).__name__} has no k_proj / head_dim: tokenbudget supports the attention "
+                f"modules of transformers 5.x ({INSTALL_HINT})"
+            )
         config = backbone.config
         self.model = model
         self.backbone = backbone
         self.layers = layers
-        self.layout = _LAYOUTS[type(layers[0]).__name__]
+        self.layout = layout
         self.num_prefix = _BACKBONES[type(backbone).__name__](config)
         self.attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
         side = int(config.image_size) // int(config.patch_size)
