@@ -253,3 +253,13 @@ def test_prune_and_dynamicvit_on_embedded_dinov2(tmp_path) -> None:
         out = model.forward_features(images)
     assert out.shape == (2, 1 + 89, 384)  # no fused token: 256 -> 180 -> 126 -> 89 patches
     assert torch.isfinite(out).all() and report.steps == 2
+
+
+def test_other_adapters_refuse_pruning_clearly() -> None:
+    pytest.importorskip("transformers")
+    from hf_models import make_hf
+
+    model = make_hf("vit")
+    with pytest.raises(ValueError, match="timm models only"):
+        tb.apply(model, tb.Prune(keep=0.5, layers=(1,)))
+    assert not tb.is_patched(model)

@@ -164,6 +164,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         measure_memory=not args.no_memory,
         ceiling=not args.no_ceiling,
         progress=bar.update,
+        compile=args.compile,
     )
     bar.close()
     if args.json:
@@ -178,6 +179,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"{args.model} ({weights}), device {args.device}, {args.dtype}, {torch.get_num_threads()} threads"
         )
         print(format_table(rows))
+        if args.compile:
+            print(_compile_note(rows))
         print(
             "speedup: measured images/s over the unpatched model (IQR: quartiles of paired per-sample ratios); ideal: FLOPs-ideal speedup; eff = speedup/ideal;"
         )
@@ -185,6 +188,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "ceiling: speedup of the same token counts with free reduction; c-eff = speedup/ceiling; MB: peak forward memory"
         )
     return 0
+
+
+def _compile_note(rows: list) -> str:
+    """One line per batch size: how long the first (compiling) call of each model took."""
+    lines = []
+    for row in rows:
+        lines.append(
+            f"compiled (torch.compile, inductor), batch {row.batch_size}: first call {row.baseline_compile_s:.1f} s "
+            f"unpatched, {row.patched_compile_s:.1f} s patched (compile + one run)"
+        )
+    return "\n".join(lines)
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
@@ -436,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     bench.add_argument("--no-ceiling", action="store_true", help="skip the free-reduction ceiling run")
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every model and compare compiled patched vs compiled unpatched",
+    )
     bench.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_budget_args(bench, default_r="16")

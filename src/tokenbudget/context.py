@@ -58,10 +58,13 @@ class PatchContext:
         A block reached without its predecessors (a user calling blocks one by one from the
         middle) also starts a fresh state, so a stale state is never applied to other tokens.
         """
+        if layer == 0:
+            # Never read the previous forward's slot here: under torch.compile that read would be
+            # guarded on, and the first forward (no slot yet) would force a recompile.
+            return self.new_state(x)
         state = getattr(self._local, "state", None)
         if (
-            layer == 0
-            or state is None
+            state is None
             or len(state.tokens_per_layer) != layer
             or state.num_tokens != x.shape[1]
             or state.batch_size != x.shape[0]

@@ -5,20 +5,28 @@ Each adapter is looked up by class path, so optional frameworks are never import
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
+from . import hf as hf_adapter
+from . import openclip as openclip_adapter
 from . import timm as timm_adapter
 
 
-def find_adapter(model: nn.Module) -> timm_adapter.TimmAdapter:
+def find_adapter(model: nn.Module) -> Any:
     """The adapter for ``model``; ``ValueError`` naming what is supported when there is none."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"tb.apply expects a torch.nn.Module, got {type(model).__name__}")
     if timm_adapter.matches(model):
         return timm_adapter.TimmAdapter(model)
+    if hf_adapter.matches(model):
+        return hf_adapter.HFAdapter(model)
+    if openclip_adapter.matches(model):
+        return openclip_adapter.OpenCLIPAdapter(model)
     raise ValueError(
         f"tokenbudget cannot patch {type(model).__module__}.{type(model).__name__}: it supports "
-        f"{timm_adapter.SUPPORTED}. Hugging Face transformers and OpenCLIP adapters are planned."
+        f"{timm_adapter.SUPPORTED}; {hf_adapter.SUPPORTED}; and {openclip_adapter.SUPPORTED}"
     )
 
 

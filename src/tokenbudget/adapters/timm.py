@@ -20,7 +20,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..context import PatchContext
+from ..ops.merge import size_weighted_mean
 from ..ops.scores import class_attention
+from .blocks import GridGuard, KeyCapture, ReducingBlockForward, merged_sizes
 
 SUPPORTED = (
     "timm VisionTransformer models built from timm's pre-norm Block and Attention: vit_*, deit_* "
@@ -44,81 +46,50 @@ def matches(model: nn.Module) -> bool:
     )
 
 
-class ReducingBlockForward:
-    """Instance-level ``forward`` for one timm ``Block``: the block's own submodules, with the
-    tokens reduced between attention and MLP as the strategy says."""
-
-    def __init__(self, block: nn.Module, layer: int, ctx: PatchContext) -> None:
-        self.block = block
-        self.layer = layer
-        self.ctx = ctx
-        self.is_last = layer == ctx.num_layers - 1
+class TimmBlockForward(ReducingBlockForward):
+    """Instance-level ``forward`` for one timm ``Block``: the block's own ``norm1``, ``attn``, ``ls1``,
+    ``drop_path1`` and ``norm2``, ``mlp``, ``ls2``, ``drop_path2``, reduced in between."""
 
     def __call__(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        ctx, block, layer = self.ctx, self.block, self.layer
-        strategy = ctx.strategy
-        state = ctx.state_for_block(layer, x)  # x: [B, N, C]
-        r = state.merged_per_layer[layer]
-        # Strategies that act without removing tokens (learned pruning while training) say so.
-        acts_at = getattr(strategy, "acts_at", None)
-        acts = acts_at(layer, state) if acts_at is not None else r > 0
-        if attn_mask is not None or is_causal:
-            if any(state.merged_per_layer) or acts:
-                raise NotImplementedError(
-                    "attn_mask / is_causal cannot be combined with token reduction (the mask is for the "
-                    "unreduced tokens); call the model without a mask or use a zero budget"
-                )
-        elif strategy.prop_attn or state.decision is not None:
-            # [B, 1, 1, N]: log(size) and/or log of soft keep decisions; None before any merge
-            attn_mask = state.attention_bias(x.dtype)
-        local = ctx.local
-        class_attn = acts and getattr(strategy, "needs_class_attention", False)
-        want_keys = local.want_keys = acts and (strategy.needs_keys or class_attn)
-        local.want_query = class_attn
-        attn_out = block.attn(block.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        x = x + block.drop_path1(block.ls1(attn_out))
-        if acts:
-            metric = None
-            if class_attn:
-                # EViT's score: the class token's attention row [B, N] (head average), from the class
-                # query and the keys exactly as this block's attention used them (same bias).
-                metric = class_attention(local.query, local.keys, block.attn.scale, attn_mask)
-            elif want_keys:
-                # ToMe's metric: keys [B, H, N, d] averaged over heads. Summed here: the cosine
-                # similarity that uses them does not see the 1/H scale, and a divide is saved.
-                metric = local.keys.sum(dim=1)
-            local.keys = local.query = None
-            local.want_keys = local.want_query = False
-            x = strategy.reduce(x, metric, state, layer)  # [B, N - r, C]
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        state.tokens_per_layer.append(x.shape[1])
-        if self.is_last:
-            ctx.finish(state)
-        return x
+        return self.run(x, attn_mask, masked=is_causal, is_causal=is_causal)
 
+    def attention_branch(self, x: Tensor, attn_bias: Tensor | None, is_causal: bool = False) -> Tensor:
+        block = self.block
+        return block.drop_path1(
+            block.ls1(block.attn(block.norm1(x), attn_mask=attn_bias, is_causal=is_causal))
+        )
 
-class KeyCapture:
-    """Forward hook on ``attn.k_norm``: hands the keys to the block wrapper of the same thread."""
-
-    def __init__(self, ctx: PatchContext) -> None:
-        self.ctx = ctx
-
-    def __call__(self, module: nn.Module, args: Any, output: Tensor) -> None:
+    def class_attention(self, attn_bias: Tensor | None) -> Tensor:
+        # EViT's score: the class token's attention row [B, N] (head average), from the class query
+        # and the per-head keys exactly as this block's attention used them (same bias).
         local = self.ctx.local
-        if getattr(local, "want_keys", False):
-            local.keys = output
+        query, keys = local.query, local.head_keys  # [B, H, 1, d], [B, H, N, d]
+        local.query = local.head_keys = None
+        return class_attention(query, keys, self.block.attn.scale, attn_bias)
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        block = self.block
+        return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-class QueryCapture:
-    """Forward hook on ``attn.q_norm``: hands the class token's query [B, H, 1, d] to the block wrapper."""
+class ClassQueryCapture:
+    """Forward hooks on ``attn.q_norm`` and ``attn.k_norm`` for class attention: hand the block
+    wrapper the class token's query [B, H, 1, d] and the per-head keys [B, H, N, d]."""
 
-    def __init__(self, ctx: PatchContext) -> None:
+    def __init__(self, ctx: PatchContext, slot: str) -> None:
         self.ctx = ctx
+        self.slot = slot  # "query" or "head_keys"
 
     def __call__(self, module: nn.Module, args: Any, output: Tensor) -> None:
         local = self.ctx.local
         if getattr(local, "want_query", False):
-            local.query = output[:, :, :1]  # the class token is always first in timm
+            # The class token is always first in timm.
+            setattr(local, self.slot, output[:, :, :1] if self.slot == "query" else output)
+
+
+def _heads_summed(keys: Tensor) -> Tensor:
+    """timm's ``k_norm`` output [B, H, N, d] -> ToMe metric [B, N, d] (summed over heads)."""
+    return keys.sum(dim=1)
 
 
 class WeightedPool:
@@ -131,17 +102,8 @@ class WeightedPool:
 
     def __call__(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         model = self.model
-        state = self.ctx.last_state()
-        merged = state is not None and state.size is not None
-        if merged and (x.shape[0], x.shape[1]) != (state.batch_size, state.num_tokens):
-            if x.shape[1] != state.input_tokens:
-                raise ValueError(
-                    f"pool/forward_head got {x.shape[1]} tokens, but the latest forward of this patched "
-                    f"model in this thread left {state.num_tokens}; pass forward_features' output to "
-                    "forward_head in the same thread"
-                )
-            merged = False  # tokens from an unreduced source: nothing to weight
-        if not merged:
+        size = merged_sizes(self.ctx, x)  # [B, N, 1] or None
+        if size is None:
             return self.original(model, x, pool_type)
         if getattr(model, "attn_pool", None) is not None:
             raise NotImplementedError(
@@ -152,31 +114,18 @@ class WeightedPool:
         if pool_type not in ("avg", "avgmax"):
             return self.original(model, x, pool_type)  # 'token', 'max', '' do not depend on sizes
         start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
-        tokens, size = x[:, start:], state.size[:, start:].to(x.dtype)  # [B, M, C], [B, M, 1]
-        avg = (tokens * size).sum(dim=1) / size.sum(dim=1)
+        tokens = x[:, start:]  # [B, M, C]
+        avg = size_weighted_mean(tokens, size[:, start:])
         if pool_type == "avgmax":
             return 0.5 * (tokens.amax(dim=1) + avg)
         return avg
-
-
-class GridGuard:
-    """Replaces entry points that reshape tokens back to the patch grid (not defined after merging)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            f"{self.name} reshapes tokens back to the patch grid, which merged tokens no longer fill; "
-            "use forward_features (and tb.last_state(model) for sizes and the source map), or "
-            "tb.remove(model) first"
-        )
 
 
 class TimmAdapter:
     """Finds and patches the blocks of a timm VisionTransformer."""
 
     name = "timm"
+    supports_class_attention = True  # TimmBlockForward.class_attention
 
     def __init__(self, model: nn.Module) -> None:
         vit_cls, block_cls, attn_cls = _timm_vit_classes()
@@ -231,10 +180,12 @@ class TimmAdapter:
     def install(self, ctx: PatchContext) -> None:
         model = self.model
         for layer, block in enumerate(self.blocks):
-            block.forward = ReducingBlockForward(block, layer, ctx)
-            self._hooks.append(block.attn.k_norm.register_forward_hook(KeyCapture(ctx)))
+            block.forward = TimmBlockForward(block, layer, ctx)
+            self._hooks.append(block.attn.k_norm.register_forward_hook(KeyCapture(ctx, _heads_summed)))
             if getattr(ctx.strategy, "needs_class_attention", False):
-                self._hooks.append(block.attn.q_norm.register_forward_hook(QueryCapture(ctx)))
+                attn = block.attn
+                self._hooks.append(attn.q_norm.register_forward_hook(ClassQueryCapture(ctx, "query")))
+                self._hooks.append(attn.k_norm.register_forward_hook(ClassQueryCapture(ctx, "head_keys")))
         if hasattr(type(model), "pool"):
             model.pool = WeightedPool(model, ctx)
         for name in ("forward_intermediates", "get_intermediate_layers"):

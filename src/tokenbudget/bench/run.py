@@ -15,7 +15,7 @@ from ..patch import apply, last_state
 from .ceiling import free_reduction_copy
 from .flops import block_dims, ideal_speedup, model_flops
 from .memory import peak_forward_memory
-from .throughput import measure_interleaved, paired_ratio_quartiles
+from .throughput import measure_interleaved, paired_ratio_quartiles, time_once
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,6 +45,9 @@ class BenchRow:
     input_tokens: int
     final_tokens: int
     tokens_per_layer: list[int]
+    compiled: bool = False  # both models run through torch.compile
+    baseline_compile_s: float | None = None  # first call (compile + run) of the compiled baseline
+    patched_compile_s: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +100,7 @@ def bench(
     measure_memory: bool = True,
     ceiling: bool = True,
     progress: Callable[[int], None] | None = None,
+    compile: bool = False,
 ) -> list[BenchRow]:
     """Measure each config against the unpatched ``model`` at each batch size.
 
@@ -116,6 +120,16 @@ def bench(
     free = [free_reduction_copy(model, m) for m in patched] if ceiling else []
     dims = [block_dims(b) for b in model.blocks]
     height, width = model.patch_embed.img_size
+    if compile:
+        # One compiled wrapper per model, static shapes: each batch size compiles its own graph.
+        # All models share their forward's code object, and dynamo keeps at most recompile_limit
+        # graphs per code object before silently running eagerly: raise it to what we need.
+        models = [model, *patched, *free]
+        needed = len(models) * len(batch_sizes) + 1
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
+        compiled = {"baseline": torch.compile(model, dynamic=False)}
+        compiled |= {f"config{i}": torch.compile(m, dynamic=False) for i, m in enumerate(patched)}
+        compiled |= {f"free{i}": torch.compile(m, dynamic=False) for i, m in enumerate(free)}
     rows = []
     for batch_size in batch_sizes:
         x = torch.randn(batch_size, 3, height, width, device=device, dtype=torch_dtype)
@@ -124,6 +138,11 @@ def bench(
             f"config{i}": _forward(m, x) for i, m in enumerate(patched)
         }
         runs |= {f"free{i}": _forward(m, x) for i, m in enumerate(free)}
+        compile_s: dict[str, float] = {}
+        if compile:
+            runs = {name: _forward(compiled[name], x) for name in runs}
+            for name, run in runs.items():  # compiles for this batch size (shapes are static)
+                compile_s[name] = time_once(run, device, 1)
         times = measure_interleaved(runs, device, warmup=warmup, samples=samples, progress=progress)
         seconds = {name: statistics.median(t) for name, t in times.items()}
         base_mem = peak_forward_memory(runs["baseline"], device) if measure_memory else None
@@ -162,6 +181,9 @@ def bench(
                     input_tokens=state.input_tokens,
                     final_tokens=state.tokens_per_layer[-1],
                     tokens_per_layer=list(state.tokens_per_layer),
+                    compiled=compile,
+                    baseline_compile_s=compile_s.get("baseline"),
+                    patched_compile_s=compile_s.get(f"config{i}"),
                 )
             )
     return rows

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -55,9 +55,13 @@ class Matching:
     def r(self) -> int:
         return self.src_idx.shape[1]
 
-    @cached_property
+    @property
     def flat_indices(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(kept [B*(N-r)], src [B*r], dst [B*r]) row indices into [B*N, C] inputs and [B*(N-r), C] outputs."""
+        """(kept [B*(N-r)], src [B*r], dst [B*r]) row indices into [B*N, C] inputs and [B*(N-r), C] outputs.
+
+        Computed on each access (a few tiny index ops): ``functools.cached_property`` takes a lock
+        that torch.compile cannot trace, which broke the graph at every merge.
+        """
         batch = self.kept_idx.shape[0]
         if batch == 1:
             return self.kept_idx.reshape(-1), self.src_idx.reshape(-1), self.dst_idx.reshape(-1)

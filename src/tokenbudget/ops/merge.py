@@ -118,3 +118,10 @@ def drop_matched(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Te
         size_rows = size.reshape(batch * num_tokens, 1)
         new_size = size_rows.index_select(0, kept).index_add_(0, dst, size_rows.index_select(0, src))
     return out.view(batch, num_out, channels), new_size.view(batch, num_out, 1)
+
+
+def size_weighted_mean(tokens: Tensor, size: Tensor) -> Tensor:
+    """Mean of tokens ``tokens`` [B, M, C] weighted by their sizes ``size`` [B, M, 1] -> [B, C]:
+    the average over the input patches the tokens stand for (what average pooling gives unmerged)."""
+    size = size.to(tokens.dtype)
+    return (tokens * size).sum(dim=1) / size.sum(dim=1)

@@ -47,6 +47,11 @@ class DynamicViTStrategy(StageStrategy):
         return self.predictors.training
 
     def check_model(self, adapter: Any) -> None:
+        if getattr(adapter, "embed_dim", None) is None:
+            raise ValueError(
+                f"DynamicViT predictors are trained and run on timm models; the {adapter.name} adapter "
+                "is not supported (use tb.ToMe on this model)"
+            )
         self.predictors.check_compatible(embed_dim=adapter.embed_dim)
 
     def plan(self, num_tokens: int, num_prefix: int) -> tuple[list[int], list[int]]:

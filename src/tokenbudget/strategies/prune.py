@@ -24,6 +24,11 @@ class PruneStrategy(StageStrategy):
         return self.config.fuse
 
     def check_model(self, adapter: Any) -> None:
+        if not getattr(adapter, "supports_class_attention", False):
+            raise ValueError(
+                f"Prune ranks tokens by class-token attention, which the {adapter.name} adapter does not "
+                "capture (timm models only); use tb.ToMe or tb.RandomDrop on this model"
+            )
         if not adapter.has_class_token:
             raise ValueError(
                 "Prune ranks tokens by class-token attention, but this model has no class token "
