@@ -63,7 +63,17 @@ def test_eager_and_sdpa_agree_under_proportional_attention(family: str, images: 
     assert (output(model, family, images) - outs["sdpa"]).abs().max() > 1e-5
 
 
-@pytest.mark.parametrize("config", [tb.RandomDrop(r=8), tb.GridPool(r=8), tb.ToMe(keep=0.5)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        tb.RandomDrop(r=8),
+        tb.GridPool(r=8),
+        tb.ToMe(keep=0.5),
+        tb.ToMe(keep=0.5, preserve_detail=True),
+        tb.ToMe(keep=0.5, matching="optimal"),
+        tb.ToFu(keep=0.5, switch_layer=1),
+    ],
+)
 @pytest.mark.parametrize("family", ["vit", "dinov2_registers", "siglip_vision"])
 def test_every_strategy_runs(family: str, config: tb.ReductionConfig, images: torch.Tensor) -> None:
     model = make_hf(family)

@@ -84,7 +84,17 @@ def test_same_tokens_and_features_as_timm_with_the_same_weights(pool_type: str, 
         assert torch.equal(tb.last_state(model).token_map, tb.last_state(reference).token_map)
 
 
-@pytest.mark.parametrize("config", [tb.RandomDrop(keep=0.5), tb.GridPool(keep=0.5), tb.ToMe(keep=0.5)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        tb.RandomDrop(keep=0.5),
+        tb.GridPool(keep=0.5),
+        tb.ToMe(keep=0.5),
+        tb.ToMe(keep=0.5, preserve_detail=True),
+        tb.ToMe(keep=0.5, matching="optimal"),
+        tb.ToFu(keep=0.5, switch_layer=1),
+    ],
+)
 def test_every_strategy_runs(config: tb.ReductionConfig, images: torch.Tensor) -> None:
     model = make_openclip("avg")
     expected = _encode(model, images)
