@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import pytest
 import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
+
+import tokenbudget as tb
 
 # 32 px images, 4 px patches: an 8x8 grid, 64 patch tokens, 4 blocks.
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
@@ -46,3 +51,34 @@ def tiny_model(request: pytest.FixtureRequest) -> torch.nn.Module:
 def images() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(3, 3, 32, 32)
+
+
+def assert_concurrent_forwards_match(
+    model: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor], reps: int = 8
+) -> None:
+    """Four threads, each with its own batch size and inputs, call ``run`` (a forward of the patched
+    ``model``) ``reps`` times at once: every output must equal the sequential one, and
+    ``tb.last_state`` must report each thread's own forward (any shared state would show)."""
+    inputs = [torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)) for b in (1, 2, 3, 4)]
+    expected = [run(x) for x in inputs]
+    results: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for rep in range(reps):
+                out = run(inputs[i])
+                results[(i, rep)] = (out, tb.last_state(model).batch_size)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == len(inputs) * reps
+    for (i, _), (out, batch) in results.items():
+        assert torch.equal(out, expected[i])
+        assert batch == len(inputs[i])

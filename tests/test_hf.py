@@ -4,7 +4,6 @@ with the eager and the sdpa attention implementations."""
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import tokenbudget as tb
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import assert_concurrent_forwards_match  # noqa: E402
 from hf_models import FAMILIES, make_hf, output  # noqa: E402
 
 IMPLS = ("eager", "sdpa")
@@ -99,29 +99,7 @@ def test_apply_twice_is_the_same_as_once(images: torch.Tensor) -> None:
 def test_concurrent_forwards_match_sequential() -> None:
     model = make_hf("dinov2_registers")
     tb.apply(model, tb.ToMe(r=(8, -1.0), trace_source=True))
-    inputs = [torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)) for b in (1, 2, 3, 4)]
-    expected = [output(model, "dinov2_registers", x) for x in inputs]
-    results: dict[tuple[int, int], torch.Tensor] = {}
-    batches: dict[tuple[int, int], int] = {}
-    errors: list[BaseException] = []
-
-    def work(i: int) -> None:
-        try:
-            for rep in range(8):
-                results[(i, rep)] = output(model, "dinov2_registers", inputs[i])
-                batches[(i, rep)] = tb.last_state(model).batch_size
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for (i, _), out in results.items():
-        assert torch.equal(out, expected[i])
-    assert all(batch == len(inputs[i]) for (i, _), batch in batches.items())
+    assert_concurrent_forwards_match(model, lambda x: output(model, "dinov2_registers", x))
 
 
 def test_deepcopy_and_hidden_states(images: torch.Tensor) -> None:

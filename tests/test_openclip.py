@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from functools import partial
 
 import pytest
@@ -12,6 +11,7 @@ import tokenbudget as tb
 
 open_clip = pytest.importorskip("open_clip")
 
+from conftest import assert_concurrent_forwards_match  # noqa: E402
 from openclip_models import make_openclip  # noqa: E402
 
 
@@ -107,26 +107,7 @@ def test_every_strategy_runs(config: tb.ReductionConfig, images: torch.Tensor) -
 def test_concurrent_forwards_match_sequential() -> None:
     model = make_openclip("avg", 0.5)
     tb.apply(model, tb.ToMe(r=(8, -1.0)))
-    inputs = [torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)) for b in (1, 2, 3, 4)]
-    expected = [_encode(model, x) for x in inputs]
-    results: dict[tuple[int, int], torch.Tensor] = {}
-    errors: list[BaseException] = []
-
-    def work(i: int) -> None:
-        try:
-            for rep in range(8):
-                results[(i, rep)] = _encode(model, inputs[i])
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for (i, _), out in results.items():
-        assert torch.equal(out, expected[i])
+    assert_concurrent_forwards_match(model, lambda x: _encode(model, x))
 
 
 def test_unsupported_openclip_towers_are_refused() -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
 
 import tokenbudget as tb
-from conftest import make_tiny
+from conftest import assert_concurrent_forwards_match, make_tiny
 
 
 def _outputs(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -88,30 +87,7 @@ def test_concurrent_forwards_match_sequential(images) -> None:
     model = make_tiny("dinov2_registers")
     tb.apply(model, tb.ToMe(r=(8, -1.0), trace_source=True))
     # different batch sizes and inputs per thread, so any shared state would show
-    inputs = [torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)) for b in (1, 2, 3, 4)]
-    expected = [_outputs(model, x) for x in inputs]
-    results: dict[tuple[int, int], torch.Tensor] = {}
-    states: dict[tuple[int, int], int] = {}
-    errors: list[BaseException] = []
-
-    def work(i: int) -> None:
-        try:
-            for rep in range(15):
-                results[(i, rep)] = _outputs(model, inputs[i])
-                states[(i, rep)] = tb.last_state(model).batch_size
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for (i, _), out in results.items():
-        assert torch.equal(out, expected[i])
-    # last_state is per thread: each thread saw its own forward
-    assert all(batch == len(inputs[i]) for (i, _), batch in states.items())
+    assert_concurrent_forwards_match(model, lambda x: _outputs(model, x), reps=15)
 
 
 def test_deepcopy_of_a_patched_model_is_patched_independently(images) -> None:
