@@ -177,5 +177,12 @@ def test_make_anomaly_command(tmp_path, monkeypatch, capsys) -> None:
         ["make-anomaly", "--n-base", "2", "--size", "64", "--out", str(out), "--preview", str(preview)]
     )
     assert code == 0 and "8 images" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == sorted(ANOMALY_CLASSES)
-    assert len(list(out.glob("*/*.png"))) == 8 and preview.stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(ANOMALY_CLASSES)
+    assert len(list(out.glob("train/*/*.png"))) == 4 and len(list(out.glob("test/*/*.png"))) == 4
+    assert preview.stat().st_size > 0
+
+
+def test_eval_takes_keep_or_flops_speedup_not_both(capsys) -> None:
+    assert main(["eval", "--keep", "1.0,0.5", "--flops-speedup", "1.5"]) == 2
+    assert "not both" in capsys.readouterr().err

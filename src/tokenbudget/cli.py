@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .config import BudgetConfig, ReductionConfig, config_class, config_from_json, method_names
+from .patch import apply, remove
 
 
 def _int_list(text: str) -> list[int]:
@@ -37,8 +38,8 @@ def _add_budget_args(parser: argparse.ArgumentParser, default_r: str | None) -> 
         "--method",
         default=["tome"],
         type=_method_list,
-        help=f"one of {', '.join(method_names())}, or a comma list (timed interleaved against one "
-        "unpatched baseline). prune/dynamicvit: --keep is per stage; dynamicvit needs --predictor",
+        help=f"one of {', '.join(method_names())}, or a comma list (bench: timed interleaved against "
+        "one unpatched baseline). prune/dynamicvit: --keep is per stage; dynamicvit needs --predictor",
     )
     group.add_argument(
         "--r",
@@ -247,6 +248,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     options = {m: _stage_options(config_class(m), args) for m in methods}
+    if args.flops_speedup is not None and args.keep is not None:
+        raise ValueError("give --keep or --flops-speedup, not both")
+    if args.keep is None:
+        args.keep = [1.0, 0.5, 0.25]
     for m in methods:  # fail on a bad method or budget before any model or data is loaded
         if args.flops_speedup is not None and not issubclass(config_class(m), BudgetConfig):
             raise ValueError(
@@ -260,6 +265,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .evaluate.harness import keep_for_flops_speedup
 
         args.keep = [1.0] + [keep_for_flops_speedup(model, s) for s in args.flops_speedup]
+    for m in methods:  # apply validates against this model (layers, predictor, class token): fail now,
+        for keep in args.keep:  # not after minutes of full-token feature extraction
+            if keep < 1.0:
+                remove(apply(model, method_config(m, keep, options[m])))
     size = int(model.patch_embed.img_size[0])
     batches = -(-len(data.train_images) // args.batch_size) + -(-len(data.test_images) // args.batch_size)
     conditions = sum(1 for keep in args.keep if keep < 1.0) * len(methods)
@@ -312,7 +321,9 @@ def cmd_make_anomaly(args: argparse.Namespace) -> int:
     print(f"anomaly set: {len(data.labels)} images of {args.size} px from {args.n_base} base crops {counts}")
     if args.out:
         save_image_folder(data, args.out)
-        print(f"wrote {args.out}/CLASS/*.png (use it with: tokenbudget eval --data {args.out})")
+        print(
+            f"wrote {args.out}/train|test/CLASS/*.png, split by base crop (tokenbudget eval --data {args.out})"
+        )
     if args.preview:
         save_preview(data, args.preview)
         print(f"wrote {args.preview}")
@@ -402,7 +413,11 @@ def cmd_train_predictor(args: argparse.Namespace) -> int:
         f"{summary['loss_first']:.4f} -> {summary['loss_last_mean']:.4f} (mean of the last fifth), kept "
         f"fractions {[round(k, 3) for k in summary['kept_fraction_last']]}"
     )
-    print(f"wrote {weights} and {config}; use tb.DynamicViT(keep={args.keep}, predictor={str(config)!r})")
+    layers = tuple(args.layers) if getattr(args, "layers", None) is not None else None
+    layers_arg = f", layers={layers}" if layers is not None else ""
+    print(
+        f"wrote {weights} and {config}; use tb.DynamicViT(keep={args.keep}{layers_arg}, predictor={str(config)!r})"
+    )
     return 0
 
 
@@ -489,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--keep",
         type=_float_list,
-        default=[1.0, 0.5, 0.25],
+        default=None,
         help="fractions of tokens left (default 1.0,0.5,0.25)",
     )
     ev.add_argument(
@@ -498,8 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="instead of --keep: FLOPs-ideal speedups, e.g. 1.5,2 (each becomes the keep that reaches it)",
     )
-    ev.add_argument("--n-train", type=int, default=1000, help="Fashion-MNIST train images (balanced subset)")
-    ev.add_argument("--n-test", type=int, default=500, help="Fashion-MNIST test images (balanced subset)")
+    ev.add_argument(
+        "--n-train",
+        type=int,
+        default=1000,
+        help="train images (fashion-mnist: balanced subset; anomaly: 4 per base crop)",
+    )
+    ev.add_argument("--n-test", type=int, default=500, help="test images (as --n-train)")
     ev.add_argument("--test-fraction", type=float, default=0.2, help="image folders without train/ and test/")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=64)

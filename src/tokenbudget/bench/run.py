@@ -198,7 +198,11 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     lines = [header, "-" * len(header)]
     for row in rows:
         # Options at their default (e.g. matching="greedy") are left out of the label.
-        defaults = {f.name: f.default for f in fields(config_class(row.config["method"]))}
+        # Compare in to_dict's form: tuples there are lists.
+        defaults = {
+            f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+            for f in fields(config_class(row.config["method"]))
+        }
         cfg = {
             k: v
             for k, v in row.config.items()

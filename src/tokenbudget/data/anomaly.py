@@ -192,13 +192,18 @@ def anomaly_set(
     return data
 
 
-def save_image_folder(data: AnomalySet, root: str | os.PathLike) -> None:
-    """Write ``root/CLASS/NNNNN.png`` (usable as ``tokenbudget eval --data root``)."""
+def save_image_folder(data: AnomalySet, root: str | os.PathLike, test_fraction: float = 1 / 3) -> None:
+    """Write ``root/train/CLASS/NNNNN.png`` and ``root/test/CLASS/NNNNN.png`` (usable as
+    ``tokenbudget eval --data root``), split by base crop like :func:`anomaly_data`: the last
+    ``test_fraction`` of the base crops are test, so no background is in both."""
     from PIL import Image
 
     root = Path(root)
+    num_base = int(data.base_ids.max()) + 1
+    first_test = num_base - max(1, round(num_base * test_fraction))
     for index, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
-        folder = root / ANOMALY_CLASSES[int(label)]
+        split = "test" if data.base_ids[index] >= first_test else "train"
+        folder = root / split / ANOMALY_CLASSES[int(label)]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{index:05d}.png")
 

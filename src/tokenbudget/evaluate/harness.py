@@ -115,6 +115,8 @@ def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
         raise ValueError(
             f"a FLOPs-ideal speedup of {speedup} is out of reach for this model: choose one in [1, {fastest:.2f}]"
         )
+    if speedup <= 1.0 + 1e-9:
+        return 1.0
     hi = 1.0
     while hi - lo > 1e-4:  # achieved() falls as keep grows
         mid = (lo + hi) / 2
