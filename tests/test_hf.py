@@ -183,7 +183,12 @@ def test_flash_attention_refuses_proportional_attention() -> None:
     model.vit.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="prop_attn=False"):
         tb.apply(model, tb.ToMe(r=2))
+    assert not tb.is_patched(model)
     tb.apply(model, tb.ToMe(r=2, prop_attn=False))
+    # A refused re-apply leaves the previous patch in place, as a refused first apply leaves none.
+    with pytest.raises(ValueError, match="prop_attn=False"):
+        tb.apply(model, tb.ToMe(r=4))
+    assert tb.is_patched(model) and tb.patched_config(model) == tb.ToMe(r=2, prop_attn=False)
 
 
 @pytest.mark.slow

@@ -39,8 +39,18 @@ def apply(model: nn.Module, config: ReductionConfig) -> nn.Module:
 
 def install_strategy(model: nn.Module, adapter: object, ctx: PatchContext) -> None:
     """Install a prepared context (its strategy) through ``adapter``; :func:`remove` undoes it."""
+    previous = model.__dict__.get(_ATTR)
     remove(model)
-    adapter.install(ctx)
+    try:
+        adapter.install(ctx)
+    except Exception:
+        # A config the adapter refuses at install time (e.g. an attention implementation that
+        # cannot take proportional attention) leaves the model as it was, previous patch included.
+        adapter.uninstall()
+        if previous is not None:
+            previous[0].install(previous[1])
+            setattr(model, _ATTR, previous)
+        raise
     setattr(model, _ATTR, (adapter, ctx))
 
 
