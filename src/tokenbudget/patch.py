@@ -26,9 +26,7 @@ def apply(model: nn.Module, config: ReductionConfig) -> nn.Module:
         )
     adapter = find_adapter(model)
     strategy = make_strategy(config, adapter.num_layers)
-    check_model = getattr(strategy, "check_model", None)
-    if check_model is not None:
-        check_model(adapter)  # e.g. class-attention pruning on a model without a class token
+    strategy.check_model(adapter)  # e.g. class-attention pruning on a model without a class token
     if adapter.default_num_tokens is not None:
         # Fail at apply time, not at the first forward, for budgets the default input cannot meet.
         strategy.plan(adapter.default_num_tokens, adapter.num_prefix)

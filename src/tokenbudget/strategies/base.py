@@ -1,8 +1,10 @@
-"""What every strategy shares: turning a budget config into per-layer counts for an input length."""
+"""What every strategy shares: per-layer counts for an input length, planned once per length."""
 
 from __future__ import annotations
 
-from ..config import BudgetConfig
+from typing import Any
+
+from ..config import BudgetConfig, ReductionConfig
 from ..schedule import clamp_schedule, resolve_schedule
 
 
@@ -16,7 +18,7 @@ class ScheduledStrategy:
     needs_keys = False
     needs_positions = False
 
-    def __init__(self, config: BudgetConfig, num_layers: int) -> None:
+    def __init__(self, config: ReductionConfig, num_layers: int) -> None:
         self.config = config
         self.num_layers = num_layers
         # Plans depend only on the input length; cached so a forward does no schedule work.
@@ -32,19 +34,26 @@ class ScheduledStrategy:
         return getattr(self.config, "trace_source", False)
 
     def plan(self, num_tokens: int, num_prefix: int) -> tuple[list[int], list[int]]:
-        """(requested, merged) counts per block for an input of ``num_tokens`` tokens."""
+        """(requested, merged) counts per block for an input of ``num_tokens`` tokens (cached)."""
         key = (num_tokens, num_prefix)
         plan = self._plans.get(key)
         if plan is None:
-            c = self.config
-            requested = resolve_schedule(
-                r=c.r,
-                keep=c.keep,
-                tokens=c.tokens,
-                num_tokens=num_tokens,
-                num_prefix=num_prefix,
-                num_layers=self.num_layers,
-            )
-            plan = (requested, clamp_schedule(requested, num_tokens, num_prefix))
-            self._plans[key] = plan
+            plan = self._plans[key] = self.compute_plan(num_tokens, num_prefix)
         return plan
+
+    def compute_plan(self, num_tokens: int, num_prefix: int) -> tuple[list[int], list[int]]:
+        """The uncached plan: the config's budget (:class:`BudgetConfig`) as a per-layer schedule,
+        clamped to what bipartite matching can remove per block."""
+        c: BudgetConfig = self.config
+        requested = resolve_schedule(
+            r=c.r,
+            keep=c.keep,
+            tokens=c.tokens,
+            num_tokens=num_tokens,
+            num_prefix=num_prefix,
+            num_layers=self.num_layers,
+        )
+        return requested, clamp_schedule(requested, num_tokens, num_prefix)
+
+    def check_model(self, adapter: Any) -> None:
+        """Raise ``ValueError`` when the patched model lacks what this strategy needs (none here)."""

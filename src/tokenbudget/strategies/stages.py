@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from .base import ScheduledStrategy
+
 
 def stage_keep_count(num_mergeable: int, keep: float) -> int:
     """Non-prefix tokens kept at one stage: ``ceil(keep * M)`` (EViT's rule), at least 1 of M >= 1."""
@@ -35,18 +37,15 @@ def stage_removals(
     return removed
 
 
-class StageStrategy:
+class StageStrategy(ScheduledStrategy):
     """Base of strategies that prune at the blocks in ``config.layers`` with ``config.keep`` per stage.
 
-    Gives the adapter the same interface as :class:`~tokenbudget.strategies.base.ScheduledStrategy`:
-    ``plan`` (per-block counts), flags saying what ``reduce`` needs, and ``check_model``.
+    A :class:`~tokenbudget.strategies.base.ScheduledStrategy` whose plan is the stage schedule
+    (:func:`stage_removals`) instead of a ToMe budget.
     """
 
-    needs_keys = False
-    needs_positions = False
     needs_class_attention = False
     extra_token = False
-    trace_source = False
 
     def __init__(self, config: Any, num_layers: int) -> None:
         bad = [i for i in config.layers if i >= num_layers]
@@ -55,26 +54,10 @@ class StageStrategy:
                 f"{type(config).__name__}: layers {bad} do not exist in a model with {num_layers} blocks "
                 f"(0-based indices 0..{num_layers - 1}); e.g. layers=({num_layers // 4}, {num_layers // 2})"
             )
-        self.config = config
-        self.num_layers = num_layers
-        self._plans: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        super().__init__(config, num_layers)
 
-    @property
-    def prop_attn(self) -> bool:
-        return getattr(self.config, "prop_attn", False)
-
-    def plan(self, num_tokens: int, num_prefix: int) -> tuple[list[int], list[int]]:
-        """(requested, removed) counts per block for an input of ``num_tokens`` tokens (equal here)."""
-        key = (num_tokens, num_prefix)
-        plan = self._plans.get(key)
-        if plan is None:
-            c = self.config
-            removed = stage_removals(
-                num_tokens, num_prefix, self.num_layers, c.layers, c.keep, self.extra_token
-            )
-            plan = (removed, list(removed))
-            self._plans[key] = plan
-        return plan
-
-    def check_model(self, adapter: Any) -> None:
-        """Raise ``ValueError`` when the patched model lacks what this strategy needs."""
+    def compute_plan(self, num_tokens: int, num_prefix: int) -> tuple[list[int], list[int]]:
+        """(requested, removed) counts per block: equal here, a stage always removes what it plans."""
+        c = self.config
+        removed = stage_removals(num_tokens, num_prefix, self.num_layers, c.layers, c.keep, self.extra_token)
+        return removed, list(removed)
