@@ -76,9 +76,12 @@ def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
 
     Found by bisection on ``keep`` to 1e-4; ``ValueError`` for a speedup no schedule reaches.
     """
+    from itertools import accumulate
+
     from ..adapters import find_adapter
     from ..bench.flops import block_dims, ideal_speedup
-    from ..schedule import clamp_schedule, resolve_schedule
+    from ..config import BudgetConfig
+    from ..strategies import ScheduledStrategy
 
     adapter = find_adapter(model)
     tokens, prefix, layers = adapter.default_num_tokens, adapter.num_prefix, adapter.num_layers
@@ -87,13 +90,8 @@ def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
     dims = [block_dims(block) for block in adapter.blocks]
 
     def achieved(keep: float) -> float:
-        requested = resolve_schedule(
-            r=None, keep=keep, tokens=None, num_tokens=tokens, num_prefix=prefix, num_layers=layers
-        )
-        per_layer, n = [], tokens
-        for merged in clamp_schedule(requested, tokens, prefix):
-            n -= merged
-            per_layer.append(n)
+        _, merged = ScheduledStrategy(BudgetConfig(keep=keep), layers).compute_plan(tokens, prefix)
+        per_layer = list(accumulate(merged, lambda n, r: n - r, initial=tokens))[1:]
         return ideal_speedup(tokens, per_layer, dims)
 
     def feasible(keep: float) -> bool:
