@@ -18,7 +18,7 @@ import torch
 
 import tokenbudget as tb
 from tokenbudget.data.anomaly import anomaly_set
-from tokenbudget.data.images import IMAGENET_MEAN, IMAGENET_STD
+from tokenbudget.data.images import model_normalization, rgb_uint8_to_model_input
 from tokenbudget.evaluate.harness import keep_for_flops_speedup
 
 
@@ -37,8 +37,7 @@ def main() -> None:
     data = anomaly_set(150, size, 0)  # the set of `tokenbudget eval --data anomaly` (400/200 split)
     test = [i for i in range(len(data.labels)) if data.base_ids[i] >= 100 and data.labels[i] > 0]
     test = test[: args.images]
-    x = torch.from_numpy(data.images[test]).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    x = rgb_uint8_to_model_input(data.images[test], *model_normalization(model))
     flaw = []  # [B, grid * grid] bool: patches the flaw touches
     for i in test:
         clean = data.images[(data.base_ids == data.base_ids[i]) & (data.labels == 0)][0]

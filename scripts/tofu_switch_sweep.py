@@ -14,7 +14,7 @@ import torch
 
 import tokenbudget as tb
 from tokenbudget.bench import load_model
-from tokenbudget.data.images import IMAGENET_MEAN, IMAGENET_STD
+from tokenbudget.data.images import model_normalization
 from tokenbudget.evaluate import load_eval_data
 from tokenbudget.evaluate.harness import extract_features
 from tokenbudget.evaluate.metrics import cosine_fidelity, knn_accuracy
@@ -32,12 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model("dinov2_small")
-    cfg = model.pretrained_cfg or {}
     data = load_eval_data(
         args.data,
         int(model.patch_embed.img_size[0]),
-        cfg.get("mean", IMAGENET_MEAN),
-        cfg.get("std", IMAGENET_STD),
+        *model_normalization(model),
         n_train=args.n_train,
         n_test=args.n_test,
     )

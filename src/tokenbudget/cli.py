@@ -222,16 +222,14 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def _model_and_data(args: argparse.Namespace):  # noqa: ANN202 - (nn.Module, EvalData)
     """The model named on the command line and the eval data, preprocessed for it."""
     from .bench import load_model
-    from .data.images import IMAGENET_MEAN, IMAGENET_STD
+    from .data.images import model_normalization
     from .evaluate import load_eval_data
 
     model = load_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
     data = load_eval_data(
         args.data,
         int(model.patch_embed.img_size[0]),
-        cfg.get("mean", IMAGENET_MEAN),
-        cfg.get("std", IMAGENET_STD),
+        *model_normalization(model),
         n_train=args.n_train,
         n_test=args.n_test,
         test_fraction=getattr(args, "test_fraction", 0.2),

@@ -61,7 +61,7 @@ def render_merges(model: torch.nn.Module, image, config) -> tuple[np.ndarray, di
     picture (original | merge groups) and the state summary. The model is left unpatched."""
     import dataclasses
 
-    from .data.images import IMAGENET_MEAN, IMAGENET_STD, center_crop_resize, preprocess
+    from .data.images import center_crop_resize, model_normalization, preprocess
     from .patch import apply, last_state, remove
 
     if not hasattr(config, "trace_source"):
@@ -69,9 +69,7 @@ def render_merges(model: torch.nn.Module, image, config) -> tuple[np.ndarray, di
             f"{type(config).__name__} drops tokens instead of merging them; visualize a merging method (tome, pool)"
         )
     size = int(model.patch_embed.img_size[0])
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
-    x = preprocess(image, size, mean, std).unsqueeze(0)
+    x = preprocess(image, size, *model_normalization(model)).unsqueeze(0)
     apply(model, dataclasses.replace(config, trace_source=True))
     try:
         with torch.inference_mode():

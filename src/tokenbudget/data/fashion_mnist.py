@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .images import IMAGENET_MEAN, IMAGENET_STD
+from .images import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "TOKENBUDGET_FASHION_MNIST"
@@ -221,6 +221,4 @@ def to_model_input(
             x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
         )
     x = x.clamp_(0.0, 1.0).expand(-1, 3, -1, -1)  # [N, 3, size, size]
-    mean_t = torch.tensor(mean, dtype=torch.float32)[None, :, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32)[None, :, None, None]
-    return (x - mean_t) / std_t
+    return normalize(x, mean, std)

@@ -65,6 +65,25 @@ def center_crop_resize(image, size: int):  # noqa: ANN001, ANN201 - PIL in, PIL 
     return image.crop((left, top, left + size, top + size))
 
 
+def model_normalization(model: torch.nn.Module) -> tuple[Sequence[float], Sequence[float]]:
+    """(mean, std) the model's pretrained config asks for; ImageNet's when it names none."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(x - mean) / std`` per channel for images ``x`` [..., 3, H, W] with values in [0, 1]."""
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (x - mean_t) / std_t
+
+
+def rgb_uint8_to_model_input(images, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:  # noqa: ANN001
+    """uint8 RGB images (numpy) [N, H, W, 3] -> normalized float tensor [N, 3, H, W]."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    return normalize(x, mean, std)
+
+
 def preprocess(
     image, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> torch.Tensor:  # noqa: ANN001
@@ -72,8 +91,7 @@ def preprocess(
     import numpy as np
 
     array = np.asarray(center_crop_resize(image, size), dtype=np.float32) / 255.0  # [H, W, 3]
-    tensor = torch.from_numpy(array).permute(2, 0, 1)
-    return (tensor - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    return normalize(torch.from_numpy(array).permute(2, 0, 1), mean, std)
 
 
 def sample_images(size: int, names: Sequence[str] = SAMPLE_IMAGES) -> torch.Tensor:

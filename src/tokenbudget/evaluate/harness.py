@@ -427,13 +427,13 @@ def anomaly_data(
     spot / scratch / flaw, every base crop in all four classes, train and test from disjoint base
     crops (``n_train // 4`` and ``n_test // 4`` of them). Generated once per setting and cached."""
     from ..data.anomaly import anomaly_set
+    from ..data.images import rgb_uint8_to_model_input
 
     if n_train < 4 or n_test < 4:
         raise ValueError("the anomaly set needs at least 4 train and 4 test images (one per class)")
     n_train_base, n_test_base = n_train // 4, n_test // 4
     data = anomaly_set(n_train_base + n_test_base, size, seed, scale)
-    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div_(255.0)  # [N, 3, S, S]
-    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    x = rgb_uint8_to_model_input(data.images, mean, std)  # [N, 3, S, S]
     y = torch.from_numpy(data.labels)
     train = torch.from_numpy(data.base_ids) < n_train_base
     name = "anomaly" if scale == 1.0 else f"anomaly-x{scale:g}"
