@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import strategies as st
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
@@ -33,13 +34,29 @@ def make_tiny(variant: str, seed: int = 0) -> torch.nn.Module:
     model = cls(**TINY, **extra).eval()
     # timm zero-initialises some weights (e.g. the head): randomise everything so that every
     # parameter, LayerScale and q/k norm included, changes the output.
+    return randomize_parameters(model, lambda name: name.endswith("gamma"))
+
+
+def randomize_parameters(model: torch.nn.Module, is_layer_scale: Callable[[str], bool]) -> torch.nn.Module:
+    """Perturb every parameter (LayerScale factors drawn in [0.5, 1.5]) so each one changes the output."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("gamma"):
+            if is_layer_scale(name):
                 p.uniform_(0.5, 1.5)
             else:
                 p.add_(torch.randn_like(p) * 0.05)
     return model
+
+
+def matching_shapes(max_tokens: int, max_r: int, min_tokens: int = 1, min_r: int = 0) -> st.SearchStrategy:
+    """Hypothesis draws of (batch, tokens, prefix tokens, r, seed) for matching properties."""
+    return st.tuples(
+        st.integers(1, 3),  # batch
+        st.integers(min_tokens, max_tokens),  # tokens
+        st.integers(0, 5),  # prefix tokens
+        st.integers(min_r, max_r),  # r
+        st.integers(0, 2**16),  # seed
+    )
 
 
 @pytest.fixture(params=list(VARIANTS))

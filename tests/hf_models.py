@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from conftest import randomize_parameters
+
 # 32 px images, 4 px patches: an 8x8 grid, 64 patch tokens, 4 layers (as the tiny timm models).
 COMMON = dict(
     hidden_size=48,
@@ -51,13 +53,7 @@ def make_hf(family: str, attn_implementation: str = "sdpa", seed: int = 0) -> to
     else:
         raise KeyError(family)
     # Randomise every parameter (LayerScale included) so that each one changes the output.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lambda1" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return randomize_parameters(model, lambda name: "lambda1" in name).eval()
 
 
 def output(model: torch.nn.Module, family: str, images: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from conftest import randomize_parameters
+
 
 def make_openclip(
     pool_type: str = "tok", ls_init_value: float | None = None, seed: int = 0
@@ -22,10 +24,4 @@ def make_openclip(
     )
     text = CLIPTextCfg(context_length=8, vocab_size=100, width=32, heads=2, layers=2)
     model = CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return randomize_parameters(model, lambda name: name.endswith("gamma")).eval()

@@ -66,28 +66,15 @@ def test_compiled_patched_model_matches_eager_and_reports_its_state() -> None:
 def test_bench_compares_compiled_models() -> None:
     from tokenbudget.bench import bench
 
+    def run(**options: bool):  # noqa: ANN202 - the one BenchRow
+        (row,) = bench(
+            make_tiny("vit"), [tb.ToMe(r=8)], batch_sizes=(2,), samples=2, warmup=1,
+            measure_memory=False, ceiling=False, **options,
+        )  # fmt: skip
+        return row
+
     torch._dynamo.reset()
-    rows = bench(
-        make_tiny("vit"),
-        [tb.ToMe(r=8)],
-        batch_sizes=(2,),
-        samples=2,
-        warmup=1,
-        measure_memory=False,
-        ceiling=False,
-    )
-    (row,) = rows
-    assert row.compiled is False  # the default stays eager
-    rows = bench(
-        make_tiny("vit"),
-        [tb.ToMe(r=8)],
-        batch_sizes=(2,),
-        samples=2,
-        warmup=1,
-        measure_memory=False,
-        ceiling=False,
-        compile=True,
-    )
-    (row,) = rows
+    assert run().compiled is False  # the default stays eager
+    row = run(compile=True)
     assert row.compiled and row.baseline_compile_s > 0 and row.patched_compile_s > 0
     assert row.tokens_per_layer == [57, 49, 41, 33] and row.speedup > 0

@@ -13,7 +13,7 @@ import tokenbudget as tb
 transformers = pytest.importorskip("transformers")
 
 from conftest import assert_concurrent_forwards_match  # noqa: E402
-from hf_models import FAMILIES, make_hf, output  # noqa: E402
+from hf_models import COMMON, FAMILIES, make_hf, output  # noqa: E402
 
 IMPLS = ("eager", "sdpa")
 
@@ -115,14 +115,7 @@ def test_deepcopy_and_hidden_states(images: torch.Tensor) -> None:
 def test_clip_model_reduces_the_image_tower_only() -> None:
     config = transformers.CLIPConfig(
         text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-        vision_config=dict(
-            hidden_size=48,
-            num_hidden_layers=4,
-            num_attention_heads=3,
-            intermediate_size=96,
-            image_size=32,
-            patch_size=4,
-        ),
+        vision_config=COMMON,
         projection_dim=16,
     )
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import matching_shapes
 from tokenbudget.ops import (
     bipartite_soft_matching,
     max_mergeable,
@@ -14,13 +15,7 @@ from tokenbudget.ops import (
     update_token_map,
 )
 
-shapes = st.tuples(
-    st.integers(1, 3),  # batch
-    st.integers(1, 40),  # tokens
-    st.integers(0, 5),  # prefix tokens
-    st.integers(0, 30),  # r
-    st.integers(0, 2**16),  # seed
-)
+shapes = matching_shapes(max_tokens=40, max_r=30)
 
 
 @settings(max_examples=150, deadline=None)

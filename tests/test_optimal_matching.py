@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenbudget as tb
-from conftest import VARIANTS, make_tiny
+from conftest import VARIANTS, make_tiny, matching_shapes
 from tokenbudget.ops.assignment import best_disjoint_pairs, optimal_bipartite_matching
 from tokenbudget.ops.match import bipartite_soft_matching, max_mergeable
 from tokenbudget.ops.merge import merge_weighted
@@ -58,13 +58,7 @@ def _total(metric: torch.Tensor, matching) -> torch.Tensor:
     return (src * dst).sum(dim=(1, 2))
 
 
-shapes = st.tuples(
-    st.integers(1, 3),  # batch
-    st.integers(1, 30),  # tokens
-    st.integers(0, 5),  # prefix tokens
-    st.integers(0, 20),  # r
-    st.integers(0, 2**16),  # seed
-)
+shapes = matching_shapes(max_tokens=30, max_r=20)
 
 
 @settings(max_examples=100, deadline=None)

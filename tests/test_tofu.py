@@ -5,22 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import tokenbudget as tb
-from conftest import VARIANTS, make_tiny
+from conftest import VARIANTS, make_tiny, matching_shapes
 from tokenbudget.ops.match import bipartite_soft_matching
 from tokenbudget.ops.merge import drop_matched, merge_mlerp, merge_weighted, update_token_map
 from tokenbudget.state import TokenState
 from tokenbudget.strategies import make_strategy
 
-shapes = st.tuples(
-    st.integers(1, 3),  # batch
-    st.integers(2, 40),  # tokens
-    st.integers(0, 5),  # prefix tokens
-    st.integers(1, 30),  # r
-    st.integers(0, 2**16),  # seed
-)
+shapes = matching_shapes(max_tokens=40, max_r=30, min_tokens=2, min_r=1)
 
 
 def _groups(matching) -> list[list[tuple[int, list[int]]]]:
