@@ -56,3 +56,74 @@ def cached_tokens(key: str, compute: Callable[[], Tensor], *, cache: bool = True
         torch.save(tokens.to(torch.float16).contiguous(), tmp)
         os.replace(tmp, path)
     return tokens.float()
+
+
+def _embed_in_chunks(
+    model: nn.Module, to_input: Callable[[int, int], Tensor], count: int, batch_size: int, progress
+) -> Tensor:  # noqa: ANN001 - progress: Callable[[int], None] | None
+    """Tokens of ``count`` images converted to model input one batch at a time (bounded memory)."""
+    chunks = []
+    for start in range(0, count, batch_size):
+        images = to_input(start, min(start + batch_size, count))
+        chunks.append(backbone_tokens(model, images, batch_size, progress).to(torch.float16))
+    return torch.cat(chunks)
+
+
+def dinov2_scene_tokens(
+    num_scenes: int,
+    split: str = "test",
+    seed: int = 0,
+    *,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+    cache: bool = True,
+):  # noqa: ANN201 - (SceneSet, Tensor)
+    """The scenes of :func:`~tokenbudget.data.scenes.scene_set` and the embedded DINOv2-S tokens of
+    each: ``(scenes, tokens [S, 257, 384])`` (class token first, then the 16 x 16 patch grid)."""
+    from ..models import dinov2_small
+    from .images import model_normalization, rgb_uint8_to_model_input
+    from .scenes import _VERSION, scene_set
+
+    scenes = scene_set(num_scenes, split, seed=seed, cache=cache)
+
+    def compute() -> Tensor:
+        model = dinov2_small().eval()
+        mean, std = model_normalization(model)
+        return _embed_in_chunks(
+            model,
+            lambda lo, hi: rgb_uint8_to_model_input(scenes.images[lo:hi], mean, std),
+            len(scenes.images),
+            batch_size,
+            progress,
+        )
+
+    key = f"dinov2_small-imgfocus-scenes-v{_VERSION}-{num_scenes}-{split}-{seed}"
+    return scenes, cached_tokens(key, compute, cache=cache)
+
+
+def dinov2_fashion_mnist_tokens(
+    split: str = "test",
+    n_per_class: int = 50,
+    seed: int = 0,
+    *,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+    cache: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Embedded DINOv2-S tokens of a balanced Fashion-MNIST subset at 224 px (one item per image):
+    ``(tokens [10 * n_per_class, 257, 384], labels [10 * n_per_class])``."""
+    from ..models import dinov2_small
+    from .fashion_mnist import fashion_mnist_subset, to_model_input
+    from .images import model_normalization
+
+    images, labels = fashion_mnist_subset(split, n_per_class, seed)
+
+    def compute() -> Tensor:
+        model = dinov2_small().eval()
+        mean, std = model_normalization(model)
+        return _embed_in_chunks(
+            model, lambda lo, hi: to_model_input(images[lo:hi], 224, mean, std), len(images), batch_size, progress
+        )
+
+    key = f"dinov2_small-imgfocus-fashion-mnist-{split}-{n_per_class}-{seed}"
+    return cached_tokens(key, compute, cache=cache), labels
