@@ -100,3 +100,20 @@ def test_scenes_are_deterministic_and_items_own_their_patches():
             assert (xs * 14 + 14 > left).all() and (xs * 14 < right).all()
         # pixels outside every box are background and black
         assert (a.images[s][a.owner[s] < 0] <= 16).all()
+
+
+def test_knn_predict_and_item_features():
+    from tokenbudget.evaluate.scene_metrics import item_features, knn_predict, on_item_share, pooled_feature
+
+    bank = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=-1
+    )
+    labels = torch.tensor([0, 0, 1, 1])
+    queries = pooled_feature(torch.tensor([[[1.0, 0.2], [0.8, 0.0]], [[0.0, 3.0], [0.2, 1.0]]]))
+    assert knn_predict(bank, labels, queries, k=2).tolist() == [0, 1]
+    # ties go to the nearer neighbour
+    assert knn_predict(bank, labels, pooled_feature(torch.tensor([[[0.2, 1.0]]])), k=2).tolist() == [1]
+    tokens = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])  # a class token, then 3 patches
+    feats = item_features(tokens, torch.tensor([[0, 1, 0]]), num_items=2)
+    torch.testing.assert_close(feats[0], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert on_item_share(torch.tensor([0, 0, 1, -1]), 0) == 0.5

@@ -122,7 +122,11 @@ def dinov2_fashion_mnist_tokens(
         model = dinov2_small().eval()
         mean, std = model_normalization(model)
         return _embed_in_chunks(
-            model, lambda lo, hi: to_model_input(images[lo:hi], 224, mean, std), len(images), batch_size, progress
+            model,
+            lambda lo, hi: to_model_input(images[lo:hi], 224, mean, std),
+            len(images),
+            batch_size,
+            progress,
         )
 
     key = f"dinov2_small-imgfocus-fashion-mnist-{split}-{n_per_class}-{seed}"
