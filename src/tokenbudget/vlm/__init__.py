@@ -4,6 +4,10 @@ Every compressor takes vision tokens [B, N, C] (optionally with ``num_prefix`` c
 in front and the patch ``grid``) and a budget ``k`` (one int, or one per image) and returns a
 :class:`CompressedTokens` with ``.tokens`` ([B, k, C], or a list when budgets differ) and
 ``.assignment`` ([B, N], the output each input token went into, -1 where dropped).
+
+Compressors: :func:`pool` (2-D grid pooling) and :func:`select` (query-aware: the k tokens most
+relevant to a vector, an image exemplar (:func:`exemplar_query`) or text (:class:`ProjectedTextQuery`,
+:class:`OpenCLIPTextQuery`)).
 """
 
 from .base import CompressedTokens, check_budget, check_tokens, infer_grid
