@@ -467,24 +467,25 @@ def cmd_vlm_select_eval(args: argparse.Namespace) -> int:
         load_selection_data,
         run_selection_benchmark,
     )
-    from .vlm.text import ProjectedTextQuery, load_text_projection
+    from .vlm.text import MiniLMTextEncoder, ProjectedTextQuery, load_text_projection
     from .vlm.text_train import train_fashion_mnist_projection
 
     _set_threads(args.threads)
     if any(k < 1 for k in args.ks):
         raise ValueError(f"--ks must be positive token counts, got {args.ks}")
     data = load_selection_data(args.scenes)
+    encoder = MiniLMTextEncoder()  # one load for training (when needed) and the queries
     if args.projection:
         projection = load_text_projection(args.projection)
         note = f"text projection {args.projection}"
     else:
         projection, report = train_fashion_mnist_projection(
-            "scenes", steps=args.projection_steps, seed=args.seed
+            "scenes", text_encoder=encoder, steps=args.projection_steps, seed=args.seed
         )
         note = (
             f"text projection trained here on the train scenes ({report.steps} steps, {report.seconds:.0f} s)"
         )
-    query = ProjectedTextQuery(projection)
+    query = ProjectedTextQuery(projection, encoder)
     prompts = [args.prompt.format(name.lower()) for name in FASHION_MNIST_CLASSES]
     text_queries = query.encode(prompts)  # [10, C]
     methods = 4 + (args.diversity > 0)  # text, [text+mmr], exemplar, random, cls-attention
