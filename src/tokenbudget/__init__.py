@@ -24,8 +24,8 @@ from .config import (
     config_from_dict,
     config_from_json,
 )
-from .patch import apply, is_patched, last_state, patched_config, remove
 from .ops.entropy import token_entropy
+from .patch import apply, is_patched, last_state, patched_config, remove
 from .state import TokenState
 
 __version__ = "0.1.0"

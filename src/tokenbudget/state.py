@@ -155,9 +155,5 @@ class TokenState:
             "merged_per_layer": list(self.merged_per_layer),
             "tokens_per_layer": list(self.tokens_per_layer),
             "clamped_layers": self.clamped_layers,
-            **(
-                {"real_tokens_per_layer": self.real_tokens_per_layer.tolist()}
-                if self.guard_layers
-                else {}
-            ),
+            **({"real_tokens_per_layer": self.real_tokens_per_layer.tolist()} if self.guard_layers else {}),
         }

@@ -24,8 +24,8 @@ from torch import Tensor
 from ..ops.entropy import token_entropy
 from ..ops.match import Matching
 from ..ops.merge import drop_matched, merge_mlerp, merge_weighted, update_token_map
-from ..ops.ragged import compaction, merge_pairs, pair_positions, redirect_map
 from ..ops.prune import select_tokens
+from ..ops.ragged import compaction, merge_pairs, pair_positions, redirect_map
 from ..state import TokenState
 
 #: slack on the entropy comparisons: float32 round-off in the eigenvalues is ~1e-6
@@ -41,7 +41,9 @@ class EntropyGuard:
     def __init__(self, floor: float) -> None:
         self.floor = float(floor)
 
-    def reduce(self, x: Tensor, state: TokenState, layer: int, matching: Matching, mode: str = "mean") -> Tensor:
+    def reduce(
+        self, x: Tensor, state: TokenState, layer: int, matching: Matching, mode: str = "mean"
+    ) -> Tensor:
         """Merge tokens ``x`` [B, N, C] by ``matching`` (computed with ``padding=state.padding``) in
         ``mode`` (``"mean"``, ``"drop"``, ``"mlerp"``: :func:`tokenbudget.ops.ragged.merge_pairs`);
         updates ``state`` (sizes, padding, token map, positions, ``guard_layers``) in place."""
