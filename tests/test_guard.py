@@ -93,12 +93,12 @@ def test_floor_zero_is_the_unguarded_method_and_none_is_default() -> None:
     tb.remove(model)
 
 
-def _ragged_floor(model: torch.nn.Module, images: torch.Tensor, make, **kw) -> float:
+def _ragged_floor(model: torch.nn.Module, images: torch.Tensor, make, runner=None, **kw) -> float:  # noqa: ANN001
     """A floor at which some images of ``images`` are guarded and others are not."""
     with torch.no_grad():
         for floor in torch.arange(0.5, 1.0, 0.02).tolist():
             tb.apply(model, make(floor, **kw))
-            model(images)
+            (runner or model)(images)
             fired = (tb.last_state(model).withheld_per_layer > 0).any(dim=1)
             if fired.any() and not fired.all():
                 return floor
@@ -222,3 +222,39 @@ def test_merge_pairs_equals_merge_weighted_when_every_pair_is_taken() -> None:
     assert torch.allclose(merged.gather(1, kept.unsqueeze(-1).expand(-1, -1, 8)), expected, atol=1e-6)
     assert torch.equal(merged_size.gather(1, kept.unsqueeze(-1)), expected_size)
     assert (merged_size.gather(1, src.unsqueeze(-1)) == 0).all()
+
+
+def _ragged_matches_alone(model, run, images, kw) -> None:  # noqa: ANN001
+    """Find a floor giving a ragged batch; then each image's output must equal its own forward."""
+    floor = _ragged_floor(model, images, GUARDED["tome"], runner=run, **kw)
+    tb.apply(model, tb.ToMe(entropy_floor=floor, **kw))
+    with torch.no_grad():
+        out = run(images)
+        assert tb.last_state(model).padding is not None
+        for i in range(len(images)):
+            assert (run(images[i : i + 1]) - out[i : i + 1]).abs().max() < 1e-5
+        tb.remove(model)
+
+
+@pytest.mark.parametrize("family", ["dinov2_registers", "siglip_vision"])
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_hugging_face(family, prop_attn) -> None:
+    pytest.importorskip("transformers")
+    from hf_models import make_hf, output
+
+    model = make_hf(family)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = output(model, family, images)
+    tb.apply(model, tb.ToMeGuard(r=0))
+    assert (output(model, family, images) - expected).abs().max() <= 1e-5
+    _ragged_matches_alone(model, lambda x: output(model, family, x), images, {"r": 12, "prop_attn": prop_attn})
+    assert torch.equal(output(model, family, images), expected)
+
+
+def test_openclip() -> None:
+    pytest.importorskip("open_clip")
+    from openclip_models import make_openclip
+
+    model = make_openclip(pool_type="avg")
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    _ragged_matches_alone(model, model.encode_image, images, {"r": 12})

@@ -34,6 +34,7 @@ class EntropyProfile:
     withheld: Tensor  # merges the guard withheld from the plan (0 without a guard)
     input_tokens: int
     flops_ratio: Tensor  # [num_images] block FLOPs of each image's real counts over full tokens
+    features: Tensor  # [num_images, 2C] the harness features: class token | size-weighted mean
 
 
 def entropy_profile(
@@ -54,13 +55,16 @@ def entropy_profile(
         current.append(token_entropy(output[:, prefix:], sizes))
 
     hooks = [block.register_forward_hook(record) for block in adapter_blocks]
-    entropy, real, withheld = [], [], []
+    entropy, real, withheld, features = [], [], [], []
     try:
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 current.clear()
-                model.forward_features(images[start : start + batch_size])
+                tokens = model.forward_features(images[start : start + batch_size])  # [b, W, C]
                 state = last_state(model)
+                sizes = state.sizes[:, prefix:, None].to(tokens.dtype)  # 0 for padding
+                mean = (tokens[:, prefix:] * sizes).sum(1) / sizes.sum(1)
+                features.append(torch.cat([tokens[:, 0], mean], dim=1))
                 entropy.append(torch.stack(current, dim=1))
                 real.append(state.real_tokens_per_layer)
                 withheld.append(state.withheld_per_layer)
@@ -82,6 +86,7 @@ def entropy_profile(
         withheld=torch.cat(withheld),
         input_tokens=state.input_tokens,
         flops_ratio=flops,
+        features=torch.cat(features),
     )
 
 
