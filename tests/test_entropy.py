@@ -84,7 +84,9 @@ def test_permutation_invariant_and_batch_independent() -> None:
     together = tb.token_entropy(x, sizes)
     assert torch.allclose(tb.token_entropy(x[:, perm], sizes[:, perm]), together, atol=1e-5)
     for i in range(4):
-        assert torch.allclose(tb.token_entropy(x[i : i + 1], sizes[i : i + 1]), together[i : i + 1], atol=1e-6)
+        assert torch.allclose(
+            tb.token_entropy(x[i : i + 1], sizes[i : i + 1]), together[i : i + 1], atol=1e-6
+        )
     assert ((together >= 0) & (together <= 1)).all()
 
 

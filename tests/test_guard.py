@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VARIANTS, assert_concurrent_forwards_match, make_tiny
 
 import tokenbudget as tb
+from conftest import VARIANTS, assert_concurrent_forwards_match, make_tiny
 from tokenbudget.ops.entropy import token_entropy
 from tokenbudget.ops.match import bipartite_soft_matching
 from tokenbudget.ops.merge import merge_weighted
@@ -247,7 +247,9 @@ def test_hugging_face(family, prop_attn) -> None:
     expected = output(model, family, images)
     tb.apply(model, tb.ToMeGuard(r=0))
     assert (output(model, family, images) - expected).abs().max() <= 1e-5
-    _ragged_matches_alone(model, lambda x: output(model, family, x), images, {"r": 12, "prop_attn": prop_attn})
+    _ragged_matches_alone(
+        model, lambda x: output(model, family, x), images, {"r": 12, "prop_attn": prop_attn}
+    )
     assert torch.equal(output(model, family, images), expected)
 
 
