@@ -1,8 +1,10 @@
 """What the entropy guard does on real images: token entropy per block, and how often the guard fires.
 
-:func:`entropy_profile` runs a patched model over images and records, after every block, each
+:func:`entropy_profile` runs a patched (timm) model over images and records, in every block, each
 image's token entropy (:func:`tokenbudget.token_entropy` of its non-prefix tokens, size-weighted,
-padding ignored), its real token count and the merges the guard withheld. :func:`guard_summary`
+padding ignored) where the guard measures it (after the attention and the merge, before the MLP:
+the input of ``norm2``) and at the block's output, its real token count and the merges the guard
+withheld. :func:`guard_summary`
 turns that into the numbers the README reports: the share of (image, block) pairs where the guard
 fired (among blocks whose plan merges anything), the tokens each image kept beyond the plan, and
 the mean FLOPs-ideal cost of the per-image token counts.
@@ -27,7 +29,8 @@ class EntropyProfile:
     """Per image and block of one config over a set of images (all [num_images, num_blocks])."""
 
     config: dict
-    entropy: Tensor  # token entropy (fraction of the maximum) after each block
+    entropy: Tensor  # token entropy (fraction of the maximum) after each block's merge, before its MLP
+    entropy_out: Tensor  # token entropy at each block's output
     real_tokens: Tensor  # tokens (prefix included, padding excluded) after each block
     planned_tokens: Tensor  # [num_blocks] the plan's token count after each block
     planned_merges: Tensor  # [num_blocks] merges the plan asks of each block
@@ -47,25 +50,34 @@ def entropy_profile(
     adapter_blocks = list(model.blocks)
     dims = [block_dims(block) for block in adapter_blocks]
     prefix = ctx.num_prefix
-    current: list[Tensor] = []
+    current: dict[str, list[Tensor]] = {"merged": [], "out": []}
 
-    def record(module: nn.Module, args: tuple, output: Tensor) -> None:
+    def measure(tokens: Tensor) -> Tensor:
         state = ctx.local.state
         sizes = state.size[:, prefix:] if state.size is not None else None
-        current.append(token_entropy(output[:, prefix:], sizes))
+        return token_entropy(tokens[:, prefix:], sizes)
 
-    hooks = [block.register_forward_hook(record) for block in adapter_blocks]
-    entropy, real, withheld, features = [], [], [], []
+    def record_merged(module: nn.Module, args: tuple) -> None:
+        current["merged"].append(measure(args[0]))  # norm2's input: merged tokens before the MLP
+
+    def record_out(module: nn.Module, args: tuple, output: Tensor) -> None:
+        current["out"].append(measure(output))
+
+    hooks = [block.norm2.register_forward_pre_hook(record_merged) for block in adapter_blocks]
+    hooks += [block.register_forward_hook(record_out) for block in adapter_blocks]
+    entropy, entropy_out, real, withheld, features = [], [], [], [], []
     try:
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
-                current.clear()
+                current["merged"].clear()
+                current["out"].clear()
                 tokens = model.forward_features(images[start : start + batch_size])  # [b, W, C]
                 state = last_state(model)
                 sizes = state.sizes[:, prefix:, None].to(tokens.dtype)  # 0 for padding
                 mean = (tokens[:, prefix:] * sizes).sum(1) / sizes.sum(1)
                 features.append(torch.cat([tokens[:, 0], mean], dim=1))
-                entropy.append(torch.stack(current, dim=1))
+                entropy.append(torch.stack(current["merged"], dim=1))
+                entropy_out.append(torch.stack(current["out"], dim=1))
                 real.append(state.real_tokens_per_layer)
                 withheld.append(state.withheld_per_layer)
     finally:
@@ -80,6 +92,7 @@ def entropy_profile(
     return EntropyProfile(
         config=config.to_dict(),
         entropy=torch.cat(entropy),
+        entropy_out=torch.cat(entropy_out),
         real_tokens=real_tokens,
         planned_tokens=planned,
         planned_merges=planned_merges,
@@ -108,13 +121,14 @@ def guard_summary(profile: EntropyProfile, floor: float) -> dict:
 def format_profile(
     profile: EntropyProfile, floor: float, quantiles: Sequence[float] = (0.1, 0.5, 0.9)
 ) -> str:
-    """One line per block: planned and mean real tokens, entropy quantiles, share below the floor,
-    share of images where the guard fired."""
+    """One line per block: planned and mean real tokens, quantiles of the entropy the guard sees
+    (after the merge), the share of images below the floor there, the median entropy at the block's
+    output, and the share of images where the guard fired."""
     q = torch.tensor(list(quantiles))
     header = (
         f"{'block':>5} {'plan':>5} {'real':>7} "
         + " ".join(f"{'H q' + format(v, 'g'):>7}" for v in quantiles)
-        + f" {'<floor':>7} {'fired':>6}"
+        + f" {'<floor':>7} {'H out':>6} {'fired':>6}"
     )
     lines = [header, "-" * len(header)]
     for layer in range(profile.entropy.shape[1]):
@@ -123,6 +137,7 @@ def format_profile(
         lines.append(
             f"{layer:>5} {int(profile.planned_tokens[layer]):>5} {profile.real_tokens[:, layer].float().mean():>7.1f} "
             + " ".join(f"{v:>7.3f}" for v in qs.tolist())
-            + f" {(ent < floor).float().mean():>7.2f} {(profile.withheld[:, layer] > 0).float().mean():>6.2f}"
+            + f" {(ent < floor).float().mean():>7.2f} {profile.entropy_out[:, layer].float().median():>6.3f}"
+            + f" {(profile.withheld[:, layer] > 0).float().mean():>6.2f}"
         )
     return "\n".join(lines)
