@@ -259,4 +259,10 @@ def test_openclip() -> None:
 
     model = make_openclip(pool_type="avg")
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.encode_image(images)
+        tb.apply(model, tb.ToMeGuard(r=0))
+        assert (model.encode_image(images) - expected).abs().max() <= 1e-5
     _ragged_matches_alone(model, model.encode_image, images, {"r": 12})
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), expected)
