@@ -266,3 +266,36 @@ def test_openclip() -> None:
     _ragged_matches_alone(model, model.encode_image, images, {"r": 12})
     with torch.no_grad():
         assert torch.equal(model.encode_image(images), expected)
+
+
+def test_entropy_profile_and_summary() -> None:
+    from tokenbudget.evaluate.guard_report import entropy_profile, format_profile, guard_summary
+
+    model = make_tiny("vit")
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    floor = _ragged_floor(model, images, GUARDED["tome"], r=12)
+    tb.remove(model)
+    plain = entropy_profile(model, images, tb.ToMe(r=12), batch_size=3)
+    guarded = entropy_profile(model, images, tb.ToMe(r=12, entropy_floor=floor), batch_size=3)
+    assert not tb.is_patched(model)
+    assert plain.entropy.shape == plain.entropy_out.shape == (4, 4) and plain.features.shape == (4, 96)
+    assert (plain.withheld == 0).all() and plain.planned_tokens.tolist() == [53, 41, 29, 17]
+    assert torch.equal(plain.real_tokens, plain.planned_tokens.expand(4, -1))
+    summary = guard_summary(guarded, floor)
+    assert 0 < summary["images_fired"] < 1 and summary["extra_tokens_final_mean"] > 0
+    assert (guarded.flops_ratio >= plain.flops_ratio).all() and (guarded.flops_ratio <= 1).all()
+    # every merge the guard withheld is a real token kept beyond the plan, in that block and after
+    assert torch.equal(guarded.real_tokens - plain.real_tokens, guarded.withheld.cumsum(dim=1))
+    assert "fired" in format_profile(guarded, floor)
+
+
+@pytest.mark.slow
+def test_entropy_cli_on_the_embedded_model(capsys) -> None:
+    import json
+
+    from tokenbudget.cli import main
+
+    assert main(["entropy", "--n-test", "10", "--keep", "0.05", "--threads", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["tome", "tome-guard"]
+    assert rows[0]["fired_share"] == 0 and 0 <= rows[1]["fired_share"] <= 1
