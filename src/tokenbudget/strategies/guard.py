@@ -48,6 +48,7 @@ class EntropyGuard:
         ``mode`` (``"mean"``, ``"drop"``, ``"mlerp"``: :func:`tokenbudget.ops.ragged.merge_pairs`);
         updates ``state`` (sizes, padding, token map, positions, ``guard_layers``) in place."""
         p = state.num_prefix
+        after = None  # [B] entropy after the whole matching, when measured on the plain merge
         if state.padding is None:
             merged, size = _PLAIN_MERGES[mode](x, state.size, matching)
             after = token_entropy(merged[:, p:], size[:, p:])  # [B]
@@ -59,7 +60,7 @@ class EntropyGuard:
         real = size[..., 0] > 0  # [B, N]
         valid = real.gather(1, src) & real.gather(1, dst)
         possible = valid.to(torch.long).cumprod(dim=1).sum(dim=1)  # [B] leading real-real pairs
-        counts = self._search(x, size, src, dst, possible, mode, p)
+        counts = self._search(x, size, src, dst, possible, mode, p, after)
         take = torch.arange(src.shape[1], device=x.device) < counts.unsqueeze(1)  # [B, r]
         x, size = merge_pairs(x, size, src, dst, take, mode)
         order, inverse = compaction(size, p)  # [B, W], [B, N]
@@ -87,9 +88,18 @@ class EntropyGuard:
         state.guard_layers[layer] = (full, torch.zeros_like(full), torch.zeros_like(full))
 
     def _search(
-        self, x: Tensor, size: Tensor, src: Tensor, dst: Tensor, possible: Tensor, mode: str, p: int
+        self,
+        x: Tensor,
+        size: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        possible: Tensor,
+        mode: str,
+        p: int,
+        after: Tensor | None = None,
     ) -> Tensor:
-        """[B] merges per image: ``possible`` where the floor holds, else the binary-search count."""
+        """[B] merges per image: ``possible`` where the floor holds, else the binary-search count.
+        ``after`` [B]: the entropy after ``possible`` merges, if already measured."""
         steps = torch.arange(src.shape[1], device=x.device)
 
         def entropy_after(rows: Tensor, counts: Tensor) -> Tensor:
@@ -97,8 +107,8 @@ class EntropyGuard:
             merged, merged_size = merge_pairs(x[rows], size[rows], src[rows], dst[rows], take, mode)
             return token_entropy(merged[:, p:], merged_size[:, p:])
 
-        every = torch.arange(x.shape[0], device=x.device)
-        after = entropy_after(every, possible)
+        if after is None:
+            after = entropy_after(torch.arange(x.shape[0], device=x.device), possible)
         low = after < self.floor - TOLERANCE
         counts = possible.clone()
         if not bool(low.any()):
