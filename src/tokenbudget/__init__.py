@@ -10,6 +10,7 @@ tb.remove(model)
 
 from . import models, vlm
 from .config import (
+    DEFAULT_ENTROPY_FLOOR,
     BudgetConfig,
     DynamicViT,
     GridPool,
@@ -18,16 +19,19 @@ from .config import (
     ReductionConfig,
     ToFu,
     ToMe,
+    ToMeGuard,
     ToMeOptimal,
     config_from_dict,
     config_from_json,
 )
+from .ops.entropy import token_entropy
 from .patch import apply, is_patched, last_state, patched_config, remove
 from .state import TokenState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_ENTROPY_FLOOR",
     "BudgetConfig",
     "DynamicViT",
     "GridPool",
@@ -36,6 +40,7 @@ __all__ = [
     "ReductionConfig",
     "ToFu",
     "ToMe",
+    "ToMeGuard",
     "ToMeOptimal",
     "TokenState",
     "apply",
@@ -46,5 +51,6 @@ __all__ = [
     "models",
     "patched_config",
     "remove",
+    "token_entropy",
     "vlm",
 ]

@@ -64,8 +64,27 @@ def _add_budget_args(parser: argparse.ArgumentParser, default_r: str | None) -> 
     )
     group.add_argument("--config", default=None, help='a JSON config, e.g. \'{"method": "tome", "r": 16}\'')
     group.add_argument("--no-prop-attn", action="store_true", help="turn off proportional attention")
+    _add_entropy_floor_arg(group)
     _add_stage_args(group)
     parser.set_defaults(default_r=default_r)
+
+
+def _add_entropy_floor_arg(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--entropy-floor",
+        type=float,
+        default=None,
+        help="entropy guard for the methods that take it (tome, tome-detail, tome-optimal, tofu, pool): "
+        "merge less where token entropy would fall below this fraction of its maximum (tome-guard: 0.2734)",
+    )
+
+
+def _guard_options(cls: type, args: argparse.Namespace) -> dict:
+    """``entropy_floor`` for configs that take it, from --entropy-floor."""
+    floor = getattr(args, "entropy_floor", None)
+    if floor is None or "entropy_floor" not in {f.name for f in dataclasses.fields(cls)}:
+        return {}
+    return {"entropy_floor": floor}
 
 
 def _add_stage_args(group: argparse._ArgumentGroup) -> None:
@@ -110,6 +129,7 @@ def _method_configs(method: str, args: argparse.Namespace) -> list[ReductionConf
     cls = config_class(method)
     names = {f.name for f in dataclasses.fields(cls)}
     extra = {"prop_attn": not args.no_prop_attn} if "prop_attn" in names else {}
+    extra |= _guard_options(cls, args)
     if "r" not in names:  # pruning methods: --keep is the per-stage keep ratio
         extra |= _stage_options(cls, args)
         if args.r is not None or args.tokens is not None:
@@ -245,7 +265,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    options = {m: _stage_options(config_class(m), args) for m in methods}
+    options = {
+        m: _stage_options(config_class(m), args) | _guard_options(config_class(m), args) for m in methods
+    }
     if args.flops_speedup is not None and args.keep is not None:
         raise ValueError("give --keep or --flops-speedup, not both")
     if args.keep is None:
@@ -308,6 +330,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "cosine: reduced vs full test features; speedup measured at batch "
         f"{args.speed_batch_size} in this run"
     )
+    return 0
+
+
+def cmd_entropy(args: argparse.Namespace) -> int:
+    from .config import DEFAULT_ENTROPY_FLOOR
+    from .evaluate.guard_report import entropy_profile, format_profile, guard_summary
+    from .evaluate.harness import method_config
+
+    _set_threads(args.threads)
+    floor = DEFAULT_ENTROPY_FLOOR if args.entropy_floor is None else args.entropy_floor
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        for keep in args.keep:
+            method_config(m, keep, _guard_options(config_class(m), args))
+    args.n_train = 10
+    model, data = _model_and_data(args)
+    report = []
+    for keep in args.keep:
+        for m in methods:
+            config = method_config(m, keep, _guard_options(config_class(m), args))
+            profile = entropy_profile(model, data.test_images, config, batch_size=args.batch_size)
+            summary = guard_summary(profile, floor)
+            report.append({"method": m, "keep": keep, "config": config.to_dict(), **summary})
+            if not args.json:
+                print(
+                    f"\n{m} keep={keep:g} on {len(data.test_images)} {data.name} test images (floor {floor:g})"
+                )
+                print(format_profile(profile, floor))
+                print(
+                    ", ".join(
+                        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+                    )
+                )
+    if args.json:
+        print(json.dumps(report, indent=2))
     return 0
 
 
@@ -594,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma list of {', '.join(method_names())} (prune/dynamicvit: --keep is per stage)",
     )
     _add_stage_args(ev.add_argument_group("pruning methods"))
+    _add_entropy_floor_arg(ev.add_argument_group("entropy guard"))
     ev.add_argument(
         "--keep",
         type=_float_list,
@@ -734,6 +792,23 @@ def build_parser() -> argparse.ArgumentParser:
     vse.add_argument("--out", default=None, help="also write the table to this file")
     vse.add_argument("--quiet", action="store_true", help="no progress bar")
     vse.set_defaults(func=cmd_vlm_select_eval)
+    ent = sub.add_parser(
+        "entropy",
+        help="token entropy per block and how often the entropy guard fires, on real images",
+    )
+    ent.add_argument("--model", default="dinov2_small", help=model_help)
+    ent.add_argument("--pretrained", action="store_true")
+    ent.add_argument("--img-size", type=int, default=None)
+    ent.add_argument("--data", default="fashion-mnist", help="as for eval (its test images are used)")
+    ent.add_argument("--n-test", type=int, default=100, help="images (default 100)")
+    ent.add_argument("--methods", default="tome,tome-guard", help="comma list (default tome,tome-guard)")
+    ent.add_argument("--keep", type=_float_list, default=[0.05], help="comma list (default 0.05)")
+    _add_entropy_floor_arg(ent.add_argument_group("entropy guard"))
+    ent.add_argument("--seed", type=int, default=0)
+    ent.add_argument("--batch-size", type=int, default=32)
+    ent.add_argument("--threads", type=int, default=None)
+    ent.add_argument("--json", action="store_true")
+    ent.set_defaults(func=cmd_entropy)
 
     demo = sub.add_parser(
         "demo", help="ToMe on the embedded DINOv2 at a few budgets: table and merge picture"

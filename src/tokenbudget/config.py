@@ -10,6 +10,21 @@ from .schedule import RSpec, layer_schedule
 
 _REGISTRY: dict[str, type[ReductionConfig]] = {}
 
+#: the entropy guard's default floor (``ToMe(entropy_floor=DEFAULT_ENTROPY_FLOOR)``, method ``tome-guard``):
+#: a block may not take an image's token entropy below 27.34 % of its maximum
+DEFAULT_ENTROPY_FLOOR = 0.2734
+
+
+def _check_entropy_floor(name: str, floor: Any) -> None:
+    """``ValueError`` unless ``floor`` is ``None`` (no guard) or a fraction in [0, 1]."""
+    if floor is None:
+        return
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
+        raise ValueError(
+            f"{name}: entropy_floor is a fraction of the maximum token entropy in [0, 1] (e.g. "
+            f"{DEFAULT_ENTROPY_FLOOR}), or None for no guard; got {floor!r}"
+        )
+
 
 @dataclass(frozen=True)
 class ReductionConfig:
@@ -156,6 +171,11 @@ class ToMe(BudgetConfig):
             ``r`` disjoint A->B pairs of maximum total similarity, an exact assignment solved
             with scipy: ``pip install 'tokenbudget[optimal]'``; see
             :mod:`tokenbudget.ops.assignment`).
+        entropy_floor: the entropy guard (opt-in; ``None``, the default, is the paper's ToMe): a
+            block merges fewer tokens in an image whose token entropy
+            (:func:`tokenbudget.token_entropy`) would otherwise fall below this fraction of its
+            maximum, as few fewer as needed; :data:`DEFAULT_ENTROPY_FLOOR` = 0.2734 is the
+            default floor (method ``tome-guard``). See :mod:`tokenbudget.strategies.guard`.
     """
 
     method: ClassVar[str] = "tome"
@@ -167,9 +187,11 @@ class ToMe(BudgetConfig):
     matching: str = "greedy"
     preserve_detail: bool = False
     detail_fraction: float = 0.05
+    entropy_floor: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_entropy_floor(type(self).__name__, self.entropy_floor)
         if self.matching not in self._matchings:
             raise ValueError(
                 f"matching must be one of {', '.join(map(repr, self._matchings))} "
@@ -226,6 +248,11 @@ class GridPool(BudgetConfig):
 
     prop_attn: bool = True
     trace_source: bool = False
+    entropy_floor: float | None = None  # the entropy guard, as in ToMe (None: off)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_entropy_floor(type(self).__name__, self.entropy_floor)
 
 
 @dataclass(frozen=True)
@@ -270,9 +297,11 @@ class ToFu(BudgetConfig):
     switch_layer: int = 3
     prop_attn: bool = True
     trace_source: bool = False
+    entropy_floor: float | None = None  # the entropy guard, as in ToMe (None: off)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_entropy_floor(type(self).__name__, self.entropy_floor)
         if (
             isinstance(self.switch_layer, bool)
             or not isinstance(self.switch_layer, int)
@@ -282,6 +311,22 @@ class ToFu(BudgetConfig):
                 f"switch_layer must be an int >= 0 (the first block that merges; earlier blocks prune), "
                 f"got {self.switch_layer!r}"
             )
+
+
+@dataclass(frozen=True)
+class ToMeGuard(ToMe):
+    """ToMe with the entropy guard at the default floor: :class:`ToMe` with
+    ``entropy_floor=DEFAULT_ENTROPY_FLOOR``, registered as ``"tome-guard"`` so that
+    ``tokenbudget eval --methods tome,tome-guard`` and ``bench --method tome-guard`` reach it."""
+
+    method: ClassVar[str] = "tome-guard"
+
+    entropy_floor: float | None = DEFAULT_ENTROPY_FLOOR
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.entropy_floor is None:
+            raise ValueError("ToMeGuard needs an entropy_floor; for ToMe without the guard use tb.ToMe(...)")
 
 
 def _check_stages(name: str, keep: Any, layers: Any) -> tuple[int, ...]:

@@ -33,6 +33,12 @@ class TokenState:
             strategies that match by position).
         decision: [B, N, 1] soft keep decisions (1 kept, 0 pruned) of learned pruning while it
             trains: pruned tokens stay in the batch but are masked out of attention.
+        padding: [B, N] bool, True for the size-0 padding tokens of a ragged batch (the entropy
+            guard lets images merge different numbers of tokens); ``None`` while there is none.
+            Padding is masked out of attention as a key, with or without proportional attention.
+        guard_layers: per block where the entropy guard ran, ``(merged [B], withheld [B],
+            padding [B])``: real merges of each image, merges the guard withheld from the plan,
+            and padding tokens after the block.
     """
 
     batch_size: int
@@ -47,6 +53,8 @@ class TokenState:
     positions: Tensor | None = None
     device: torch.device | None = None
     decision: Tensor | None = None
+    padding: Tensor | None = None
+    guard_layers: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
     _bias: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -73,6 +81,40 @@ class TokenState:
         if self.token_map is None:
             return None
         return token_map_to_source(self.token_map, self.num_tokens)
+
+    def _per_image(self, slot: int) -> Tensor:
+        """[B, L] one of the guard's per-image records over the blocks that ran (0 where it did not
+        run; for padding, the count carries over blocks that did not reduce)."""
+        rows, current = [], torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        for layer in range(len(self.tokens_per_layer)):
+            record = self.guard_layers.get(layer)
+            if record is not None:
+                current = record[slot]
+            elif slot != 2:
+                current = torch.zeros_like(current)
+            rows.append(current)
+        if not rows:
+            return torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.device)
+        return torch.stack(rows, dim=1)
+
+    @property
+    def real_tokens_per_layer(self) -> Tensor:
+        """[B, L] each image's token count after each block (``tokens_per_layer`` minus its padding)."""
+        width = torch.tensor(self.tokens_per_layer, dtype=torch.long, device=self.device)
+        return width.expand(self.batch_size, -1) - self._per_image(2)
+
+    @property
+    def withheld_per_layer(self) -> Tensor:
+        """[B, L] merges the entropy guard withheld from the plan, per image and block."""
+        return self._per_image(1)
+
+    def padding_bias(self, dtype: torch.dtype) -> Tensor | None:
+        """[B, 1, 1, N] additive attention mask: 0 for real tokens, -inf for padding (``None`` without
+        padding): masks padding out as a key when proportional attention is off."""
+        if self.padding is None:
+            return None
+        zeros = torch.zeros(self.padding.shape, dtype=dtype, device=self.padding.device)
+        return zeros.masked_fill(self.padding, float("-inf"))[:, None, None, :]
 
     def attention_bias(self, dtype: torch.dtype) -> Tensor | None:
         """Proportional attention bias [B, 1, 1, N]: log(size) added to every query's logits.
@@ -113,4 +155,5 @@ class TokenState:
             "merged_per_layer": list(self.merged_per_layer),
             "tokens_per_layer": list(self.tokens_per_layer),
             "clamped_layers": self.clamped_layers,
+            **({"real_tokens_per_layer": self.real_tokens_per_layer.tolist()} if self.guard_layers else {}),
         }

@@ -79,6 +79,9 @@ class ReducingBlockForward:
         elif strategy.prop_attn or state.decision is not None:
             # [B, 1, 1, N]: log(size) and/or log of soft keep decisions; None before any merge
             attn_bias = state.attention_bias(x.dtype)
+        elif state.padding is not None:
+            # [B, 1, 1, N]: size-0 padding of a ragged batch is masked out even without prop_attn
+            attn_bias = state.padding_bias(x.dtype)
         else:
             attn_bias = None
         local = ctx.local

@@ -220,6 +220,15 @@ class HFAdapter:
                 f"{self.attn_implementation!r} attention implementation does not take; load the model with "
                 "attn_implementation='sdpa' or 'eager', or use prop_attn=False"
             )
+        if getattr(ctx.strategy, "guard", None) is not None and self.attn_implementation not in (
+            "eager",
+            "sdpa",
+        ):
+            raise ValueError(
+                f"the entropy guard masks size-0 padding with a float attention bias, which the "
+                f"{self.attn_implementation!r} attention implementation does not take; load the model with "
+                "attn_implementation='sdpa' or 'eager', or use entropy_floor=None"
+            )
         for layer, block in enumerate(self.layers):
             block.forward = HFLayerForward(block, layer, ctx, self.layout)
             attention = block.get_submodule(self.layout.attention)

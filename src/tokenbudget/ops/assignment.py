@@ -77,7 +77,13 @@ def best_disjoint_pairs(scores: np.ndarray, r: int) -> tuple[np.ndarray, np.ndar
     return rows[real].astype(np.int64), cols[real].astype(np.int64)
 
 
-def optimal_bipartite_matching(metric: Tensor, r: int, num_prefix: int = 1) -> Matching:
+#: score of a pair with a padding token: below every cosine, so real pairs are always preferred
+PADDING_SCORE = -4.0
+
+
+def optimal_bipartite_matching(
+    metric: Tensor, r: int, num_prefix: int = 1, padding: Tensor | None = None
+) -> Matching:
     """One-to-one bipartite matching of maximum total cosine similarity (see the module docstring).
 
     Args:
@@ -85,11 +91,15 @@ def optimal_bipartite_matching(metric: Tensor, r: int, num_prefix: int = 1) -> M
         r: tokens to remove; clamped to :func:`~tokenbudget.ops.match.max_mergeable` and to the
             number of non-prefix B tokens (one-to-one needs a distinct B token per merge).
         num_prefix: leading tokens that are never merged.
+        padding: optional [B, N] bool, size-0 padding tokens of a ragged batch (entropy guard):
+            their pairs score :data:`PADDING_SCORE`, so they are chosen only when real pairs run out.
 
     Returns:
         A :class:`~tokenbudget.ops.match.Matching` with the same A/B split and output layout as
         :func:`~tokenbudget.ops.match.bipartite_soft_matching` (prefix, unmerged A in input order,
-        then B), so merging, sizes and token maps reuse it.
+        then B), so merging, sizes and token maps reuse it. Its pairs are listed most similar
+        first (as greedy's are), which is the order the entropy guard takes merges in; each B
+        token receives at most one A token, so the order does not change the merged values.
     """
     batch, num_tokens, _ = metric.shape
     a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
@@ -100,11 +110,16 @@ def optimal_bipartite_matching(metric: Tensor, r: int, num_prefix: int = 1) -> M
     with torch.no_grad():
         unit = metric / metric.norm(dim=-1, keepdim=True)
         scores = unit[:, a_start::2] @ unit[:, b_start::2].transpose(1, 2)  # [B, Na, Nb] cosine
+        if padding is not None:
+            pad_pair = padding[:, a_start::2].unsqueeze(2) | padding[:, b_start::2].unsqueeze(1)
+            scores = scores.masked_fill(pad_pair, PADDING_SCORE)
         scores = scores.detach().to("cpu", torch.float64).numpy()
     src_rows = np.empty((batch, r), dtype=np.int64)
     dst_cols = np.empty((batch, r), dtype=np.int64)
     for i in range(batch):  # scipy solves one matrix at a time
-        src_rows[i], dst_cols[i] = best_disjoint_pairs(scores[i], r)
+        rows, cols = best_disjoint_pairs(scores[i], r)
+        first = np.argsort(-scores[i][rows, cols], kind="stable")  # most similar pair first
+        src_rows[i], dst_cols[i] = rows[first], cols[first]
     return matching_from_pairs(
         num_tokens, num_prefix, torch.from_numpy(src_rows), torch.from_numpy(dst_cols), metric.device
     )

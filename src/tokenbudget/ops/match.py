@@ -133,6 +133,7 @@ def bipartite_soft_matching(
     num_prefix: int = 1,
     similarity: str = "cosine",
     tie_break: Tensor | None = None,
+    padding: Tensor | None = None,
 ) -> Matching:
     """ToMe's bipartite soft matching.
 
@@ -144,6 +145,9 @@ def bipartite_soft_matching(
             for matching by position).
         tie_break: optional [B, Na] small scores added to each A token's best score before ranking,
             to spread the choice among equally good edges (positions on a grid tie everywhere).
+        padding: optional [B, N] bool, True for size-0 padding tokens (ragged batches, see
+            :mod:`tokenbudget.ops.ragged`): never a destination, and ranked after every real A
+            token, so the first merges of each image are between real tokens.
 
     Returns:
         A :class:`Matching`. Each token of set A (non-prefix, even positions) picks its most
@@ -168,9 +172,13 @@ def bipartite_soft_matching(
             scores = metric[:, a_start::2] @ metric[:, b_start::2].transpose(1, 2)  # [B, Na, Nb] cosine
         else:
             scores = -torch.cdist(metric[:, a_start::2], metric[:, b_start::2]).square()
+        if padding is not None:
+            scores = scores.masked_fill(padding[:, b_start::2].unsqueeze(1), float("-inf"))
         best_score, best_b = scores.max(dim=-1)  # [B, Na] each A token's best B partner
         if tie_break is not None:
             best_score = best_score + tie_break
+        if padding is not None:
+            best_score = best_score.masked_fill(padding[:, a_start::2], float("-inf"))
         order = best_score.argsort(dim=-1, descending=True)  # [B, Na] most similar first
         src_rows = order[:, :r]  # [B, r] A rows merged away
         unm_rows = order[:, r:].sort(dim=-1).values  # [B, Na - r] A rows kept, in input order
@@ -210,14 +218,21 @@ def matching_from_pairs(
     return Matching(kept, a_pos[src_rows], dst_idx, num_tokens)
 
 
-def nearest_neighbour_similarity(metric: Tensor, num_prefix: int) -> Tensor:
+def nearest_neighbour_similarity(metric: Tensor, num_prefix: int, padding: Tensor | None = None) -> Tensor:
     """[B, N - num_prefix] each non-prefix token's cosine similarity to its most similar other
-    non-prefix token: low = a token nothing else resembles (a distinctive detail)."""
+    non-prefix token: low = a token nothing else resembles (a distinctive detail).
+
+    ``padding`` ([B, N] bool): padding tokens are nobody's neighbour and score +inf (never the
+    most distinctive)."""
     tokens = metric[:, num_prefix:]
     tokens = tokens / tokens.norm(dim=-1, keepdim=True)
     sim = tokens @ tokens.transpose(1, 2)  # [B, M, M]
     sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
-    return sim.amax(dim=-1)
+    if padding is None:
+        return sim.amax(dim=-1)
+    pad = padding[:, num_prefix:]
+    sim = sim.masked_fill(pad.unsqueeze(1), float("-inf"))
+    return sim.amax(dim=-1).masked_fill(pad, float("inf"))
 
 
 def detail_preserving_matching(
@@ -225,7 +240,8 @@ def detail_preserving_matching(
     r: int,
     num_prefix: int,
     protect: int,
-    match: Callable[[Tensor, int, int], Matching] = bipartite_soft_matching,
+    match: Callable[..., Matching] = bipartite_soft_matching,
+    padding: Tensor | None = None,
 ) -> Matching:
     """Bipartite soft matching that never merges the ``protect`` most distinctive tokens.
 
@@ -237,20 +253,25 @@ def detail_preserving_matching(
     the budget, and so the speed, are exactly ToMe's.
 
     Output layout: [prefix] + [protected, in input order] + [ToMe's layout of the rest].
+    ``padding`` ([B, N] bool, size-0 tokens of a ragged batch) is never protected, never anyone's
+    nearest neighbour, and is handed on to ``match`` (which then takes a ``padding`` keyword).
     """
     batch, num_tokens, _ = metric.shape
     mergeable = num_tokens - num_prefix
     r = max(0, min(r, max_mergeable(num_tokens, num_prefix)))
     protect = max(0, min(protect, mergeable - 2 * r))
+    pad_kw = {} if padding is None else {"padding": padding}
     if protect == 0:
-        return match(metric, r, num_prefix)
+        return match(metric, r, num_prefix, **pad_kw)
     with torch.no_grad():
-        nn_sim = nearest_neighbour_similarity(metric, num_prefix)  # [B, M]
+        nn_sim = nearest_neighbour_similarity(metric, num_prefix, padding)  # [B, M]
         order = nn_sim.argsort(dim=-1)  # least similar first
         protected = order[:, :protect].sort(dim=-1).values + num_prefix  # [B, P] input positions
         rest = order[:, protect:].sort(dim=-1).values + num_prefix  # [B, M - P]
         prefix = torch.arange(num_prefix, device=metric.device).expand(batch, -1)
         perm = torch.cat([prefix, protected, rest], dim=1)  # [B, N]: permuted position -> input position
         permuted = metric.gather(1, perm.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
-        inner = match(permuted, r, num_prefix + protect)
+        if padding is not None:
+            pad_kw = {"padding": padding.gather(1, perm)}
+        inner = match(permuted, r, num_prefix + protect, **pad_kw)
     return Matching(perm.gather(1, inner.kept_idx), perm.gather(1, inner.src_idx), inner.dst_idx, num_tokens)

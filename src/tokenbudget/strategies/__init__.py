@@ -11,6 +11,7 @@ from ..config import (
     ToFu,
     ToMe,
     ToMeDetail,
+    ToMeGuard,
     ToMeOptimal,
 )
 from .base import ScheduledStrategy
@@ -29,6 +30,7 @@ _STRATEGIES: dict[type, type[ScheduledStrategy]] = {
     DynamicViT: DynamicViTStrategy,
     ToMeOptimal: ToMeStrategy,
     ToFu: ToFuStrategy,
+    ToMeGuard: ToMeStrategy,
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -10,6 +12,10 @@ from ..ops.merge import merge_weighted, update_token_map
 from ..ops.prune import random_keep_indices, select_tokens
 from ..state import TokenState
 from .base import ScheduledStrategy
+from .guard import EntropyGuard
+
+if TYPE_CHECKING:
+    from ..config import GridPool
 
 
 class RandomDropStrategy(ScheduledStrategy):
@@ -28,6 +34,11 @@ class GridPoolStrategy(ScheduledStrategy):
 
     needs_positions = True
 
+    def __init__(self, config: GridPool, num_layers: int) -> None:
+        super().__init__(config, num_layers)
+        floor = config.entropy_floor
+        self.guard = EntropyGuard(floor) if floor is not None else None
+
     def reduce(self, x: Tensor, keys: Tensor | None, state: TokenState, layer: int) -> Tensor:
         positions = state.positions  # [B, N, 2] centroid (row, col) of the patches of each token
         batch, num_tokens = x.shape[:2]
@@ -42,7 +53,10 @@ class GridPoolStrategy(ScheduledStrategy):
             state.num_prefix,
             similarity="neg_sqdist",
             tie_break=tie_break,
+            **({} if state.padding is None else {"padding": state.padding}),
         )
+        if self.guard is not None:
+            return self.guard.reduce(x, state, layer, matching, "mean")
         state.positions, _ = merge_weighted(positions, state.size, matching)
         x, state.size = merge_weighted(x, state.size, matching)
         if state.token_map is not None:

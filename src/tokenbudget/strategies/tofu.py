@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
 from ..ops.match import bipartite_soft_matching
 from ..ops.merge import drop_matched, merge_mlerp, update_token_map
 from ..state import TokenState
 from .base import ScheduledStrategy
+from .guard import EntropyGuard
+
+if TYPE_CHECKING:
+    from ..config import ToFu
 
 
 class ToFuStrategy(ScheduledStrategy):
@@ -17,9 +23,18 @@ class ToFuStrategy(ScheduledStrategy):
     #: the adapter must hand :meth:`reduce` the attention keys averaged over heads [B, N, d].
     needs_keys = True
 
+    def __init__(self, config: ToFu, num_layers: int) -> None:
+        super().__init__(config, num_layers)
+        floor = config.entropy_floor
+        self.guard = EntropyGuard(floor) if floor is not None else None
+
     def reduce(self, x: Tensor, keys: Tensor, state: TokenState, layer: int) -> Tensor:
         """Reduce tokens ``x`` [B, N, C] using ``keys`` [B, N, d]; updates ``state`` in place."""
-        matching = bipartite_soft_matching(keys, state.merged_per_layer[layer], state.num_prefix)
+        pad_kw = {} if state.padding is None else {"padding": state.padding}
+        matching = bipartite_soft_matching(keys, state.merged_per_layer[layer], state.num_prefix, **pad_kw)
+        if self.guard is not None:
+            mode = "drop" if layer < self.config.switch_layer else "mlerp"
+            return self.guard.reduce(x, state, layer, matching, mode)
         if layer < self.config.switch_layer:
             x, state.size = drop_matched(x, state.size, matching)
         else:

@@ -11,6 +11,7 @@ from ..ops.match import Matching, bipartite_soft_matching, detail_preserving_mat
 from ..ops.merge import merge_weighted, update_token_map
 from ..state import TokenState
 from .base import ScheduledStrategy
+from .guard import EntropyGuard
 
 
 class ToMeStrategy(ScheduledStrategy):
@@ -26,24 +27,33 @@ class ToMeStrategy(ScheduledStrategy):
             from ..ops.assignment import require_scipy
 
             require_scipy()  # fail at apply time, naming the extra, not at the first forward
+        floor = config.entropy_floor
+        self.guard = EntropyGuard(floor) if floor is not None else None
 
-    def match(self, keys: Tensor, r: int, num_prefix: int) -> Matching:
-        """The matching of this block: ToMe's greedy one or the optimal one-to-one assignment."""
+    def match(self, keys: Tensor, r: int, num_prefix: int, padding: Tensor | None = None) -> Matching:
+        """The matching of this block: ToMe's greedy one or the optimal one-to-one assignment.
+        ``padding`` [B, N] marks size-0 tokens of a ragged batch (entropy guard only)."""
+        pad_kw = {} if padding is None else {"padding": padding}
         if self.optimal:
             from ..ops.assignment import optimal_bipartite_matching
 
-            return optimal_bipartite_matching(keys, r, num_prefix)
-        return bipartite_soft_matching(keys, r, num_prefix)
+            return optimal_bipartite_matching(keys, r, num_prefix, **pad_kw)
+        return bipartite_soft_matching(keys, r, num_prefix, **pad_kw)
 
     def reduce(self, x: Tensor, keys: Tensor, state: TokenState, layer: int) -> Tensor:
         """Merge tokens ``x`` [B, N, C] using ``keys`` [B, N, d] (head-averaged attention keys, any
         positive scale); updates ``state`` in place."""
         r = state.merged_per_layer[layer]
+        pad_kw = {} if state.padding is None else {"padding": state.padding}
         if self.config.preserve_detail:
             protect = math.ceil(self.config.detail_fraction * (x.shape[1] - state.num_prefix))
-            matching = detail_preserving_matching(keys, r, state.num_prefix, protect, match=self.match)
+            matching = detail_preserving_matching(
+                keys, r, state.num_prefix, protect, match=self.match, **pad_kw
+            )
         else:
-            matching = self.match(keys, r, state.num_prefix)
+            matching = self.match(keys, r, state.num_prefix, **pad_kw)
+        if self.guard is not None:
+            return self.guard.reduce(x, state, layer, matching, "mean")
         x, state.size = merge_weighted(x, state.size, matching)
         if state.token_map is not None:
             state.token_map = update_token_map(state.token_map, matching)
