@@ -9,6 +9,7 @@ tb.remove(model)
 """
 
 from . import models
+from .adaptive import BudgetPredictor, EarlyExit, ExitHeads, forward_with_budgets
 from .config import (
     BudgetConfig,
     DynamicViT,
@@ -29,6 +30,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetConfig",
+    "BudgetPredictor",
+    "EarlyExit",
+    "ExitHeads",
+    "forward_with_budgets",
     "DynamicViT",
     "GridPool",
     "Prune",
