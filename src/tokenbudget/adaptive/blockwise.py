@@ -20,9 +20,7 @@ from ..patch import is_patched
 def check_blockwise_model(model: nn.Module, *, need_class_token: bool = True) -> None:
     """``ValueError`` unless ``model`` is an unpatched timm ViT (with a class token if asked)."""
     if not is_timm_vit(model):
-        raise ValueError(
-            f"block-by-block running needs a timm VisionTransformer, got {type(model).__name__}"
-        )
+        raise ValueError(f"block-by-block running needs a timm VisionTransformer, got {type(model).__name__}")
     if is_patched(model):
         raise ValueError("the model is patched by tokenbudget; call tb.remove(model) first")
     if need_class_token and not getattr(model, "cls_token", None) is not None:
@@ -43,7 +41,9 @@ def embed_tokens(model: nn.Module, images: Tensor) -> Tensor:
 def glance_tokens(model: nn.Module, images: Tensor) -> Tensor:
     """The patch embeddings [B, N_patches, C] before position embedding and blocks: a cheap glance
     (one strided convolution, about 2 % of DINOv2-S's FLOPs at 224 px)."""
-    return model.patch_embed(images)
+    x = model.patch_embed(images)
+    # Models built with dynamic_img_size keep the grid: [B, H', W', C] -> [B, H' W', C].
+    return x.flatten(1, 2) if x.ndim == 4 else x
 
 
 def layer_class_tokens(

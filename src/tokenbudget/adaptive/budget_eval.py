@@ -28,7 +28,7 @@ from ..evaluate.harness import extract_features
 from ..evaluate.metrics import knn_accuracy, linear_probe_accuracy
 from ..patch import apply, remove
 from ..strategies import ScheduledStrategy
-from .budget_predictor import BudgetPredictor, agreement_targets, forward_with_budgets
+from .budget_predictor import BudgetPredictor, agreement_targets, forward_with_budgets, model_glance
 
 
 @dataclass
@@ -50,7 +50,10 @@ class BudgetRow:
 def tome_cost(model: nn.Module, keep: float) -> tuple[int, float]:
     """(tokens after the last block, FLOPs fraction of the unpatched blocks) of ``tb.ToMe(keep=keep)``
     on ``model`` at its default input size."""
-    tokens, prefix = int(model.patch_embed.num_patches) + int(model.num_prefix_tokens), int(model.num_prefix_tokens)
+    tokens, prefix = (
+        int(model.patch_embed.num_patches) + int(model.num_prefix_tokens),
+        int(model.num_prefix_tokens),
+    )
     dims = [block_dims(b) for b in model.blocks]
     if keep >= 1.0:
         return tokens, 1.0
@@ -72,9 +75,14 @@ def evaluate_budgets(
     *,
     batch_size: int = 64,
     seed: int = 0,
+    run_predicted: bool = True,
 ) -> list[BudgetRow]:
     """Rows of the module docstring. ``test_budget_features`` [N, K, 2C]: the test images' harness
-    features under each of the predictor's budgets (the last one, 1.0, the full model)."""
+    features under each of the predictor's budgets (the last one, 1.0, the full model).
+
+    ``run_predicted=False`` takes the predicted row's features from ``test_budget_features`` (each
+    image's row at its chosen budget) instead of a grouped run: the same features, since ToMe
+    reduces every image on its own (the tests check the grouped run against per-image ToMe)."""
     budgets = torch.tensor(predictor.budgets)
     costs = {b: tome_cost(model, b) for b in predictor.budgets}
 
@@ -83,7 +91,11 @@ def evaluate_budgets(
             keeps = budgets[index]
             tokens = torch.tensor([float(costs[b][0]) for b in predictor.budgets])[index]
             flops = torch.tensor([costs[b][1] for b in predictor.budgets])[index]
-            mean_keep, mean_tokens, mean_flops = float(keeps.mean()), float(tokens.mean()), float(flops.mean())
+            mean_keep, mean_tokens, mean_flops = (
+                float(keeps.mean()),
+                float(tokens.mean()),
+                float(flops.mean()),
+            )
             counts = torch.bincount(index, minlength=len(budgets)).tolist()
         else:
             n_tokens, fl = tome_cost(model, keep)
@@ -98,12 +110,26 @@ def evaluate_budgets(
             counts,
         )
 
-    rows = [score(f"fixed keep={b:g}", test_budget_features[:, k], keep=b) for k, b in enumerate(predictor.budgets)]
-    predicted = forward_with_budgets(
-        model, predictor, test_images, lambda m, x: extract_features(m, x, batch_size)
-    )
-    rows.append(score("predicted", predicted.outputs, predicted.budget_index))
-    mean_keep = round(float(predicted.keep.mean()), 4)
+    rows = [
+        score(f"fixed keep={b:g}", test_budget_features[:, k], keep=b)
+        for k, b in enumerate(predictor.budgets)
+    ]
+    if run_predicted:
+        predicted = forward_with_budgets(
+            model, predictor, test_images, lambda m, x: extract_features(m, x, batch_size)
+        )
+        chosen, predicted_features = predicted.budget_index, predicted.outputs
+    else:
+        with torch.no_grad():
+            chosen = torch.cat(
+                [
+                    predictor.choose(model_glance(model, test_images[i : i + batch_size]))
+                    for i in range(0, len(test_images), batch_size)
+                ]
+            )
+        predicted_features = _select(test_budget_features, chosen)
+    rows.append(score("predicted", predicted_features, chosen))
+    mean_keep = round(float(budgets[chosen].mean()), 4)
     if mean_keep < 1.0:
         apply(model, ToMe(keep=mean_keep))
     try:
@@ -112,7 +138,7 @@ def evaluate_budgets(
         remove(model)
     rows.append(score("fixed, same mean", same, keep=mean_keep))
     generator = torch.Generator().manual_seed(seed)
-    shuffled = predicted.budget_index[torch.randperm(len(test_images), generator=generator)]
+    shuffled = chosen[torch.randperm(len(test_images), generator=generator)]
     rows.append(score("shuffled predicted", _select(test_budget_features, shuffled), shuffled))
     oracle = agreement_targets(test_budget_features[:, -1], test_budget_features, min_cosine)
     rows.append(score("oracle", _select(test_budget_features, oracle), oracle))

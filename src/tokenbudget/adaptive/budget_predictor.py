@@ -76,7 +76,9 @@ class BudgetPredictor(nn.Module):
         self.embed_dim, self.hidden = int(embed_dim), int(hidden)
         self.budgets = _check_budgets(budgets)
         self.info = dict(info or {})
-        self.embed = nn.Sequential(nn.LayerNorm(self.embed_dim), nn.Linear(self.embed_dim, self.hidden), nn.GELU())
+        self.embed = nn.Sequential(
+            nn.LayerNorm(self.embed_dim), nn.Linear(self.embed_dim, self.hidden), nn.GELU()
+        )
         self.classify = nn.Sequential(
             nn.LayerNorm(2 * self.hidden),
             nn.Linear(2 * self.hidden, self.hidden),
@@ -205,7 +207,9 @@ def train_budget_predictor(
     if target_keep is None:
         target_keep = float(keep_t[targets].mean())
     if not budgets[0] <= target_keep <= budgets[-1]:
-        raise ValueError(f"target_keep {target_keep} must lie between the budgets {budgets[0]} and {budgets[-1]}")
+        raise ValueError(
+            f"target_keep {target_keep} must lie between the budgets {budgets[0]} and {budgets[-1]}"
+        )
     torch.manual_seed(seed)
     predictor = BudgetPredictor(glance.shape[-1], budgets, hidden, info)
     generator = torch.Generator().manual_seed(seed)
@@ -226,7 +230,7 @@ def train_budget_predictor(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            sums += torch.tensor([float(loss), float(ce), float(steer)]) * len(idx)
+            sums += torch.stack([loss, ce, steer]).detach() * len(idx)
         schedule.step()
         sums /= len(glance)
         report.loss.append(float(sums[0]))
@@ -252,9 +256,12 @@ def train_budget_predictor(
 
 
 def model_glance(model: nn.Module, images: Tensor, batch_size: int = 64) -> Tensor:
-    """The predictor's input for ``images`` [N, 3, H, W]: the model's patch embeddings [N, P, C]."""
-    with torch.inference_mode():
-        return torch.cat([glance_tokens(model, images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    """The predictor's input for ``images`` [N, 3, H, W]: the model's patch embeddings [N, P, C]
+    (computed without gradient, usable as training data)."""
+    with torch.no_grad():
+        return torch.cat(
+            [glance_tokens(model, images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        )
 
 
 @dataclass
@@ -299,7 +306,11 @@ def forward_with_budgets(
     with torch.no_grad():
         choice = predictor.choose(glance_tokens(model, images)) if budget_index is None else budget_index
     choice = choice.to(torch.long).cpu()
-    if choice.shape != (images.shape[0],) or int(choice.min()) < 0 or int(choice.max()) >= len(predictor.budgets):
+    if (
+        choice.shape != (images.shape[0],)
+        or int(choice.min()) < 0
+        or int(choice.max()) >= len(predictor.budgets)
+    ):
         raise ValueError(f"budget_index must be [B] indices into the {len(predictor.budgets)} budgets")
     outputs: Tensor | None = None
     groups = {}

@@ -31,7 +31,9 @@ def cached_layer_tokens(
     """:func:`~tokenbudget.adaptive.blockwise.layer_class_tokens` of ``images``, cached under ``key``:
     [N, depth + 2, C] (class token after each block, then the full-token harness feature halves)."""
     return cached_tokens(
-        f"layer-class-tokens-v1-{key}", lambda: layer_class_tokens(model, images, progress=progress), cache=cache
+        f"layer-class-tokens-v1-{key}",
+        lambda: layer_class_tokens(model, images, progress=progress),
+        cache=cache,
     )
 
 
@@ -73,7 +75,9 @@ def cached_budget_features(
     )
 
 
-def fashion_mnist_inputs(split: str, n_per_class: int, seed: int = 0, size: int = 224) -> tuple[Tensor, Tensor]:
+def fashion_mnist_inputs(
+    split: str, n_per_class: int, seed: int = 0, size: int = 224
+) -> tuple[Tensor, Tensor]:
     """Normalised model input [10 n, 3, size, size] and labels [10 n] of the balanced Fashion-MNIST
     subset (the same images as ``tokenbudget eval --data fashion-mnist`` and the token caches)."""
     from ..data.fashion_mnist import fashion_mnist_subset, to_model_input

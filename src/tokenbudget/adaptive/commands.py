@@ -48,8 +48,12 @@ def _budget_features(model, images, budgets, args, data_name: str, split: str): 
     full = _layer_tokens(model, images, args, data_name, split)[:, depth : depth + 2].flatten(1)  # [N, 2C]
     reduced = [b for b in budgets if b < 1.0]
     key = _cache_key(args, data_name, split, len(images))
-    bar = _cli()._progress(-(-len(images) // 32) * len(reduced), f"ToMe features ({split})", disable=args.quiet)
-    feats = cached_budget_features(model, images, reduced, key or "", cache=key is not None, progress=bar.update)
+    bar = _cli()._progress(
+        -(-len(images) // 32) * len(reduced), f"ToMe features ({split})", disable=args.quiet
+    )
+    feats = cached_budget_features(
+        model, images, reduced, key or "", cache=key is not None, progress=bar.update
+    )
     bar.close()
     columns = list(feats.unbind(1)) + ([full] if 1.0 in budgets else [])
     return torch.stack(columns, dim=1), full
@@ -111,7 +115,9 @@ def cmd_train_exits(args: argparse.Namespace) -> int:
         f"(after blocks {[layer + 1 for layer in heads.layers]}): {heads.info['calib_accuracy']}"
     )
     if args.target_flops is not None:
-        print(f"thresholds for mean FLOPs {args.target_flops}: {[round(t, 4) for t in heads.info['thresholds']]}")
+        print(
+            f"thresholds for mean FLOPs {args.target_flops}: {[round(t, 4) for t in heads.info['thresholds']]}"
+        )
     print(f"wrote {weights} and {config}; use tb.EarlyExit(model, {str(config)!r})")
     return 0
 
@@ -251,11 +257,21 @@ def cmd_eval_budget_predictor(args: argparse.Namespace) -> int:
     model, data = cli._model_and_data(args)
     predictor.check_model(model)
     depth = len(model.blocks)
-    train_full = _layer_tokens(model, data.train_images, args, data.name, "train")[:, depth : depth + 2].flatten(1)
+    train_full = _layer_tokens(model, data.train_images, args, data.name, "train")[
+        :, depth : depth + 2
+    ].flatten(1)
     test_features, _ = _budget_features(model, data.test_images, predictor.budgets, args, data.name, "test")
     min_cosine = float(predictor.info.get("min_cosine", args.min_cosine))
     rows = evaluate_budgets(
-        model, predictor, train_full, data.train_labels, data.test_images, data.test_labels, test_features, min_cosine
+        model,
+        predictor,
+        train_full,
+        data.train_labels,
+        data.test_images,
+        data.test_labels,
+        test_features,
+        min_cosine,
+        run_predicted=not args.cached_predicted,
     )
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
@@ -289,32 +305,52 @@ def add_parsers(sub: argparse._SubParsersAction, model_help: str) -> None:
     cli = _cli()
     te = sub.add_parser("train-exits", help="train early-exit heads on a frozen ViT (class token per block)")
     _common(te, model_help, 1000, 10)
-    te.add_argument("--layers", type=cli._int_list, default=None, help="0-based exit blocks (default: every block)")
     te.add_argument(
-        "--calib-fraction", type=float, default=0.2, help="train images held out to calibrate thresholds (0.2)"
+        "--layers", type=cli._int_list, default=None, help="0-based exit blocks (default: every block)"
+    )
+    te.add_argument(
+        "--calib-fraction",
+        type=float,
+        default=0.2,
+        help="train images held out to calibrate thresholds (0.2)",
     )
     te.add_argument("--epochs", type=int, default=100)
     te.add_argument("--lr", type=float, default=3e-3)
     te.add_argument("--target-flops", type=float, default=None, help="also calibrate and store thresholds")
-    te.add_argument("--out", default="exits/dinov2_small_exits", help="output stem (STEM.safetensors + STEM.json)")
+    te.add_argument(
+        "--out", default="exits/dinov2_small_exits", help="output stem (STEM.safetensors + STEM.json)"
+    )
     te.set_defaults(func=cmd_train_exits)
 
     ee = sub.add_parser("eval-exits", help="early exit vs fixed depth: accuracy against mean FLOPs")
     _common(ee, model_help, 1000, 500)
     ee.add_argument("--heads", default="exits/dinov2_small_exits", help="exit heads (train-exits --out)")
-    ee.add_argument("--exits", type=cli._int_list, default=None, help="subset of the heads' layers to exit at")
-    ee.add_argument("--target-flops", default=_DEFAULT_TARGETS, help=f"comma list (default {_DEFAULT_TARGETS})")
-    ee.add_argument("--timed-target", type=float, default=None, help="also run and time the real forward here")
+    ee.add_argument(
+        "--exits", type=cli._int_list, default=None, help="subset of the heads' layers to exit at"
+    )
+    ee.add_argument(
+        "--target-flops", default=_DEFAULT_TARGETS, help=f"comma list (default {_DEFAULT_TARGETS})"
+    )
+    ee.add_argument(
+        "--timed-target", type=float, default=None, help="also run and time the real forward here"
+    )
     ee.add_argument("--timed-images", type=int, default=128)
     ee.add_argument("--batch-size", type=int, default=32)
     ee.add_argument("--json", action="store_true")
     ee.set_defaults(func=cmd_eval_exits)
 
-    tb_ = sub.add_parser("train-budget-predictor", help="train a per-image token budget predictor (ToMe budgets)")
+    tb_ = sub.add_parser(
+        "train-budget-predictor", help="train a per-image token budget predictor (ToMe budgets)"
+    )
     _common(tb_, model_help, 1000, 10)
-    tb_.add_argument("--budgets", default="0.25,0.5,0.75,1.0", help="ToMe keep fractions (default 0.25,0.5,0.75,1.0)")
     tb_.add_argument(
-        "--min-cosine", type=float, default=0.998, help="agreement: cosine of reduced to full features (0.998)"
+        "--budgets", default="0.25,0.5,0.75,1.0", help="ToMe keep fractions (default 0.25,0.5,0.75,1.0)"
+    )
+    tb_.add_argument(
+        "--min-cosine",
+        type=float,
+        default=0.998,
+        help="agreement: cosine of reduced to full features (0.998)",
     )
     tb_.add_argument("--target-keep", type=float, default=None, help="mean keep the budget loss steers to")
     tb_.add_argument("--budget-weight", type=float, default=10.0, help="lambda of the budget loss")
@@ -327,6 +363,13 @@ def add_parsers(sub: argparse._SubParsersAction, model_help: str) -> None:
     eb = sub.add_parser("eval-budget-predictor", help="predicted per-image budgets vs one budget for all")
     _common(eb, model_help, 1000, 500)
     eb.add_argument("--predictor", default="predictors/dinov2_small_budget")
-    eb.add_argument("--min-cosine", type=float, default=0.998, help="oracle agreement (default: the predictor's)")
+    eb.add_argument(
+        "--min-cosine", type=float, default=0.998, help="oracle agreement (default: the predictor's)"
+    )
+    eb.add_argument(
+        "--cached-predicted",
+        action="store_true",
+        help="score the predicted budgets on the cached per-budget features instead of a grouped run (same features)",
+    )
     eb.add_argument("--json", action="store_true")
     eb.set_defaults(func=cmd_eval_budget_predictor)

@@ -165,7 +165,9 @@ class EarlyExit(nn.Module):
         exits = tuple(sorted(int(e) for e in (exits if exits is not None else heads.layers)))
         missing = [e for e in exits if e not in heads.layers]
         if not exits or missing:
-            raise ValueError(f"exits {list(exits)} must be a non-empty subset of the heads' {list(heads.layers)}")
+            raise ValueError(
+                f"exits {list(exits)} must be a non-empty subset of the heads' {list(heads.layers)}"
+            )
         self.exits = exits
         if thresholds is None:
             stored = heads.info.get("thresholds")

@@ -64,7 +64,13 @@ def evaluate_exits(
             truncated = final(test_tokens[:, layer].float()).argmax(-1)
             rows.append(ExitRow("fixed, own head", None, float(depths[e]), float(costs[e]), own))
             rows.append(
-                ExitRow("fixed, final head", None, float(depths[e]), float(costs[e]), float((truncated == test_labels).float().mean()))
+                ExitRow(
+                    "fixed, final head",
+                    None,
+                    float(depths[e]),
+                    float(costs[e]),
+                    float((truncated == test_labels).float().mean()),
+                )
             )
     calib_conf, _ = early_exit.confidences(calib_tokens)
     for target in target_flops:
@@ -93,5 +99,7 @@ def format_exit_table(rows: Sequence[ExitRow]) -> str:
         target = f"{r.target:>6.2f}" if r.target is not None else f"{'-':>6}"
         calib = f"{r.calib_flops:>11.3f}" if r.calib_flops is not None else f"{'-':>11}"
         counts = " ".join(str(c) for c in r.exit_counts) if r.exit_counts else ""
-        lines.append(f"{r.kind:<18} {target} {r.mean_depth:>6.2f} {r.flops:>6.3f} {r.accuracy:>6.3f} {calib}  {counts}")
+        lines.append(
+            f"{r.kind:<18} {target} {r.mean_depth:>6.2f} {r.flops:>6.3f} {r.accuracy:>6.3f} {calib}  {counts}"
+        )
     return "\n".join(lines)
