@@ -107,7 +107,7 @@ def test_exited_samples_leave_the_batch_and_order_is_kept(batch: torch.Tensor) -
 
 def test_calibration_hits_the_target_mean_depth_and_flops() -> None:
     model = make_tiny("vit")
-    images = torch.randn(80, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    images = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     tokens = layer_class_tokens(model, images)
     early_exit = tb.EarlyExit(model, random_heads(model))
     depths = torch.tensor(early_exit.costs("depth"))
