@@ -167,7 +167,7 @@ def test_train_and_eval_budget_predictor_cli(tmp_path, capsys) -> None:
     assert main(argv) == 0
     assert "images per budget" in capsys.readouterr().out
     assert load_budget_predictor(out).budgets == (0.5, 1.0)
-    assert main(["eval-budget-predictor", *common, "--predictor", out, "--json"]) == 0
+    assert main(["eval-budget-predictor", *common, "--predictor", out, "--max-test", "8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     names = [r["condition"] for r in rows]
     assert names == [
@@ -179,7 +179,7 @@ def test_train_and_eval_budget_predictor_cli(tmp_path, capsys) -> None:
         "oracle",
     ]
     predicted, same = rows[2], rows[3]
-    assert sum(predicted["budget_counts"]) == 12 and same["mean_keep"] == pytest.approx(
+    assert sum(predicted["budget_counts"]) == 8 and same["mean_keep"] == pytest.approx(
         predicted["mean_keep"]
     )
     assert main(["train-budget-predictor", *common, "--budgets", "0.5,0.25", "--out", out]) == 2

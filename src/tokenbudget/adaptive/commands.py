@@ -40,12 +40,11 @@ def _layer_tokens(model, images, args, data_name: str, split: str):  # noqa: ANN
     return tokens
 
 
-def _budget_features(model, images, budgets, args, data_name: str, split: str):  # noqa: ANN001, ANN202
-    """[N, K, 2C] harness features at each budget (1.0 from the class-token pass's full feature)."""
+def _budget_features(model, images, budgets, args, data_name: str, split: str, full):  # noqa: ANN001, ANN202
+    """[N, K, 2C] harness features at each budget; ``full`` [N, 2C] (the class-token pass's full-token
+    feature) is the column of budget 1.0."""
     from .caches import cached_budget_features
 
-    depth = len(model.blocks)
-    full = _layer_tokens(model, images, args, data_name, split)[:, depth : depth + 2].flatten(1)  # [N, 2C]
     reduced = [b for b in budgets if b < 1.0]
     key = _cache_key(args, data_name, split, len(images))
     bar = _cli()._progress(
@@ -56,7 +55,13 @@ def _budget_features(model, images, budgets, args, data_name: str, split: str): 
     )
     bar.close()
     columns = list(feats.unbind(1)) + ([full] if 1.0 in budgets else [])
-    return torch.stack(columns, dim=1), full
+    return torch.stack(columns, dim=1)
+
+
+def _full_features(model, images, args, data_name: str, split: str):  # noqa: ANN001, ANN202
+    """[N, 2C]: the harness feature with all tokens (from the cached class-token pass)."""
+    depth = len(model.blocks)
+    return _layer_tokens(model, images, args, data_name, split)[:, depth : depth + 2].flatten(1)
 
 
 def _split(n: int, calib_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +213,8 @@ def cmd_train_budget_predictor(args: argparse.Namespace) -> int:
     cli._set_threads(args.threads)
     budgets = cli._float_list(args.budgets)
     model, data = cli._model_and_data(args)
-    features, full = _budget_features(model, data.train_images, budgets, args, data.name, "train")
+    full = _full_features(model, data.train_images, args, data.name, "train")
+    features = _budget_features(model, data.train_images, budgets, args, data.name, "train", full)
     targets = agreement_targets(full, features, args.min_cosine)
     glance = model_glance(model, data.train_images)
     bar = cli._progress(args.epochs, "train-budget-predictor", disable=args.quiet)
@@ -256,19 +262,26 @@ def cmd_eval_budget_predictor(args: argparse.Namespace) -> int:
     predictor = load_budget_predictor(args.predictor)
     model, data = cli._model_and_data(args)
     predictor.check_model(model)
-    depth = len(model.blocks)
-    train_full = _layer_tokens(model, data.train_images, args, data.name, "train")[
-        :, depth : depth + 2
-    ].flatten(1)
-    test_features, _ = _budget_features(model, data.test_images, predictor.budgets, args, data.name, "test")
+    train_full = _full_features(model, data.train_images, args, data.name, "train")
+    test_full = _full_features(model, data.test_images, args, data.name, "test")
+    test_images, test_labels, split = data.test_images, data.test_labels, "test"
+    if args.max_test is not None and args.max_test < len(test_images):
+        # A seeded subset of the test images: the full features come from the whole set's cache.
+        keep = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(args.seed))[
+            : args.max_test
+        ]
+        keep = keep.sort().values
+        test_images, test_labels, test_full = test_images[keep], test_labels[keep], test_full[keep]
+        split = f"test-{args.max_test}-of-{len(data.test_images)}"
+    test_features = _budget_features(model, test_images, predictor.budgets, args, data.name, split, test_full)
     min_cosine = float(predictor.info.get("min_cosine", args.min_cosine))
     rows = evaluate_budgets(
         model,
         predictor,
         train_full,
         data.train_labels,
-        data.test_images,
-        data.test_labels,
+        test_images,
+        test_labels,
         test_features,
         min_cosine,
         run_predicted=not args.cached_predicted,
@@ -277,7 +290,7 @@ def cmd_eval_budget_predictor(args: argparse.Namespace) -> int:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
     print(
-        f"{args.model} on {data.name}: {len(data.train_images)} train / {len(data.test_images)} test images; budgets "
+        f"{args.model} on {data.name}: {len(data.train_images)} train / {len(test_images)} test images; budgets "
         f"{list(predictor.budgets)} (ToMe keep)"
     )
     print(format_budget_table(rows))
@@ -365,6 +378,9 @@ def add_parsers(sub: argparse._SubParsersAction, model_help: str) -> None:
     eb.add_argument("--predictor", default="predictors/dinov2_small_budget")
     eb.add_argument(
         "--min-cosine", type=float, default=0.998, help="oracle agreement (default: the predictor's)"
+    )
+    eb.add_argument(
+        "--max-test", type=int, default=None, help="score a seeded subset of this many test images"
     )
     eb.add_argument(
         "--cached-predicted",
