@@ -362,8 +362,8 @@ def add_parsers(sub: argparse._SubParsersAction, model_help: str) -> None:
     tb_.add_argument(
         "--min-cosine",
         type=float,
-        default=0.998,
-        help="agreement: cosine of reduced to full features (0.998)",
+        default=0.9995,
+        help="agreement: cosine of reduced to full features (0.9995)",
     )
     tb_.add_argument("--target-keep", type=float, default=None, help="mean keep the budget loss steers to")
     tb_.add_argument("--budget-weight", type=float, default=10.0, help="lambda of the budget loss")
@@ -377,7 +377,7 @@ def add_parsers(sub: argparse._SubParsersAction, model_help: str) -> None:
     _common(eb, model_help, 1000, 500)
     eb.add_argument("--predictor", default="predictors/dinov2_small_budget")
     eb.add_argument(
-        "--min-cosine", type=float, default=0.998, help="oracle agreement (default: the predictor's)"
+        "--min-cosine", type=float, default=0.9995, help="oracle agreement (default: the predictor's)"
     )
     eb.add_argument(
         "--max-test", type=int, default=None, help="score a seeded subset of this many test images"
