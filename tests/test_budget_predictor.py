@@ -179,8 +179,6 @@ def test_train_and_eval_budget_predictor_cli(tmp_path, capsys) -> None:
         "oracle",
     ]
     predicted, same = rows[2], rows[3]
-    assert sum(predicted["budget_counts"]) == 8 and same["mean_keep"] == pytest.approx(
-        predicted["mean_keep"]
-    )
+    assert sum(predicted["budget_counts"]) == 8 and same["mean_keep"] == pytest.approx(predicted["mean_keep"])
     assert main(["train-budget-predictor", *common, "--budgets", "0.5,0.25", "--out", out]) == 2
     assert "increasing keep fractions" in capsys.readouterr().err
