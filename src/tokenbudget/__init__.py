@@ -9,6 +9,7 @@ tb.remove(model)
 """
 
 from . import models, vlm
+from .adaptive import BudgetPredictor, EarlyExit, ExitHeads, forward_with_budgets
 from .config import (
     DEFAULT_ENTROPY_FLOOR,
     BudgetConfig,
@@ -33,6 +34,10 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_ENTROPY_FLOOR",
     "BudgetConfig",
+    "BudgetPredictor",
+    "EarlyExit",
+    "ExitHeads",
+    "forward_with_budgets",
     "DynamicViT",
     "GridPool",
     "Prune",

@@ -820,7 +820,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=None)
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    _add_adaptive_commands(sub, model_help)
     return parser
+
+
+def _add_adaptive_commands(sub: argparse._SubParsersAction, model_help: str) -> None:
+    """train-exits, eval-exits, train-budget-predictor, eval-budget-predictor (tokenbudget.adaptive)."""
+    from .adaptive.commands import add_parsers
+
+    add_parsers(sub, model_help)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
