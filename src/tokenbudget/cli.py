@@ -605,6 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=None)
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    from .vlm.cli import add_compress_commands
+
+    add_compress_commands(sub)
     return parser
 
 

@@ -6,7 +6,24 @@ in front and the patch ``grid``) and a budget ``k`` (one int, or one per image) 
 ``.assignment`` ([B, N], the output each input token went into, -1 where dropped).
 """
 
+from .autoencoder import TokenAutoencoder
 from .base import CompressedTokens, check_budget, check_tokens, infer_grid
+from .compressor_io import load_compressor, save_compressor
+from .latent import LatentCompressor
 from .pooling import pool
+from .resampler import Resampler
+from .train import train_compressor
 
-__all__ = ["CompressedTokens", "check_budget", "check_tokens", "infer_grid", "pool"]
+__all__ = [
+    "CompressedTokens",
+    "LatentCompressor",
+    "Resampler",
+    "TokenAutoencoder",
+    "check_budget",
+    "check_tokens",
+    "infer_grid",
+    "load_compressor",
+    "pool",
+    "save_compressor",
+    "train_compressor",
+]
