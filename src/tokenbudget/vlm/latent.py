@@ -255,11 +255,11 @@ class LatentCompressor(nn.Module):
         outputs per image (one int or one per image, each <= k_max): the :class:`CompressedTokens`
         contract, with ``.scores`` [B, N] the largest attention weight any kept query gave each token."""
         batch, n, _ = check_tokens(tokens, num_prefix)
+        patches = tokens[:, num_prefix:]
+        self.check_patches(patches)
         grid = infer_grid(n - num_prefix, grid)
         if tuple(grid) != self.grid:
             raise ValueError(f"this {self.kind} was trained for grid {self.grid}, got grid {tuple(grid)}")
-        patches = tokens[:, num_prefix:]
-        self.check_patches(patches)
         ks = check_budget(k, batch, n - num_prefix)
         # One pass with the largest budget serves every image: the first k_b outputs are budget k_b's.
         outputs, weights = self.encode(patches, max(ks))  # [B, kmax_b, C], [B, kmax_b, P]
