@@ -112,8 +112,8 @@ def train_compressor(
     """Train a ``kind`` ("resampler" or "autoencoder") compressor on backbone ``tokens`` [S, N, C]
     (``num_prefix`` prefix tokens first; they are not compressed, so not trained on).
 
-    ``steps`` AdamW steps (cosine learning-rate decay after a short warm-up) on batches drawn in a
-    seeded shuffled order, or fewer if ``max_seconds`` runs out; ``progress(step, losses)`` after
+    ``steps`` AdamW steps (cosine learning-rate decay after a short warm-up, over the steps or over
+    ``max_seconds``, whichever ends first) on batches drawn in a seeded shuffled order; ``progress(step, losses)`` after
     each. Returns the compressor in eval mode and a :class:`CompressorTrainReport`.
     """
     from .base import check_tokens, infer_grid
@@ -145,10 +145,6 @@ def train_compressor(
     model.set_token_statistics(patches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
-    )
     generator = torch.Generator().manual_seed(seed)
     order, cursor = torch.randperm(len(patches), generator=generator), 0
     report = CompressorTrainReport(steps=0, seconds=0.0)
@@ -159,6 +155,13 @@ def train_compressor(
             order, cursor = torch.randperm(len(patches), generator=generator), 0
         batch = patches[order[cursor : cursor + batch_size]].float()
         cursor += batch_size
+        # Cosine decay over the run; a time limit counts as the end of the run, so a run cut short by
+        # max_seconds still anneals instead of stopping at the peak learning rate.
+        done = step / steps
+        if max_seconds is not None:
+            done = max(done, (time.perf_counter() - start) / max_seconds)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
         budgets = sample_budgets(model.k_max, budgets_per_step, generator)
         loss, feature, recon = compressor_losses(
             model, batch, budgets, feature_weight=feature_weight, recon_weight=recon_weight
@@ -167,7 +170,6 @@ def train_compressor(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
         report.loss.append(float(loss.detach()))
         report.feature_loss.append(float(feature.detach()))
         report.recon_loss.append(float(recon.detach()))
