@@ -94,6 +94,7 @@ def cmd_train_compressor(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         budgets_per_step=args.budgets_per_step,
+        feature_weight=args.feature_weight,
         seed=args.seed,
         max_seconds=60 * args.max_minutes,
         progress=progress,
@@ -231,6 +232,12 @@ def add_compress_commands(sub: argparse._SubParsersAction) -> None:
     tc.add_argument("--lr", type=float, default=1e-3)
     tc.add_argument(
         "--budgets-per-step", type=int, default=2, help="k_max plus log-uniform draws (default 2)"
+    )
+    tc.add_argument(
+        "--feature-weight",
+        type=float,
+        default=1.0,
+        help="resampler: weight of the pooled-feature loss (default 1)",
     )
     tc.add_argument("--max-minutes", type=float, default=30.0, help="stop after this long (default 30)")
     tc.add_argument("--seed", type=int, default=0)
