@@ -91,6 +91,11 @@ def test_nested_budgets_first_outputs_are_the_smaller_budget(kind, tokens):
     for small in (1, 3, 6):
         out = model.compress(tokens, small, num_prefix=1)
         torch.testing.assert_close(out.tokens, full.tokens[:, : 1 + small], rtol=1e-5, atol=1e-5)
+    # One pass for several budgets (what the benchmark uses) gives each budget's own result.
+    for small, out in model.compress_nested(tokens, [2, 5, K_MAX], num_prefix=1).items():
+        alone = model.compress(tokens, small, num_prefix=1)
+        torch.testing.assert_close(out.tokens, alone.tokens, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.assignment, alone.assignment)
     # Changing a later query leaves the earlier outputs alone (queries attend only to earlier ones).
     with torch.no_grad():
         model.queries[5:] += 1.0
@@ -115,7 +120,13 @@ def test_no_prefix_and_reconstruct_shape(tokens):
     model = make("autoencoder")
     out = model.compress(tokens[:, 1:], 4)
     assert out.tokens.shape == (3, 4, DIM) and out.assignment.max() < 4
-    assert model.reconstruct(tokens, 4, num_prefix=1).shape == (3, 16, DIM)
+    rebuilt = model.reconstruct(tokens, [4, 2, 8], num_prefix=1)
+    assert rebuilt.shape == (3, 16, DIM)
+    alone = model.reconstruct(tokens[1:2], 2, num_prefix=1)
+    torch.testing.assert_close(rebuilt[1:2], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model.decode_tokens(model.compress(tokens[1:2], 2, num_prefix=1).tokens[:, 1:]), alone
+    )
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

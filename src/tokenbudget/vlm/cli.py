@@ -168,7 +168,7 @@ def cmd_vlm_compress_eval(args: argparse.Namespace) -> int:
         compressors["autoencoder"] = load_compressor(args.autoencoder, kind="autoencoder")
     data = _eval_data(args)
     scenes = _scene_data() if args.scenes else None
-    total = (len(methods) + len(compressors)) * len(args.k)
+    total = len(methods) + len(compressors)
     bar = _bar(total, "vlm-compress-eval", args.quiet)
     start = time.perf_counter()
     rows = evaluate_compressors(

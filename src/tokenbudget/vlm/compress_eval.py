@@ -93,37 +93,39 @@ def unexplained_variance(estimate: Tensor, target: Tensor) -> float:
     return float((estimate.float() - target.float()).pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12))
 
 
-def compressor_fn(
-    method: str, compressor: LatentCompressor | None = None, seed: int = 0
-) -> Callable[[Tensor, int, int], CompressedTokens]:
-    """``fn(tokens, k, num_prefix)`` for a baseline name or a trained compressor."""
+NestedFn = Callable[[Tensor, Sequence[int], int], dict[int, CompressedTokens]]
+
+
+def compressor_fn(method: str, compressor: LatentCompressor | None = None, seed: int = 0) -> NestedFn:
+    """``fn(tokens, budgets, num_prefix) -> {k: CompressedTokens}`` for a baseline name or a trained
+    compressor (one encoder pass for all budgets: they are nested)."""
     if compressor is not None:
-        return lambda tokens, k, num_prefix: compressor.compress(tokens, k, num_prefix=num_prefix)
+        return lambda tokens, ks, num_prefix: compressor.compress_nested(
+            tokens, list(ks), num_prefix=num_prefix
+        )
     if method in ("avg", "max"):
-        return lambda tokens, k, num_prefix: pool(tokens, k, num_prefix=num_prefix, mode=method)
+        return lambda tokens, ks, num_prefix: {
+            k: pool(tokens, k, num_prefix=num_prefix, mode=method) for k in ks
+        }
     if method == "random":
         generator = torch.Generator().manual_seed(seed)
-        return lambda tokens, k, num_prefix: random_select(
-            tokens, k, num_prefix=num_prefix, generator=generator
-        )
+        return lambda tokens, ks, num_prefix: {
+            k: random_select(tokens, k, num_prefix=num_prefix, generator=generator) for k in ks
+        }
     raise ValueError(f"unknown compression method {method!r}; use one of {BASELINES} or a trained compressor")
 
 
 def _batched(
-    fn: Callable[[Tensor, int, int], CompressedTokens],
-    tokens: Tensor,
-    k: int,
-    num_prefix: int,
-    batch_size: int,
-) -> tuple[Tensor, Tensor]:
-    """Compressed patch outputs [S, k, C] and assignments [S, N] of ``tokens`` [S, N, C], in batches."""
-    outputs, assignments = [], []
+    fn: NestedFn, tokens: Tensor, budgets: Sequence[int], num_prefix: int, batch_size: int
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """``{k: (patch outputs [S, k, C], assignment [S, N])}`` of ``tokens`` [S, N, C], in batches."""
+    parts: dict[int, tuple[list[Tensor], list[Tensor]]] = {k: ([], []) for k in budgets}
     with torch.inference_mode():
         for start in range(0, len(tokens), batch_size):
-            out = fn(tokens[start : start + batch_size], k, num_prefix)
-            outputs.append(out.tokens[:, num_prefix:].float())
-            assignments.append(out.assignment)
-    return torch.cat(outputs), torch.cat(assignments)
+            for k, out in fn(tokens[start : start + batch_size], budgets, num_prefix).items():
+                parts[k][0].append(out.tokens[:, num_prefix:].float())
+                parts[k][1].append(out.assignment)
+    return {k: (torch.cat(outs), torch.cat(assignments)) for k, (outs, assignments) in parts.items()}
 
 
 def scene_item_accuracy(
@@ -198,12 +200,14 @@ def evaluate_compressors(
     test_patches = test_tokens[:, num_prefix:].float()
     entries = [(m, None) for m in methods] + list(compressors.items())
     for name, compressor in entries:
+        if progress is not None:
+            progress(name)
         fn = compressor_fn(name, compressor, seed)
+        train_all = _batched(fn, train_tokens, budgets, num_prefix, batch_size)
+        test_all = _batched(fn, test_tokens, budgets, num_prefix, batch_size)
+        scene_all = _batched(fn, scenes["tokens"], budgets, num_prefix, batch_size) if scenes else None
         for k in budgets:
-            if progress is not None:
-                progress(f"{name} k={k}")
-            train_out, _ = _batched(fn, train_tokens, k, num_prefix, batch_size)
-            test_out, test_assignment = _batched(fn, test_tokens, k, num_prefix, batch_size)
+            (train_out, _), (test_out, test_assignment) = train_all[k], test_all[k]
             train_feat, test_feat = pooled_feature(train_out), pooled_feature(test_out)
             same = knn_predict(train_feat, train_labels, test_feat, knn_k)
             full = knn_predict(full_train, train_labels, test_feat, knn_k)
@@ -221,13 +225,13 @@ def evaluate_compressors(
                 with torch.inference_mode():
                     rebuilt = torch.cat(
                         [
-                            compressor.reconstruct(test_tokens[s : s + batch_size], k, num_prefix=num_prefix)
-                            for s in range(0, len(test_tokens), batch_size)
+                            compressor.decode_tokens(test_out[s : s + batch_size])
+                            for s in range(0, len(test_out), batch_size)
                         ]
                     )
                 row.recon_decoder = unexplained_variance(rebuilt, test_patches)
-            if scenes is not None:
-                scene_out, scene_assignment = _batched(fn, scenes["tokens"], k, num_prefix, batch_size)
+            if scene_all is not None:
+                scene_out, scene_assignment = scene_all[k]
                 row.scene_item_knn = scene_item_accuracy(
                     scene_out, scene_assignment, scenes["patch_owner"], scenes["labels"],
                     scenes["bank"], scenes["bank_labels"], num_prefix, knn_k,

@@ -236,24 +236,22 @@ class LatentCompressor(nn.Module):
             queries, _ = block(queries, latents, None, self_attend=False)
         return self.decoder_out(queries)
 
-    def reconstruct(self, tokens: Tensor, k: Budget, *, num_prefix: int = 0) -> Tensor:
-        """Patch tokens [B, P, C] of ``tokens`` [B, N, C] rebuilt from their first k outputs (token space)."""
-        batch, n, _ = check_tokens(tokens, num_prefix)
-        patches = tokens[:, num_prefix:]
-        self.check_patches(patches)
-        ks = check_budget(k, batch, n - num_prefix)
-        rows = []
-        for b, kb in enumerate(ks):
-            outputs, _ = self.encode(patches[b : b + 1], kb)
-            rows.append(self.destandardize(self.decode(outputs))[0])
-        return torch.stack(rows).to(tokens.dtype)
+    def decode_tokens(self, outputs: Tensor) -> Tensor:
+        """All P patch tokens [B, P, C] rebuilt from compressed outputs [B, k, C], both in token space."""
+        return self.destandardize(self.decode(self.standardize(outputs.float()))).to(outputs.dtype)
 
-    def compress(
+    def reconstruct(
         self, tokens: Tensor, k: Budget, *, grid: tuple[int, int] | None = None, num_prefix: int = 0
-    ) -> CompressedTokens:
-        """Compress ``tokens`` [B, N, C] (``num_prefix`` prefix tokens first, passed through) to ``k``
-        outputs per image (one int or one per image, each <= k_max): the :class:`CompressedTokens`
-        contract, with ``.scores`` [B, N] the largest attention weight any kept query gave each token."""
+    ) -> Tensor:
+        """Patch tokens [B, P, C] of ``tokens`` [B, N, C] rebuilt from their first k outputs (token space)."""
+        ks, outputs, _ = self._checked_encode(tokens, k, grid, num_prefix)
+        return torch.cat([self.decode_tokens(outputs[b : b + 1, :kb]) for b, kb in enumerate(ks)])
+
+    def _checked_encode(
+        self, tokens: Tensor, k: Budget, grid: tuple[int, int] | None, num_prefix: int
+    ) -> tuple[list[int], Tensor, Tensor]:
+        """Checked budgets per image and one encoder pass at the largest: (ks, outputs [B, k, C] in
+        token space, last-layer weights [B, k, P])."""
         batch, n, _ = check_tokens(tokens, num_prefix)
         patches = tokens[:, num_prefix:]
         self.check_patches(patches)
@@ -262,8 +260,37 @@ class LatentCompressor(nn.Module):
             raise ValueError(f"this {self.kind} was trained for grid {self.grid}, got grid {tuple(grid)}")
         ks = check_budget(k, batch, n - num_prefix)
         # One pass with the largest budget serves every image: the first k_b outputs are budget k_b's.
-        outputs, weights = self.encode(patches, max(ks))  # [B, kmax_b, C], [B, kmax_b, P]
-        outputs = self.destandardize(outputs).to(tokens.dtype)
+        outputs, weights = self.encode(patches, max(ks))
+        return ks, self.destandardize(outputs).to(tokens.dtype), weights
+
+    def compress(
+        self, tokens: Tensor, k: Budget, *, grid: tuple[int, int] | None = None, num_prefix: int = 0
+    ) -> CompressedTokens:
+        """Compress ``tokens`` [B, N, C] (``num_prefix`` prefix tokens first, passed through) to ``k``
+        outputs per image (one int or one per image, each <= k_max): the :class:`CompressedTokens`
+        contract, with ``.scores`` [B, N] the largest attention weight any kept query gave each token."""
+        ks, outputs, weights = self._checked_encode(tokens, k, grid, num_prefix)
+        return self._pack(tokens, num_prefix, ks, outputs, weights)
+
+    def compress_nested(
+        self, tokens: Tensor, budgets: list[int], *, grid: tuple[int, int] | None = None, num_prefix: int = 0
+    ) -> dict[int, CompressedTokens]:
+        """``{k: compress(tokens, k)}`` for every int k in ``budgets`` from one encoder pass at the
+        largest (exact, because the budgets are nested)."""
+        _, outputs, weights = self._checked_encode(tokens, max(budgets), grid, num_prefix)
+        batch = tokens.shape[0]
+        return {
+            k: self._pack(tokens, num_prefix, check_budget(k, batch, self.num_patches), outputs, weights)
+            for k in budgets
+        }
+
+    @staticmethod
+    def _pack(
+        tokens: Tensor, num_prefix: int, ks: list[int], outputs: Tensor, weights: Tensor
+    ) -> CompressedTokens:
+        """The contract from outputs [B, >= k_b, C] and last-layer weights [B, >= k_b, P]: image b keeps
+        its first k_b outputs, and each patch token goes to the one of them that weighs it most."""
+        batch = tokens.shape[0]
         rows, score_rows, kept = [], [], []
         for b, kb in enumerate(ks):
             best, index = weights[b, :kb].max(dim=0)  # [P]
