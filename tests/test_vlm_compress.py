@@ -305,3 +305,40 @@ def test_cli_train_and_eval_on_tiny_token_files(tmp_path, capsys):
 
 def test_public_api():
     assert tb.vlm.Resampler is Resampler and tb.vlm.load_compressor is load_compressor
+
+
+@pytest.mark.slow
+def test_real_dinov2_tokens_end_to_end(tmp_path):
+    """A small resampler trained on real DINOv2-S tokens keeps the pooled feature better than it did
+    untrained, saves and loads, and compresses a fresh forward of the embedded model."""
+    from tokenbudget.data.token_cache import dinov2_fashion_mnist_tokens
+    from tokenbudget.evaluate.scene_metrics import pooled_feature
+
+    tokens, _ = dinov2_fashion_mnist_tokens("test", 50)  # [500, 257, 384], cached
+    train, held_out = tokens[:400], tokens[400:]
+    model, report = train_compressor(
+        "resampler", train, k_max=64, width=64, heads=4, steps=40, batch_size=16, lr=3e-3, feature_weight=5.0
+    )
+    torch.manual_seed(0)
+    untrained = build_compressor(model.config())
+    untrained.set_token_statistics(train[:, 1:])
+    full = pooled_feature(held_out[:, 1:])
+
+    def fidelity(compressor) -> float:
+        with torch.no_grad():
+            out = compressor.compress(held_out, 16, num_prefix=1)
+        return float((pooled_feature(out.tokens[:, 1:]) * full).sum(-1).mean())
+
+    assert fidelity(model) > fidelity(untrained)
+    save_compressor(model, tmp_path / "rs")
+    loaded = load_compressor(tmp_path / "rs", kind="resampler")
+    skimage_data = pytest.importorskip("skimage.data")
+    image = torch.from_numpy(skimage_data.astronaut()).permute(2, 0, 1).float().div(255)[None]
+    image = torch.nn.functional.interpolate(image, size=224, mode="bilinear", antialias=True)
+    backbone = tb.models.dinov2_small().eval()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        fresh = backbone.forward_features((image - mean[:, None, None]) / std[:, None, None])  # [1, 257, 384]
+        out = loaded.compress(fresh, [16], num_prefix=1)
+    assert out.tokens.shape == (1, 17, 384) and out.assignment.shape == (1, 257)
+    assert torch.isfinite(out.tokens).all() and (out.assignment[0, 1:] >= 1).all()
