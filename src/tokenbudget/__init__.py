@@ -8,7 +8,7 @@ print(tb.last_state(model).tokens_per_layer)
 tb.remove(model)
 """
 
-from . import models
+from . import models, vlm
 from .config import (
     BudgetConfig,
     DynamicViT,
@@ -46,4 +46,5 @@ __all__ = [
     "models",
     "patched_config",
     "remove",
+    "vlm",
 ]

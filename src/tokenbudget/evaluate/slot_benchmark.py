@@ -80,7 +80,9 @@ def compressed_predictions(
     rows = []
     for b, tokens in enumerate(out.token_list()):
         assignment = out.assignment[b, p:] - p
-        rows.append(item_predictions(tokens[p:], assignment, owner[b], num_items, bank, bank_labels, weighted))
+        rows.append(
+            item_predictions(tokens[p:], assignment, owner[b], num_items, bank, bank_labels, weighted)
+        )
     return torch.stack(rows)
 
 
@@ -105,7 +107,9 @@ def _oracle_slots(owner: Tensor, grid: tuple[int, int], num_items: int) -> Slots
     assignment = torch.where(owner >= 0, owner, torch.full_like(owner, num_items))
     batch, n = assignment.shape
     masks = assignment[:, None] == torch.arange(num_items + 1)[None, :, None]
-    return Slots(assignment, masks.view(batch, num_items + 1, *grid), torch.full((batch,), num_items + 1), grid)
+    return Slots(
+        assignment, masks.view(batch, num_items + 1, *grid), torch.full((batch,), num_items + 1), grid
+    )
 
 
 def _accuracy(preds: Tensor, labels: Tensor) -> float:
@@ -125,7 +129,9 @@ def run_slot_benchmark(
     """Run every experiment of the module docstring on the first ``num_scenes`` cached test scenes."""
     scenes, tokens = dinov2_scene_tokens(300, "test")
     if not 1 <= num_scenes <= len(tokens):
-        raise ValueError(f"num_scenes must be in [1, {len(tokens)}] (the cached test scenes), got {num_scenes}")
+        raise ValueError(
+            f"num_scenes must be in [1, {len(tokens)}] (the cached test scenes), got {num_scenes}"
+        )
     tokens = tokens[:num_scenes]
     labels = torch.from_numpy(scenes.labels[:num_scenes])
     owner = torch.from_numpy(scenes.patch_owner(14)[:num_scenes]).flatten(1)
@@ -174,13 +180,19 @@ def run_slot_benchmark(
         "total": total,
         "sums_exact_gt_slots": bool((oracle_out.slot_budgets.sum(1) == total).all()),
         "sums_exact_clustered": bool(all(k == total for k in cluster_out.budgets)),
-        "spearman_budget_vs_pixel_detail_gt_slots": round(spearman(oracle_budgets.ravel(), detail.ravel()), 4),
-        "spearman_complexity_vs_pixel_detail_gt_slots": round(spearman(complexity.ravel(), detail.ravel()), 4),
+        "spearman_budget_vs_pixel_detail_gt_slots": round(
+            spearman(oracle_budgets.ravel(), detail.ravel()), 4
+        ),
+        "spearman_complexity_vs_pixel_detail_gt_slots": round(
+            spearman(complexity.ravel(), detail.ravel()), 4
+        ),
         "spearman_tokens_vs_pixel_detail_clustered": round(spearman(credited.ravel(), detail.ravel()), 4),
         "spearman_budget_vs_pixel_detail_within_scene_gt_slots": round(
             float(np.nanmean([spearman(oracle_budgets[b], detail[b]) for b in range(num_scenes)])), 4
         ),
-        "background_share_gt_slots": round(float(oracle_out.slot_budgets[:, num_items].float().mean() / total), 4),
+        "background_share_gt_slots": round(
+            float(oracle_out.slot_budgets[:, num_items].float().mean() / total), 4
+        ),
         "mean_item_budget_by_class_gt_slots": per_class,
     }
     log(f"complexity: {results['complexity']}")
@@ -194,7 +206,9 @@ def run_slot_benchmark(
             if items is None:
                 row[name] = _accuracy(preds, labels)
             else:
-                row[name] = _accuracy(preds[torch.arange(num_scenes), items], labels[torch.arange(num_scenes), items])
+                row[name] = _accuracy(
+                    preds[torch.arange(num_scenes), items], labels[torch.arange(num_scenes), items]
+                )
         return row
 
     accuracy: dict = {}
@@ -203,7 +217,9 @@ def run_slot_benchmark(
     for k in totals:
         row = {"pool": scores(pool(tokens, k, num_prefix=1))}
         # equal weight per slot: a uniform split over the slots
-        row["slots_uniform"] = scores(merge_slots(tokens, slots, allocate(counts.gt(0).double(), k, lo, counts), 1))
+        row["slots_uniform"] = scores(
+            merge_slots(tokens, slots, allocate(counts.gt(0).double(), k, lo, counts), 1)
+        )
         row["slots_complexity"] = scores(compress_slots(tokens, slots, k, num_prefix=1))
         accuracy[str(k)] = row
         log(f"accuracy at {k} tokens: {row}")
@@ -216,16 +232,22 @@ def run_slot_benchmark(
     rng = np.random.default_rng(seed)
     queried = torch.arange(num_scenes) % num_items
     q_labels = labels[torch.arange(num_scenes), queried]
-    queries = torch.stack([bank[int(rng.choice(np.flatnonzero(bank_labels.numpy() == int(c))))] for c in q_labels])
+    queries = torch.stack(
+        [bank[int(rng.choice(np.flatnonzero(bank_labels.numpy() == int(c))))] for c in q_labels]
+    )
     classifier = KnnClassifier(bank, bank_labels, k=10)
     saccade: dict = {}
     for k in saccade_totals:
         row = {
             "one_shot_complexity": scores(compress_slots(tokens, slots, k, num_prefix=1), queried),
-            "one_shot_relevance": scores(compress_slots(tokens, slots, k, num_prefix=1, query=queries), queried),
+            "one_shot_relevance": scores(
+                compress_slots(tokens, slots, k, num_prefix=1, query=queries), queried
+            ),
         }
         sacc = Saccade(k, coarse_per_slot=1, step=2, threshold=2.0, classifier=classifier)
-        row["saccade"] = _saccade_scores(sacc, tokens, slots, owner, queries, queried, q_labels, bank, bank_labels)
+        row["saccade"] = _saccade_scores(
+            sacc, tokens, slots, owner, queries, queried, q_labels, bank, bank_labels
+        )
         saccade[str(k)] = row
         log(f"queried-item accuracy at {k} tokens: {row}")
     top = max(saccade_totals)
@@ -237,12 +259,16 @@ def run_slot_benchmark(
     return results
 
 
-def _saccade_scores(sacc: Saccade, tokens, slots, owner, queries, queried, q_labels, bank, bank_labels) -> dict:  # noqa: ANN001
+def _saccade_scores(
+    sacc: Saccade, tokens, slots, owner, queries, queried, q_labels, bank, bank_labels
+) -> dict:  # noqa: ANN001
     """Queried-item accuracy (plain and size-weighted) and mean tokens spent of a saccade run."""
     preds = {"plain": [], "weighted": []}
     spent, hits = [], []
     for b in range(len(tokens)):
-        one = Slots(slots.assignment[b : b + 1], slots.masks[b : b + 1], slots.num_slots[b : b + 1], slots.grid)
+        one = Slots(
+            slots.assignment[b : b + 1], slots.masks[b : b + 1], slots.num_slots[b : b + 1], slots.grid
+        )
         result = sacc(tokens[b : b + 1], one, num_prefix=1, query=queries[b])
         for name, weighted in (("plain", False), ("weighted", True)):
             item_preds = item_predictions(
@@ -252,7 +278,10 @@ def _saccade_scores(sacc: Saccade, tokens, slots, owner, queries, queried, q_lab
         spent.append(result.trace.tokens[-1])
         # did the saccades look at the queried item? (the target slot covers most of its patches)
         item_patches = owner[b] == queried[b]
-        hits.append(bool(item_patches.any()) and int(torch.mode(one.assignment[0][item_patches]).values) == result.target)
+        hits.append(
+            bool(item_patches.any())
+            and int(torch.mode(one.assignment[0][item_patches]).values) == result.target
+        )
     return {
         "plain": _accuracy(torch.tensor(preds["plain"]), q_labels),
         "weighted": _accuracy(torch.tensor(preds["weighted"]), q_labels),

@@ -46,7 +46,9 @@ def _as_rows(value: Tensor | int | float | None, like: Tensor, name: str) -> Ten
     try:
         return torch.broadcast_to(tensor, like.shape).clone()
     except RuntimeError:
-        raise ValueError(f"{name} of shape {tuple(tensor.shape)} does not match the scores {tuple(like.shape)}") from None
+        raise ValueError(
+            f"{name} of shape {tuple(tensor.shape)} does not match the scores {tuple(like.shape)}"
+        ) from None
 
 
 def allocate(
@@ -80,7 +82,7 @@ def allocate(
     rows = scores.double().reshape(-1, scores.shape[-1])  # [B, S]
     weights = rows.clone()
     if relevance is not None:
-        weights = weights * _as_rows(torch.as_tensor(relevance).double().reshape(-1, scores.shape[-1]), rows, "relevance")
+        weights = weights * _as_rows(relevance, rows, "relevance")
     for name, value in (("complexity", rows), ("complexity * relevance", weights)):
         if not torch.isfinite(value).all() or (value < 0).any():
             raise ValueError(f"{name} must be finite and >= 0 for every slot, got {value.tolist()}")
@@ -168,7 +170,9 @@ def merge_slots(tokens: Tensor, slots: Slots, budgets: Tensor, num_prefix: int =
         raise ValueError(
             f"slots cover {tuple(slots.assignment.shape)} patch tokens, the tokens have {(batch, n - num_prefix)}"
         )
-    outputs, ids, sizes, patch_assignment = merge_within_groups(tokens[:, num_prefix:], slots.assignment, budgets)
+    outputs, ids, sizes, patch_assignment = merge_within_groups(
+        tokens[:, num_prefix:], slots.assignment, budgets
+    )
     assignment = torch.cat(
         [prefix_assignment(batch, num_prefix, tokens.device), patch_assignment + num_prefix], dim=1
     )

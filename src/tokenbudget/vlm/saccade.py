@@ -38,7 +38,9 @@ class KnnClassifier:
 
     def __init__(self, bank: Tensor, labels: Tensor, k: int = 10, num_classes: int | None = None) -> None:
         if bank.ndim != 2 or labels.shape != bank.shape[:1]:
-            raise ValueError(f"bank must be [M, C] with labels [M], got {tuple(bank.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"bank must be [M, C] with labels [M], got {tuple(bank.shape)} and {tuple(labels.shape)}"
+            )
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.bank = torch.nn.functional.normalize(bank.float(), dim=-1)
@@ -97,7 +99,9 @@ class SaccadeTrace:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            raise ImportError("plotting a saccade trace needs matplotlib: pip install 'tokenbudget[plots]'") from None
+            raise ImportError(
+                "plotting a saccade trace needs matplotlib: pip install 'tokenbudget[plots]'"
+            ) from None
         fig, ax = plt.subplots(figsize=(5, 3))
         steps = [s.step for s in self.steps]
         ax.step(steps, self.tokens, where="post", label="tokens spent")
@@ -161,7 +165,9 @@ class Saccade:
         self.total, self.coarse, self.step = int(total), int(coarse_per_slot), int(step)
         self.threshold, self.classifier, self.temperature = float(threshold), classifier, float(temperature)
 
-    def __call__(self, tokens: Tensor, slots: Slots, *, num_prefix: int = 0, query: Tensor | None = None) -> SaccadeResult:
+    def __call__(
+        self, tokens: Tensor, slots: Slots, *, num_prefix: int = 0, query: Tensor | None = None
+    ) -> SaccadeResult:
         """Run the saccades on ``tokens`` [1, N, C] (or [N, C]) with its ``slots`` (a batch of one)."""
         tokens = tokens[None] if tokens.ndim == 2 else tokens
         batch, n, _ = check_tokens(tokens, num_prefix)
@@ -182,8 +188,14 @@ class Saccade:
         means = torch.stack([patches[m].mean(0) if len(m) else torch.zeros_like(patches[0]) for m in members])
         relevance = None
         if query is not None:
-            relevance = relevance_weights(query_relevance(means[None], query)[0][None], present[None], self.temperature)[0]
-        merged = {s: merge_to_budget(patches[members[s]], int(budgets[s])) for s in range(len(members)) if present[s]}
+            relevance = relevance_weights(
+                query_relevance(means[None], query)[0][None], present[None], self.temperature
+            )[0]
+        merged = {
+            s: merge_to_budget(patches[members[s]], int(budgets[s]))
+            for s in range(len(members))
+            if present[s]
+        }
 
         def uncertainty_and_confidence() -> tuple[Tensor, Tensor, Tensor]:
             slot_ids = [s for s in merged]
@@ -239,7 +251,13 @@ class Saccade:
 
     @staticmethod
     def _result(
-        prefix: Tensor, merged: dict, members: list[Tensor], budgets: Tensor, target: int, trace: SaccadeTrace, n: int
+        prefix: Tensor,
+        merged: dict,
+        members: list[Tensor],
+        budgets: Tensor,
+        target: int,
+        trace: SaccadeTrace,
+        n: int,
     ) -> SaccadeResult:
         """Join the per-slot outputs in slot order behind the prefix tokens, with the patch -> output map."""
         parts, ids = [prefix.float()], []

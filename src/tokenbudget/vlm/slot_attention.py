@@ -5,11 +5,16 @@ attention is a softmax over *slots* (slots compete for each token), normalised o
 weighted mean per slot, which updates each slot through a GRU cell and a residual MLP. Initial slots
 are drawn from a learned Gaussian, so the slot count is free at inference.
 
-Training (:func:`train_slot_attention`) reconstructs the frozen tokens, as DINOSAUR (Seitzer et
-al., ICLR 2023) does, with a lighter decoder that fits a CPU: an MLP broadcasts each slot over the
-patch grid (slot + learned position embedding) to an alpha logit per patch; alphas are a softmax
-over slots; each slot has one feature (a linear map of the slot), and the reconstruction of patch n
-is sum_s alpha[s, n] * feature_s, matched to the tokens by MSE. The slot masks are the decoder alphas;
+Training (:func:`train_slot_attention`) is by reconstruction, as in DINOSAUR (Seitzer et al.,
+ICLR 2023), with a light decoder that fits a CPU. What the slots see and reconstruct are the points
+the training-free slots cluster: ``[L2-normalised token, position_weight * (y, x)]``
+(:func:`~tokenbudget.vlm.slots.slot_points`). An MLP broadcasts each slot over the patch grid (slot +
+learned position embedding) to an alpha logit per patch; alphas are a softmax over slots; each slot
+has one point (a linear map of the slot), and patch n is reconstructed as sum_s alpha[s, n] *
+point_s (squared error summed over channels). One point per slot means a single slot cannot explain
+a varied image, and the position part makes slots spatially compact: with a decoder that varies the
+feature with position, or with features alone, short CPU training collapsed to one or two slots
+(foreground / background). The slot masks are the decoder alphas;
 :func:`learned_slots` turns their argmax into a :class:`~tokenbudget.vlm.slots.Slots`.
 
 Files: ``STEM.safetensors`` (weights) and ``STEM.json`` (config and training record), like the
@@ -27,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import check_tokens, infer_grid
-from .slots import Slots
+from .slots import Slots, slot_points
 
 FORMAT = "tokenbudget-slot-attention"
 VERSION = 1
@@ -48,14 +52,16 @@ class SlotAttention(nn.Module):
         hidden: int = 128,
         iters: int = 3,
         num_slots: int = 6,
+        position_weight: float = 2.0,
         info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.dim, self.grid, self.slot_dim, self.hidden = int(dim), tuple(grid), int(slot_dim), int(hidden)
-        self.iters, self.num_slots = int(iters), int(num_slots)
+        self.iters, self.num_slots, self.position_weight = int(iters), int(num_slots), float(position_weight)
         self.info = dict(info or {})
-        self.input_norm = nn.LayerNorm(dim)
-        self.input_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, slot_dim))
+        points = dim + 2  # L2-normalised token joined with weighted (y, x): see slot_points
+        self.input_norm = nn.LayerNorm(points)
+        self.input_mlp = nn.Sequential(nn.Linear(points, hidden), nn.ReLU(), nn.Linear(hidden, slot_dim))
         self.to_k = nn.Linear(slot_dim, slot_dim, bias=False)
         self.to_v = nn.Linear(slot_dim, slot_dim, bias=False)
         self.to_q = nn.Linear(slot_dim, slot_dim, bias=False)
@@ -70,7 +76,7 @@ class SlotAttention(nn.Module):
         self.decoder = nn.Sequential(
             nn.Linear(slot_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
         )
-        self.to_features = nn.Linear(slot_dim, dim)  # each slot's one feature (its prototype)
+        self.to_features = nn.Linear(slot_dim, points)  # each slot's one point (its prototype)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -82,8 +88,13 @@ class SlotAttention(nn.Module):
             "hidden": self.hidden,
             "iters": self.iters,
             "num_slots": self.num_slots,
+            "position_weight": self.position_weight,
             "info": self.info,
         }
+
+    def points(self, patches: Tensor) -> Tensor:
+        """[B, N, C + 2] what the slots see and reconstruct: normalised tokens and weighted positions."""
+        return slot_points(patches, self.grid, self.position_weight)
 
     def encode(self, patches: Tensor, num_slots: int | None = None, generator: torch.Generator | None = None):
         """Slots [B, S, D] and the last iteration's attention [B, S, N] (softmax over slots)."""
@@ -91,8 +102,10 @@ class SlotAttention(nn.Module):
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if patches.shape[-1] != self.dim:
-            raise ValueError(f"tokens have width {patches.shape[-1]}, this Slot Attention was trained for {self.dim}")
-        inputs = self.input_mlp(self.input_norm(patches))  # [B, N, D]
+            raise ValueError(
+                f"tokens have width {patches.shape[-1]}, this Slot Attention was trained for {self.dim}"
+            )
+        inputs = self.input_mlp(self.input_norm(self.points(patches)))  # [B, N, D]
         k, v = self.to_k(inputs), self.to_v(inputs)
         noise = torch.randn(
             patches.shape[0], num_slots, self.slot_dim, generator=generator, device=patches.device
@@ -104,12 +117,14 @@ class SlotAttention(nn.Module):
             attn = (q @ k.transpose(1, 2) * scale).softmax(dim=1)  # [B, S, N], slots compete per token
             weights = attn / attn.sum(-1, keepdim=True).clamp_min(1e-8)
             updates = weights @ v  # [B, S, D]
-            slots = self.gru(updates.reshape(-1, self.slot_dim), slots.reshape(-1, self.slot_dim)).view_as(slots)
+            slots = self.gru(updates.reshape(-1, self.slot_dim), slots.reshape(-1, self.slot_dim)).view_as(
+                slots
+            )
             slots = slots + self.mlp(self.mlp_norm(slots))
         return slots, attn
 
     def decode(self, slots: Tensor) -> tuple[Tensor, Tensor]:
-        """(reconstruction [B, N, C], alpha masks [B, S, N] softmaxed over slots)."""
+        """(reconstruction [B, N, C + 2] of :meth:`points`, alpha masks [B, S, N] softmaxed over slots)."""
         position = self.position
         if position.shape[1] != self.grid[0] * self.grid[1]:
             raise ValueError("position embedding does not match the grid")
@@ -117,7 +132,7 @@ class SlotAttention(nn.Module):
         # One feature per slot, mixed by the masks: a single slot cannot explain a varied image, so
         # the slots must split it (a decoder that also varies the feature with position lets one
         # slot reconstruct everything, and short CPU training collapses to it).
-        return alpha.transpose(1, 2) @ self.to_features(slots), alpha  # [B, N, C]
+        return alpha.transpose(1, 2) @ self.to_features(slots), alpha  # [B, N, C + 2]
 
     def forward(self, patches: Tensor, num_slots: int | None = None, generator=None):  # noqa: ANN001, ANN201
         slots, _ = self.encode(patches, num_slots, generator)
@@ -136,13 +151,15 @@ def learned_slots(
     """Slots of ``tokens`` [B, N, C] from a trained :class:`SlotAttention`: each patch goes to the slot
     with the largest decoder alpha. ``num_slots`` may differ from the count it was trained with."""
     batch, n, _ = check_tokens(tokens, num_prefix)
-    grid = infer_grid(n - num_prefix, None if n - num_prefix == math.prod(model.grid) else None)
-    if tuple(grid) != model.grid:
-        raise ValueError(f"this Slot Attention was trained on a {model.grid} grid, the tokens have {grid}")
+    if n - num_prefix != math.prod(model.grid):
+        raise ValueError(
+            f"this Slot Attention was trained on a {model.grid} grid ({math.prod(model.grid)} patch tokens), "
+            f"the tokens have {n - num_prefix} patch tokens (N - num_prefix)"
+        )
     generator = torch.Generator(device=tokens.device).manual_seed(seed)
     with torch.no_grad():
         _, alpha, _ = model(tokens[:, num_prefix:].float(), num_slots, generator)
-    return Slots.from_assignment(alpha.argmax(1), grid)
+    return Slots.from_assignment(alpha.argmax(1), model.grid)
 
 
 @dataclass
@@ -172,6 +189,7 @@ def train_slot_attention(
     slot_dim: int = 64,
     hidden: int = 128,
     iters: int = 3,
+    position_weight: float = 2.0,
     seed: int = 0,
     max_seconds: float | None = None,
     progress: Callable[[int, float], None] | None = None,
@@ -186,7 +204,7 @@ def train_slot_attention(
     grid = infer_grid(n - num_prefix, None)
     patches = tokens[:, num_prefix:].float()
     torch.manual_seed(seed)
-    model = SlotAttention(dim, grid, slot_dim, hidden, iters, num_slots, info)
+    model = SlotAttention(dim, grid, slot_dim, hidden, iters, num_slots, position_weight, info)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     warmup = max(1, steps // 10)
     generator = torch.Generator().manual_seed(seed)
@@ -201,7 +219,7 @@ def train_slot_attention(
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup)
         reconstruction, _, _ = model(batch, generator=generator)
-        loss = F.mse_loss(reconstruction, batch)
+        loss = (reconstruction - model.points(batch)).square().sum(-1).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -255,7 +273,13 @@ def load_slot_attention(path: str | Path) -> SlotAttention:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{config} is not a tokenbudget Slot Attention config ({FORMAT} v{VERSION})")
     model = SlotAttention(
-        meta["dim"], tuple(meta["grid"]), meta["slot_dim"], meta["hidden"], meta["iters"], meta["num_slots"],
+        meta["dim"],
+        tuple(meta["grid"]),
+        meta["slot_dim"],
+        meta["hidden"],
+        meta["iters"],
+        meta["num_slots"],
+        meta["position_weight"],
         meta.get("info"),
     )
     try:

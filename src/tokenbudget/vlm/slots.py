@@ -73,7 +73,9 @@ def slot_points(patches: Tensor, grid: tuple[int, int], position_weight: float) 
     """[B, N, C + 2] clustering points: L2-normalised features joined with weighted (y, x) in [0, 1]."""
     h, w = grid
     ys, xs = torch.meshgrid(
-        torch.linspace(0, 1, h, device=patches.device), torch.linspace(0, 1, w, device=patches.device), indexing="ij"
+        torch.linspace(0, 1, h, device=patches.device),
+        torch.linspace(0, 1, w, device=patches.device),
+        indexing="ij",
     )
     coords = torch.stack([ys, xs], dim=-1).view(1, h * w, 2).expand(patches.shape[0], -1, -1)
     features = torch.nn.functional.normalize(patches.float(), dim=-1)
