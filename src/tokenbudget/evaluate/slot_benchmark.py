@@ -2,9 +2,10 @@
 
 Per-item scoring (shared by every method, so they compare at equal token counts): every output
 token is credited to the item that owns most of the patches it stands for (``dominant owner``, -1
-for background); an item's feature is the plain mean of the output tokens credited to it (a VLM
-sees tokens, not their sizes), L2-normalised and classified by cosine k-NN against the oracle item
-bank of the train scenes (:func:`~tokenbudget.evaluate.scene_metrics.item_reference_bank`). An item
+for background); an item's feature is the mean of the output tokens credited to it, reported two
+ways: ``plain`` (every token counts once: a VLM sees tokens, not their sizes) and ``weighted`` (by
+the patches each token stands for), L2-normalised and classified by cosine k-NN against the oracle
+item bank of the train scenes (:func:`~tokenbudget.evaluate.scene_metrics.item_reference_bank`). An item
 no output token is credited to counts as wrong.
 
 Experiments (:func:`run_slot_benchmark`):
@@ -174,6 +175,7 @@ def run_slot_benchmark(
     per_class = {
         FASHION_MNIST_CLASSES[c]: round(float(oracle_budgets[labels.numpy() == c].mean()), 2)
         for c in range(len(FASHION_MNIST_CLASSES))
+        if (labels.numpy() == c).any()
     }
     complexity = slot_complexity(tokens, oracle, 1)[:, :num_items].numpy()
     results["complexity"] = {

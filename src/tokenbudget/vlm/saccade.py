@@ -4,10 +4,12 @@ First pass: every slot gets a few coarse tokens (``coarse_per_slot``, its patche
 slot). Then, step by step, pick the slot to look at next and give it ``step`` more tokens, i.e.
 merge that slot's full-resolution patch tokens again to a finer level (a larger per-slot budget):
 
-* with a ``query`` (a vector in the token space): the slot whose weight ``relevance * uncertainty``
-  is largest, relevance being the softmax over slots of cosine(query, slot mean) / temperature;
+* with a ``query`` (a vector in the token space): the slot whose weight ``relevance * uncertainty /
+  tokens already given to it`` is largest, relevance being the softmax over slots of cosine(query, slot mean) / temperature;
   the *target* (the slot the answer is about) is the most relevant slot;
-* without a query: the most uncertain slot; the target is the least confident slot.
+* without a query: the slot with the largest ``uncertainty / tokens already given to it`` (diminishing
+  returns: a slot that stays unsure at any resolution, like plain background, cannot take the whole
+  budget); the target is the least confident slot.
 
 Uncertainty is the entropy of a classifier's prediction for the slot (a :class:`KnnClassifier`:
 vote shares of the k nearest reference features to the mean of the slot's current tokens); without
@@ -240,7 +242,9 @@ class Saccade:
             if not room.any():
                 trace.stopped = "full"
                 break
-            score = unc + 1e-6  # a certain slot still gets refined when nothing else is left
+            # Uncertainty per token already spent on the slot: diminishing returns, so a slot that
+            # stays unsure however fine it gets (plain background) cannot soak up the whole budget.
+            score = (unc + 1e-6) / budgets.clamp_min(1)
             if relevance is not None:
                 score = score * relevance
             last = int(torch.where(room, score, torch.full_like(score, -1.0)).argmax())
