@@ -126,7 +126,7 @@ class SaccadeTrace:
 @dataclass
 class SaccadeResult:
     """The final tokens [num_prefix + k, C] grouped by slot, each output's slot id [k], the patch ->
-    output ``assignment`` [N] (patch tokens only), per-slot ``budgets`` [S], the ``target`` slot and
+    output ``assignment`` [P] (for each patch token, its row in ``tokens``, prefix rows counted), per-slot ``budgets`` [S], the ``target`` slot and
     the ``trace``."""
 
     tokens: Tensor
