@@ -125,9 +125,9 @@ class SaccadeTrace:
 
 @dataclass
 class SaccadeResult:
-    """The final tokens [num_prefix + k, C] grouped by slot, each output's slot id [k], the patch ->
-    output ``assignment`` [P] (for each patch token, its row in ``tokens``, prefix rows counted), per-slot ``budgets`` [S], the ``target`` slot and
-    the ``trace``."""
+    """The final tokens [num_prefix + k, C] grouped by slot, each output's slot id [k], the
+    ``assignment`` [P] (for each patch token, its row in ``tokens``, prefix rows counted), the
+    per-slot ``budgets`` [S], the ``target`` slot and the ``trace``."""
 
     tokens: Tensor
     slot_ids: Tensor
