@@ -98,7 +98,12 @@ def pixel_detail(images: np.ndarray, owner: np.ndarray, num_items: int) -> np.nd
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two 1-D arrays (average ranks for ties)."""
-    from scipy.stats import spearmanr
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:
+        raise ImportError(
+            "the slot benchmark's rank correlations need scipy: pip install 'tokenbudget[optimal]'"
+        ) from None
 
     return float(spearmanr(a, b).statistic)
 
