@@ -822,9 +822,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     _add_adaptive_commands(sub, model_help)
-    from .vlm.cli import add_compress_commands
+    from .vlm.cli import add_compress_commands, add_slot_commands
 
     add_compress_commands(sub)
+    add_slot_commands(sub)
     return parser
 
 

@@ -9,15 +9,39 @@ Compressors: :func:`pool` (2-D grid pooling), :func:`select` (query-aware: the k
 relevant to a vector, an image exemplar (:func:`exemplar_query`) or text (:class:`ProjectedTextQuery`,
 :class:`OpenCLIPTextQuery`)), and the learned :class:`Resampler` (Perceiver-style, nested budgets)
 and :class:`TokenAutoencoder` (trained by :func:`train_compressor`, saved by :func:`save_compressor`).
+
+Objects: :func:`cluster_slots` (k-means slots) and :class:`SlotAttention` group tokens into slots;
+:func:`allocate` splits a total budget across slots (exact sums); :func:`compress_slots` merges
+within each slot to its budget; :class:`Saccade` spends tokens step by step where the query or the
+uncertainty points.
 """
 
+from .allocate import (
+    SlotTokens,
+    allocate,
+    compress_slots,
+    merge_slots,
+    query_relevance,
+    relevance_weights,
+    slot_complexity,
+    slot_means,
+)
 from .autoencoder import TokenAutoencoder
 from .base import CompressedTokens, check_budget, check_tokens, infer_grid
 from .compressor_io import load_compressor, save_compressor
 from .latent import LatentCompressor
 from .pooling import pool
 from .resampler import Resampler
+from .saccade import KnnClassifier, Saccade, SaccadeResult, SaccadeStep, SaccadeTrace
 from .select import exemplar_query, select, select_by_scores
+from .slot_attention import (
+    SlotAttention,
+    learned_slots,
+    load_slot_attention,
+    save_slot_attention,
+    train_slot_attention,
+)
+from .slots import Slots, best_match_iou, cluster_slots, foreground_ari
 from .text import (
     MiniLMTextEncoder,
     OpenCLIPTextQuery,
@@ -30,23 +54,45 @@ from .train import train_compressor
 
 __all__ = [
     "CompressedTokens",
+    "KnnClassifier",
     "LatentCompressor",
     "MiniLMTextEncoder",
     "OpenCLIPTextQuery",
     "ProjectedTextQuery",
     "Resampler",
+    "Saccade",
+    "SaccadeResult",
+    "SaccadeStep",
+    "SaccadeTrace",
+    "SlotAttention",
+    "SlotTokens",
+    "Slots",
     "TextProjection",
     "TokenAutoencoder",
+    "allocate",
+    "best_match_iou",
     "check_budget",
     "check_tokens",
+    "cluster_slots",
+    "compress_slots",
     "exemplar_query",
+    "foreground_ari",
     "infer_grid",
+    "learned_slots",
     "load_compressor",
+    "load_slot_attention",
     "load_text_projection",
+    "merge_slots",
     "pool",
+    "query_relevance",
+    "relevance_weights",
     "save_compressor",
+    "save_slot_attention",
     "save_text_projection",
     "select",
     "select_by_scores",
+    "slot_complexity",
+    "slot_means",
     "train_compressor",
+    "train_slot_attention",
 ]

@@ -1,4 +1,5 @@
-"""CLI commands of the learned VLM compressors: ``train-compressor`` and ``vlm-compress-eval``.
+"""CLI commands of the VLM modules: ``train-compressor``, ``vlm-compress-eval`` (learned compressors),
+``train-slots`` and ``vlm-slots-eval`` (object slots, per-slot budgets, saccades).
 
 Both read the frozen backbone's *cached* tokens (never re-embedding if the cache exists):
 ``--data fashion-mnist,scenes`` = ``dinov2_fashion_mnist_tokens("train", 100)`` and
@@ -14,24 +15,12 @@ from pathlib import Path
 
 import torch
 
+from ..cli import _int_list, _progress, _set_threads
+
 DEFAULT_OUT = "compressors/dinov2_small_{kind}"
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of ints, got {text!r}") from None
-
-
 def _bar(total: int, desc: str, disable: bool):  # noqa: ANN202 - tqdm or a no-op
-    from ..cli import _progress
-
     return _progress(total, desc, disable)
 
 
@@ -273,3 +262,126 @@ def add_compress_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_vlm_compress_eval)
+
+
+def cmd_train_slots(args: argparse.Namespace) -> int:
+    """Train Slot Attention on the cached DINOv2 tokens of the train scenes and save it."""
+    from ..data.token_cache import dinov2_scene_tokens
+    from .slot_attention import save_slot_attention, train_slot_attention
+
+    _set_threads(args.threads)
+    if args.max_minutes <= 0:
+        raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
+    _, tokens = dinov2_scene_tokens(600, "train")
+    if args.n_train is not None:
+        if not 1 <= args.n_train <= len(tokens):
+            raise ValueError(f"--n-train must be in [1, {len(tokens)}], got {args.n_train}")
+        tokens = tokens[: args.n_train]
+    bar = _progress(args.steps, "train-slots", disable=args.quiet)
+
+    def progress(step: int, loss: float) -> None:
+        bar.update(1)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    model, report = train_slot_attention(
+        tokens,
+        num_prefix=1,
+        num_slots=args.num_slots,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        max_seconds=60 * args.max_minutes,
+        progress=progress,
+        info={"data": "dinov2_scene_tokens(600, 'train')", "n_train": len(tokens)},
+    )
+    bar.close()
+    weights, config = save_slot_attention(model, args.out)
+    summary = report.summary()
+    print(
+        f"trained Slot Attention ({args.num_slots} slots) on {len(tokens)} scenes in {summary['steps']} steps, "
+        f"{summary['seconds']} s: loss {summary['loss_first']:.4f} -> {summary['loss_last_mean']:.4f} "
+        "(mean of the last fifth)"
+    )
+    print(
+        f"wrote {weights} and {config}; use tb.vlm.learned_slots(tb.vlm.load_slot_attention({str(config)!r}), tokens)"
+    )
+    return 0
+
+
+def cmd_vlm_slots_eval(args: argparse.Namespace) -> int:
+    """Slots, per-slot budgets and saccades on the cached test scenes; JSON to --out."""
+    import json
+    from pathlib import Path
+
+    from ..evaluate.slot_benchmark import run_slot_benchmark
+
+    _set_threads(args.threads)
+    learned = None
+    if args.slot_attention:
+        from .slot_attention import load_slot_attention
+
+        learned = load_slot_attention(args.slot_attention)
+    results = run_slot_benchmark(
+        num_scenes=args.num_scenes,
+        totals=args.totals,
+        saccade_totals=args.saccade_totals,
+        saccade_threshold=args.threshold,
+        learned=learned,
+        seed=args.seed,
+        log=(lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True)),
+    )
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {path}")
+    else:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def add_slot_commands(sub: argparse._SubParsersAction) -> None:
+    """train-slots and vlm-slots-eval."""
+    ts = sub.add_parser(
+        "train-slots",
+        help="train Slot Attention on the cached DINOv2 tokens of the train scenes (reconstruction)",
+    )
+    ts.add_argument("--num-slots", type=int, default=6, help="slots while training (free at inference)")
+    ts.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
+    ts.add_argument("--batch-size", type=int, default=16)
+    ts.add_argument("--lr", type=float, default=4e-4)
+    ts.add_argument("--n-train", type=int, default=None, help="use only the first N train scenes")
+    ts.add_argument("--max-minutes", type=float, default=30.0, help="stop after this long (default 30)")
+    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: fastest on a shared VM)"
+    )
+    ts.add_argument(
+        "--out",
+        default="slots/dinov2_small_slot_attention",
+        help="output stem: STEM.safetensors and STEM.json",
+    )
+    ts.add_argument("--quiet", action="store_true", help="no progress bar")
+    ts.set_defaults(func=cmd_train_slots)
+
+    vs = sub.add_parser(
+        "vlm-slots-eval",
+        help="object slots, per-slot budgets and saccades on the cached multi-object test scenes",
+    )
+    vs.add_argument("--num-scenes", type=int, default=300, help="first N of the 300 cached test scenes")
+    vs.add_argument("--totals", type=_int_list, default=[16, 32, 64], help="total budgets (default 16,32,64)")
+    vs.add_argument(
+        "--saccade-totals",
+        type=_int_list,
+        default=[12, 16, 24, 32],
+        help="saccade budgets (default 12,16,24,32)",
+    )
+    vs.add_argument("--threshold", type=float, default=0.8, help="saccade confidence threshold (default 0.8)")
+    vs.add_argument("--slot-attention", default=None, help="also score a trained Slot Attention (STEM)")
+    vs.add_argument("--seed", type=int, default=0)
+    vs.add_argument("--threads", type=int, default=1)
+    vs.add_argument("--out", default=None, help="write the results JSON here (default: print it)")
+    vs.add_argument("--quiet", action="store_true")
+    vs.set_defaults(func=cmd_vlm_slots_eval)
