@@ -6,13 +6,14 @@ mean over the tokens still kept, so a token is judged against the image it is pa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .files import load_weights, read_part, save_part
 
 FORMAT = "tokenbudget-dynamicvit-predictor"
 VERSION = 1
@@ -114,53 +115,17 @@ class PredictorSet(nn.Module):
             )
 
 
-def _paths(path: str | Path) -> tuple[Path, Path]:
-    """(weights, config) paths of a predictor given as STEM, STEM.safetensors or STEM.json."""
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
-
-
-def _safetensors() -> Any:
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise ImportError(
-            "saving and loading DynamicViT predictors needs safetensors: pip install 'tokenbudget[learned]'"
-        ) from None
-    return safetensors.torch
-
-
 def save_predictors(predictors: PredictorSet, path: str | Path) -> tuple[Path, Path]:
     """Write ``STEM.safetensors`` (weights) and ``STEM.json`` (config); returns both paths."""
-    weights, config = _paths(path)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in predictors.state_dict().items()}
-    _safetensors().save_file(tensors, str(weights), metadata={"format": FORMAT})
-    config.write_text(json.dumps(predictors.config(), indent=2) + "\n")
-    return weights, config
+    return save_part(predictors, predictors.config(), path, "DynamicViT predictors")
 
 
 def load_predictors(path: str | Path) -> PredictorSet:
     """Load predictors written by :func:`save_predictors` (path: STEM, STEM.safetensors or STEM.json)."""
-    weights, config = _paths(path)
-    missing = [str(p) for p in (weights, config) if not p.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"no DynamicViT predictor at {path} (missing {', '.join(missing)}); "
-            "train one with: tokenbudget train-predictor --out PATH"
-        )
-    meta = json.loads(config.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(
-            f"{config} is not a tokenbudget DynamicViT predictor config (format {FORMAT} v{VERSION})"
-        )
+    hint = "train one with: tokenbudget train-predictor --out PATH"
+    meta, state, weights = read_part(path, FORMAT, VERSION, "DynamicViT predictor", hint)
     predictors = PredictorSet(
         meta["embed_dim"], meta["depth"], meta["layers"], meta["keep"], meta["hidden"], meta.get("info")
     )
-    state = _safetensors().load_file(str(weights))
-    try:
-        predictors.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{weights} does not match its config {config}: {err}") from None
+    load_weights(predictors, state, weights, "DynamicViT predictor")
     return predictors.eval()

@@ -23,7 +23,6 @@ DynamicViT predictors.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..learned.files import load_weights, read_part, save_part
 from .base import check_tokens, infer_grid
 from .slots import Slots, slot_points
 
@@ -234,44 +234,15 @@ def train_slot_attention(
     return model.eval(), report
 
 
-def _paths(path: str | Path) -> tuple[Path, Path]:
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
-
-
-def _safetensors() -> Any:
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise ImportError(
-            "saving and loading Slot Attention needs safetensors: pip install 'tokenbudget[learned]'"
-        ) from None
-    return safetensors.torch
-
-
 def save_slot_attention(model: SlotAttention, path: str | Path) -> tuple[Path, Path]:
     """Write ``STEM.safetensors`` and ``STEM.json``; returns both paths."""
-    weights, config = _paths(path)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _safetensors().save_file(tensors, str(weights), metadata={"format": FORMAT})
-    config.write_text(json.dumps(model.config(), indent=2) + "\n")
-    return weights, config
+    return save_part(model, model.config(), path, "Slot Attention")
 
 
 def load_slot_attention(path: str | Path) -> SlotAttention:
     """Load a model written by :func:`save_slot_attention` (STEM, STEM.safetensors or STEM.json)."""
-    weights, config = _paths(path)
-    missing = [str(p) for p in (weights, config) if not p.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"no Slot Attention model at {path} (missing {', '.join(missing)}); "
-            "train one with: tokenbudget train-slots --out PATH"
-        )
-    meta = json.loads(config.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{config} is not a tokenbudget Slot Attention config ({FORMAT} v{VERSION})")
+    hint = "train one with: tokenbudget train-slots --out PATH"
+    meta, state, weights = read_part(path, FORMAT, VERSION, "Slot Attention model", hint)
     model = SlotAttention(
         meta["dim"],
         tuple(meta["grid"]),
@@ -282,8 +253,5 @@ def load_slot_attention(path: str | Path) -> SlotAttention:
         meta["position_weight"],
         meta.get("info"),
     )
-    try:
-        model.load_state_dict(_safetensors().load_file(str(weights)))
-    except RuntimeError as err:
-        raise ValueError(f"{weights} does not match its config {config}: {err}") from None
+    load_weights(model, state, weights, "Slot Attention model")
     return model.eval()

