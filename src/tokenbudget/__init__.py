@@ -8,8 +8,9 @@ print(tb.last_state(model).tokens_per_layer)
 tb.remove(model)
 """
 
-from . import models
+from . import adaptive, models
 from .config import (
+    AdaptivePatch,
     BudgetConfig,
     DynamicViT,
     GridPool,
@@ -28,6 +29,7 @@ from .state import TokenState
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptivePatch",
     "BudgetConfig",
     "DynamicViT",
     "GridPool",
@@ -38,6 +40,7 @@ __all__ = [
     "ToMe",
     "ToMeOptimal",
     "TokenState",
+    "adaptive",
     "apply",
     "config_from_dict",
     "config_from_json",
