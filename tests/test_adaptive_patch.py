@@ -345,3 +345,39 @@ def test_cli_adaptive_eval_runs(capsys: pytest.CaptureFixture) -> None:
     assert code == 0
     for method in ("full", "fixed", "adaptive", "fixed-res", "adaptive-res"):
         assert f"\n{method} " in out
+
+
+# -- the embedded DINOv2 (real weights) ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_embedded_dinov2_runs_each_photo_at_its_own_patch_size() -> None:
+    pytest.importorskip("onnx", reason="the embedded model needs: pip install 'tokenbudget[demo]'")
+    from tokenbudget.data import sample_images
+
+    model = tb.models.dinov2_small()
+    photos = sample_images(224)  # 8 scikit-image photos, from a flat-ish sky to a dense star field
+    with torch.inference_mode():
+        full = model(photos)
+        cfg = tb.adaptive.calibrate(model, photos, target_tokens=256)  # the native count: 14 px for all
+        assert cfg.patch_sizes == (28, 14, 7) and cfg.thresholds == (0.0, 1.0)
+        tb.apply(model, cfg)
+        assert torch.equal(model(photos), full)  # the native size is the model itself
+        cfg = tb.adaptive.calibrate(model, photos, target_tokens=160)
+        tb.apply(model, cfg)
+        out = model(photos)
+        state = tb.last_state(model)
+        alone = torch.cat([model(photos[i : i + 1]) for i in range(len(photos))])
+    assert set(state.patch_sizes.tolist()) == {28, 14}
+    assert sum(state.patch_tokens) / len(photos) == 160  # 4 photos at 28 px (64), 4 at 14 px (256)
+    assert torch.allclose(out, alone, atol=1e-4)
+    # Coarse patches keep the features recognisable: every photo's class token stays nearest to its own.
+    sim = F.normalize(out, dim=1) @ F.normalize(full, dim=1).T
+    assert torch.equal(sim.argmax(dim=1), torch.arange(len(photos)))
+
+
+def test_bench_points_to_adaptive_eval() -> None:
+    from tokenbudget.bench import bench
+
+    with pytest.raises(ValueError, match="adaptive-eval"):
+        bench(make_tiny("vit"), [tb.AdaptivePatch(patch_sizes=(4,))], batch_sizes=(1,))

@@ -85,7 +85,9 @@ def patched_config(model: nn.Module) -> ReductionConfig:
 
 def last_state(model: nn.Module) -> TokenState:
     """The :class:`TokenState` of the latest finished forward of a patched model (this thread's if
-    it ran one): ``tokens_per_layer``, ``sizes``, ``source`` (with ``trace_source=True``), ..."""
+    it ran one): ``tokens_per_layer``, ``sizes``, ``source`` (with ``trace_source=True``), ...
+    Under ``tb.AdaptivePatch``: an :class:`~tokenbudget.adaptive.AdaptivePatchState` (per-image
+    ``patch_sizes``, ``scores``, ``tokens``)."""
     state = _context(model).last_state()
     if state is None:
         raise ValueError("the patched model has not run a forward yet; call it on a batch first")
