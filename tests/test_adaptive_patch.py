@@ -381,3 +381,32 @@ def test_bench_points_to_adaptive_eval() -> None:
 
     with pytest.raises(ValueError, match="adaptive-eval"):
         bench(make_tiny("vit"), [tb.AdaptivePatch(patch_sizes=(4,))], batch_sizes=(1,))
+
+
+@pytest.mark.slow
+def test_adaptive_eval_rows_and_the_random_mix_control() -> None:
+    from tokenbudget.evaluate import EvalData
+    from tokenbudget.evaluate.adaptive_eval import adaptive_features, evaluate_adaptive, format_adaptive_table
+
+    model = make_tiny("vit")
+    g = torch.Generator().manual_seed(0)
+    images = torch.cat([_smooth(12, seed=7), torch.randn(12, 3, 32, 32, generator=g)])
+    labels = torch.arange(24) % 3
+    data = EvalData("tiny", images[::2], labels[::2], images[1::2], labels[1::2])
+    rows = evaluate_adaptive(model, data, targets=(40.0,), fixed_sizes=(8,), modes=("patch",))
+    assert [r.method for r in rows] == ["full", "fixed", "adaptive", "random-mix"]
+    full, fixed, adaptive, control = rows
+    assert (full.mean_tokens, fixed.mean_tokens) == (64, 16) and full.cosine == pytest.approx(1.0)
+    assert adaptive.size_shares == control.size_shares and adaptive.mean_tokens == control.mean_tokens
+    assert 0.25 < adaptive.flops_ratio < 1 and "random-mix" in format_adaptive_table(rows)
+    # What the control relies on: an image's features depend only on its own patch size.
+    cfg = tb.adaptive.calibrate(model, data.train_images, target_tokens=40.0)
+    tb.apply(model, cfg)
+    feats, _, sizes = adaptive_features(model, data.test_images, batch_size=5)
+    tb.apply(model, tb.AdaptivePatch(patch_sizes=(8,)))
+    coarse, _, _ = adaptive_features(model, data.test_images)
+    tb.remove(model)
+    native, _, _ = adaptive_features(tb.apply(model, tb.AdaptivePatch(patch_sizes=(4,))), data.test_images)
+    expected = torch.stack([(coarse if p == 8 else native)[i] for i, p in enumerate(sizes)])
+    assert set(sizes) == {8, 4}
+    assert torch.allclose(feats, expected, atol=1e-5)

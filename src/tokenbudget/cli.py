@@ -337,6 +337,7 @@ def cmd_adaptive_eval(args: argparse.Namespace) -> int:
         modes=modes,
         batch_size=args.batch_size,
         train_features=train_features,
+        seed=args.seed,
         progress=None if quiet else (lambda message: print(f"  ... {message}", file=sys.stderr)),
     )
     if args.json:
@@ -350,7 +351,8 @@ def cmd_adaptive_eval(args: argparse.Namespace) -> int:
     print(
         "tokens: measured mean patch tokens per test image; FLOPs: mean block FLOPs over the full model's; "
         "k-NN (cosine, k=20) and linear probe fit on full-token train features; cosine: vs full test features; "
-        "speedup: wall time of embedding the test images, full over this (same process)"
+        "speedup: wall time of embedding the test images, full over this (same process); random-mix: the "
+        "adaptive row's sizes and shares given to random images (a control for the score; no timing)"
     )
     return 0
 

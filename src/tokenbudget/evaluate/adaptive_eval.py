@@ -7,7 +7,12 @@ same classifiers (k-NN and linear probe fit on *full-token* train features, as i
 * ``adaptive`` / ``adaptive-res``: each image at its own patch size (:class:`~tokenbudget.AdaptivePatch`
   with thresholds calibrated on the *train* images to a target mean token count), by resampling the
   patch embedding (``patch``) or by resizing the image to the same grid (``resolution``);
-* ``fixed`` / ``fixed-res``: one patch size (or the matching input resolution) for every image.
+* ``fixed`` / ``fixed-res``: one patch size (or the matching input resolution) for every image;
+* ``random-mix`` / ``random-mix-res``: the control for the score. The same patch sizes in the same
+  shares as an adaptive row, but given to random images (seeded). An image's features depend only
+  on its own patch size (groups run separately), so these rows are assembled from the per-image
+  features of the fixed rows (the native size is the full model) without another forward; they
+  appear when every size of the adaptive row also has a fixed row.
 
 Features are the harness's: the class token joined with the mean of the other tokens.
 """
@@ -83,12 +88,14 @@ def evaluate_adaptive(
     batch_size: int = 32,
     k: int = 20,
     train_features: Tensor | None = None,
+    seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[AdaptiveRow]:
     """Rows for the full model, each fixed patch size and each calibrated target, in each mode.
 
     ``train_features`` (full-token train features, e.g. from the shared token cache) skips embedding
-    the train images; the train images are still scored to calibrate the thresholds.
+    the train images; the train images are still scored to calibrate the thresholds. ``seed`` seeds the random-mix
+    control.
     """
     model = model.eval()
     native = native_patch_size(model)
@@ -141,6 +148,9 @@ def evaluate_adaptive(
 
     n_test = len(y_test)
     rows = [row("full", None, test_full, [full_patches] * n_test, [native] * n_test, full_seconds)]
+    # Per-image features of every image at one patch size, per mode: the random-mix control reads them.
+    per_size = {(mode, native): test_full for mode in modes}
+    generator = torch.Generator().manual_seed(seed)
     configs: list[tuple[str, AdaptivePatch]] = []
     for mode in modes:
         suffix = "" if mode == "patch" else "-res"
@@ -161,21 +171,32 @@ def evaluate_adaptive(
         finally:
             remove(model)
         rows.append(row(method, cfg, feats, tokens, sizes, seconds))
+        if method.startswith("fixed"):
+            per_size[(cfg.mode, cfg.patch_sizes[0])] = feats
+        elif all((cfg.mode, p) in per_size for p in set(sizes)):
+            shuffled = [sizes[i] for i in torch.randperm(len(sizes), generator=generator).tolist()]
+            mixed = torch.stack([per_size[(cfg.mode, p)][i] for i, p in enumerate(shuffled)])
+            tokens_mixed = [tokens[sizes.index(p)] for p in shuffled]
+            control = row(
+                method.replace("adaptive", "random-mix"), cfg, mixed, tokens_mixed, shuffled, float("nan")
+            )
+            rows.append(control)
     return rows
 
 
 def format_adaptive_table(rows: Sequence[AdaptiveRow]) -> str:
     header = (
-        f"{'method':<13} {'target':>6} {'tokens':>7} {'FLOPs':>6} {'k-NN':>6} {'linear':>6} {'cosine':>7} "
+        f"{'method':<15} {'target':>6} {'tokens':>7} {'FLOPs':>6} {'k-NN':>6} {'linear':>6} {'cosine':>7} "
         f"{'speedup':>7}  patch sizes (share of images)"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         target = f"{r.target_tokens:>6.0f}" if r.target_tokens is not None else f"{'-':>6}"
         shares = ", ".join(f"{p}px {100 * s:.0f}%" for p, s in r.size_shares.items())
+        speedup = f"{r.speedup:>6.2f}x" if r.speedup == r.speedup else f"{'-':>7}"  # NaN: not timed
         lines.append(
-            f"{r.method:<13} {target} {r.mean_tokens:>7.1f} {r.flops_ratio:>6.2f} {r.knn_acc:>6.3f} "
-            f"{r.linear_acc:>6.3f} {r.cosine:>7.4f} {r.speedup:>6.2f}x  {shares}"
+            f"{r.method:<15} {target} {r.mean_tokens:>7.1f} {r.flops_ratio:>6.2f} {r.knn_acc:>6.3f} "
+            f"{r.linear_acc:>6.3f} {r.cosine:>7.4f} {speedup}  {shares}"
         )
     return "\n".join(lines)
 
