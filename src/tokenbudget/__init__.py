@@ -8,10 +8,11 @@ print(tb.last_state(model).tokens_per_layer)
 tb.remove(model)
 """
 
-from . import models, vlm
+from . import adaptive, models, vlm
 from .adaptive import BudgetPredictor, EarlyExit, ExitHeads, forward_with_budgets
 from .config import (
     DEFAULT_ENTROPY_FLOOR,
+    AdaptivePatch,
     BudgetConfig,
     DynamicViT,
     GridPool,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_ENTROPY_FLOOR",
+    "AdaptivePatch",
     "BudgetConfig",
     "BudgetPredictor",
     "EarlyExit",
@@ -48,6 +50,7 @@ __all__ = [
     "ToMeGuard",
     "ToMeOptimal",
     "TokenState",
+    "adaptive",
     "apply",
     "config_from_dict",
     "config_from_json",

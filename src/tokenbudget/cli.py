@@ -368,6 +368,95 @@ def cmd_entropy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adaptive_eval(args: argparse.Namespace) -> int:
+    from .evaluate.adaptive_eval import (
+        cached_fashion_mnist_train_features,
+        evaluate_adaptive,
+        format_adaptive_table,
+    )
+
+    _set_threads(args.threads)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in ("patch", "resolution"):
+            raise ValueError(f"--modes takes patch and/or resolution, got {mode!r}")
+    model, data = _model_and_data(args)
+    train_features = None
+    if args.model == "dinov2_small" and args.data == "fashion-mnist" and args.img_size in (None, 224):
+        train_features = cached_fashion_mnist_train_features(args.n_train, args.seed)
+    quiet = args.json or args.quiet
+    rows = evaluate_adaptive(
+        model,
+        data,
+        targets=args.targets,
+        fixed_sizes=args.fixed,
+        patch_sizes=args.patch_sizes,
+        modes=modes,
+        batch_size=args.batch_size,
+        train_features=train_features,
+        seed=args.seed,
+        progress=None if quiet else (lambda message: print(f"  ... {message}", file=sys.stderr)),
+    )
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    print(
+        f"{args.model} on {data.name}: {len(data.train_images)} train / {len(data.test_images)} test images, "
+        f"{int(data.test_images.shape[-1])} px, {torch.get_num_threads()} threads"
+    )
+    print(format_adaptive_table(rows))
+    print(
+        "tokens: measured mean patch tokens per test image; FLOPs: mean block FLOPs over the full model's; "
+        "k-NN (cosine, k=20) and linear probe fit on full-token train features; cosine: vs full test features; "
+        "speedup: wall time of embedding the test images, full over this (same process); random-mix: the "
+        "adaptive row's sizes and shares given to random images (a control for the score; no timing)"
+    )
+    return 0
+
+
+def _add_adaptive_eval_parser(sub: argparse._SubParsersAction, model_help: str) -> None:
+    ae = sub.add_parser(
+        "adaptive-eval",
+        help="adaptive patching (tb.AdaptivePatch) vs one fixed patch size vs input resolution: accuracy vs tokens",
+    )
+    ae.add_argument("--model", default="dinov2_small", help=model_help)
+    ae.add_argument("--pretrained", action="store_true")
+    ae.add_argument("--img-size", type=int, default=None)
+    ae.add_argument(
+        "--data", default="fashion-mnist", help="as in eval: fashion-mnist, skimage, anomaly, a folder"
+    )
+    ae.add_argument(
+        "--targets",
+        type=_float_list,
+        default=[128.0, 196.0],
+        help="mean patch tokens per image to calibrate the thresholds to, on the train images (default 128,196)",
+    )
+    ae.add_argument(
+        "--fixed",
+        type=_int_list,
+        default=[28, 16],
+        help="patch sizes run for every image, as baselines (default 28,16: 64 and 196 tokens at 224 px)",
+    )
+    ae.add_argument(
+        "--patch-sizes",
+        type=_int_list,
+        default=None,
+        help="adaptive patch sizes, coarse to fine (default: twice, once, half the native patch)",
+    )
+    ae.add_argument(
+        "--modes", default="patch,resolution", help="patch (resample the kernel), resolution (resize)"
+    )
+    ae.add_argument("--n-train", type=int, default=1000)
+    ae.add_argument("--n-test", type=int, default=200)
+    ae.add_argument("--test-fraction", type=float, default=0.2)
+    ae.add_argument("--seed", type=int, default=0)
+    ae.add_argument("--batch-size", type=int, default=32)
+    ae.add_argument("--threads", type=int, default=None)
+    ae.add_argument("--json", action="store_true")
+    ae.add_argument("--quiet", action="store_true", help="no progress lines")
+    ae.set_defaults(func=cmd_adaptive_eval)
+
+
 def cmd_make_anomaly(args: argparse.Namespace) -> int:
     from .data.anomaly import ANOMALY_CLASSES, anomaly_set, save_image_folder, save_preview
 
@@ -681,6 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", default=None, help="write a Pareto plot (accuracy vs speedup) as PNG")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    _add_adaptive_eval_parser(sub, model_help)
 
     an = sub.add_parser(
         "make-anomaly",

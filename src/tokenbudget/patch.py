@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .adapters import find_adapter
-from .config import ReductionConfig
+from .config import AdaptivePatch, ReductionConfig
 from .context import PatchContext
 from .state import TokenState
 from .strategies import make_strategy
@@ -20,6 +20,12 @@ def apply(model: nn.Module, config: ReductionConfig) -> nn.Module:
     a config that fails validation leaves the model as it was. The module tree and ``state_dict``
     keys are unchanged while patched.
     """
+    if isinstance(config, AdaptivePatch):
+        # Not a per-block reduction: it sets each image's patch grid before the blocks (tb.adaptive).
+        from .adapters.timm_adaptive import prepare
+
+        install_strategy(model, *prepare(model, config))
+        return model
     if not isinstance(config, ReductionConfig):
         raise ValueError(
             f"config must be a tokenbudget config such as tb.ToMe(r=16), got {type(config).__name__}"
@@ -79,7 +85,9 @@ def patched_config(model: nn.Module) -> ReductionConfig:
 
 def last_state(model: nn.Module) -> TokenState:
     """The :class:`TokenState` of the latest finished forward of a patched model (this thread's if
-    it ran one): ``tokens_per_layer``, ``sizes``, ``source`` (with ``trace_source=True``), ..."""
+    it ran one): ``tokens_per_layer``, ``sizes``, ``source`` (with ``trace_source=True``), ...
+    Under ``tb.AdaptivePatch``: an :class:`~tokenbudget.adaptive.AdaptivePatchState` (per-image
+    ``patch_sizes``, ``scores``, ``tokens``)."""
     state = _context(model).last_state()
     if state is None:
         raise ValueError("the patched model has not run a forward yet; call it on a batch first")

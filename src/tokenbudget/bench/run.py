@@ -111,6 +111,12 @@ def bench(
     reduction (a slice, see :mod:`.ceiling`): the speedup this machine allows for those token
     counts, so the method's own cost shows as ``ceiling_efficiency`` = speedup / ceiling speedup.
     """
+    if any(getattr(cfg, "method", None) == "adaptive-patch" for cfg in configs):
+        # Random input has no complexity to adapt to, and token counts differ per image.
+        raise ValueError(
+            "bench times per-layer reductions on random input; time tb.AdaptivePatch on real images with "
+            "`tokenbudget adaptive-eval`"
+        )
     device = torch.device(device)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
