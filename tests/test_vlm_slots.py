@@ -320,3 +320,22 @@ def test_cli_train_slots_and_eval_on_tiny_settings(tmp_path, monkeypatch, capsys
 
 def test_public_api():
     assert tb.vlm.allocate is allocate and tb.vlm.Saccade is Saccade
+
+
+def test_benchmark_queries_saccades_by_class_vectors(monkeypatch):
+    import tokenbudget.evaluate.slot_benchmark as bench
+
+    monkeypatch.setattr(bench, "dinov2_scene_tokens", _fake_scene_tokens)
+    scenes, tokens = _fake_scene_tokens(6)
+    owner = torch.from_numpy(scenes.patch_owner(14)).flatten(1)
+    bank = torch.stack([tokens[b, 1:][owner[b] == i].mean(0) for b in range(6) for i in range(4)])
+    monkeypatch.setattr(
+        bench, "item_reference_bank", lambda: (bank, torch.from_numpy(scenes.labels).flatten())
+    )
+    gen = torch.Generator().manual_seed(0)
+    class_means = torch.randn(11, 32, generator=gen)[:10]  # the fake scenes' class directions
+    kwargs = dict(num_scenes=4, totals=(16,), saccade_totals=(12,), log=lambda _m: None)
+    results = bench.run_slot_benchmark(**kwargs, class_queries=class_means)
+    assert results["saccade_query"] == "class text" and "12" in results["saccade"]
+    with pytest.raises(ValueError, match="one vector per class"):
+        bench.run_slot_benchmark(**kwargs, class_queries=class_means[:, :8])

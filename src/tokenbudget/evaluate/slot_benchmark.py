@@ -131,8 +131,13 @@ def run_slot_benchmark(
     learned_num_slots: int | None = None,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    class_queries: Tensor | None = None,
 ) -> dict:
-    """Run every experiment of the module docstring on the first ``num_scenes`` cached test scenes."""
+    """Run every experiment of the module docstring on the first ``num_scenes`` cached test scenes.
+
+    ``class_queries`` [10, C]: one query vector per Fashion-MNIST class in the token space (e.g. the
+    projected text of each class name, :class:`~tokenbudget.vlm.ProjectedTextQuery`); the saccade
+    experiment then queries each item by its class's vector instead of an exemplar."""
     scenes, tokens = dinov2_scene_tokens(300, "test")
     if not 1 <= num_scenes <= len(tokens):
         raise ValueError(
@@ -239,9 +244,18 @@ def run_slot_benchmark(
     rng = np.random.default_rng(seed)
     queried = torch.arange(num_scenes) % num_items
     q_labels = labels[torch.arange(num_scenes), queried]
-    queries = torch.stack(
-        [bank[int(rng.choice(np.flatnonzero(bank_labels.numpy() == int(c))))] for c in q_labels]
-    )
+    if class_queries is None:
+        queries = torch.stack(
+            [bank[int(rng.choice(np.flatnonzero(bank_labels.numpy() == int(c))))] for c in q_labels]
+        )
+    else:
+        if class_queries.shape != (len(FASHION_MNIST_CLASSES), tokens.shape[-1]):
+            raise ValueError(
+                f"class_queries must be [{len(FASHION_MNIST_CLASSES)}, {tokens.shape[-1]}] (one vector per "
+                f"class in the token space), got {tuple(class_queries.shape)}"
+            )
+        queries = class_queries[q_labels].float()
+    results["saccade_query"] = "exemplar" if class_queries is None else "class text"
     classifier = KnnClassifier(bank, bank_labels, k=10)
     saccade: dict = {}
     for k in saccade_totals:

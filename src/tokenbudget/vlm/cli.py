@@ -323,6 +323,13 @@ def cmd_vlm_slots_eval(args: argparse.Namespace) -> int:
         from .slot_attention import load_slot_attention
 
         learned = load_slot_attention(args.slot_attention)
+    class_queries = None
+    if args.projection:
+        from ..data.fashion_mnist import FASHION_MNIST_CLASSES
+        from .text import ProjectedTextQuery
+
+        text = ProjectedTextQuery.load(args.projection)
+        class_queries = text.encode([args.prompt.format(name.lower()) for name in FASHION_MNIST_CLASSES])
     results = run_slot_benchmark(
         num_scenes=args.num_scenes,
         totals=args.totals,
@@ -330,6 +337,7 @@ def cmd_vlm_slots_eval(args: argparse.Namespace) -> int:
         saccade_threshold=args.threshold,
         learned=learned,
         seed=args.seed,
+        class_queries=class_queries,
         log=(lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True)),
     )
     if args.out:
@@ -380,6 +388,13 @@ def add_slot_commands(sub: argparse._SubParsersAction) -> None:
     )
     vs.add_argument("--threshold", type=float, default=0.8, help="saccade confidence threshold (default 0.8)")
     vs.add_argument("--slot-attention", default=None, help="also score a trained Slot Attention (STEM)")
+    vs.add_argument(
+        "--projection",
+        default=None,
+        help="query saccades by class-name text through this text projection (train-text-projection) "
+        "instead of an exemplar",
+    )
+    vs.add_argument("--prompt", default="a photo of a {}", help="text query template with --projection")
     vs.add_argument("--seed", type=int, default=0)
     vs.add_argument("--threads", type=int, default=1)
     vs.add_argument("--out", default=None, help="write the results JSON here (default: print it)")
