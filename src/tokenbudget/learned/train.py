@@ -32,6 +32,7 @@ from ..context import PatchContext
 from ..patch import install_strategy, last_state
 from ..strategies.dynamicvit import DynamicViTStrategy
 from .predictor import PredictorSet
+from .report import loss_summary, tail_mean
 
 
 @dataclass
@@ -47,19 +48,11 @@ class TrainReport:
     kept_fraction: list[list[float]] = field(default_factory=list)  # per step, per stage
 
     def summary(self) -> dict:
-        tail = max(1, len(self.loss) // 5)
-
-        def mean_tail(values: list[float]) -> float:
-            return sum(values[-tail:]) / len(values[-tail:])
-
         return {
-            "steps": self.steps,
-            "seconds": round(self.seconds, 1),
-            "loss_first": self.loss[0],
-            "loss_last_mean": mean_tail(self.loss),
-            "out_loss_last_mean": mean_tail(self.out_loss),
-            "token_loss_last_mean": mean_tail(self.token_loss),
-            "budget_loss_last_mean": mean_tail(self.budget_loss),
+            **loss_summary(self.steps, self.seconds, self.loss),
+            "out_loss_last_mean": tail_mean(self.out_loss),
+            "token_loss_last_mean": tail_mean(self.token_loss),
+            "budget_loss_last_mean": tail_mean(self.budget_loss),
             "kept_fraction_last": self.kept_fraction[-1],
         }
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..learned.files import load_weights, read_part, save_part
+from ..learned.report import loss_summary
 from .base import check_tokens, infer_grid
 from .slots import Slots, slot_points
 
@@ -169,13 +170,7 @@ class SlotTrainReport:
     loss: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
-        tail = max(1, len(self.loss) // 5)
-        return {
-            "steps": self.steps,
-            "seconds": round(self.seconds, 1),
-            "loss_first": self.loss[0],
-            "loss_last_mean": sum(self.loss[-tail:]) / tail,
-        }
+        return loss_summary(self.steps, self.seconds, self.loss)
 
 
 def train_slot_attention(

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..learned.report import loss_summary
 from .text import PROMPT_TEMPLATES, TextProjection
 
 SOURCES = ("scenes", "images")
@@ -69,12 +70,8 @@ class ProjectionReport:
     accuracy: float = float("nan")
 
     def summary(self) -> dict[str, float]:
-        tail = self.losses[-max(1, len(self.losses) // 5) :]
         return {
-            "steps": self.steps,
-            "seconds": round(self.seconds, 1),
-            "loss_first": self.losses[0] if self.losses else float("nan"),
-            "loss_last_mean": sum(tail) / len(tail) if tail else float("nan"),
+            **loss_summary(self.steps, self.seconds, self.losses),
             "token_accuracy": round(self.accuracy, 4),
         }
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..learned.report import loss_summary, tail_mean
 from .compressor_io import build_compressor
 from .latent import KINDS, LatentCompressor
 
@@ -39,18 +40,10 @@ class CompressorTrainReport:
     recon_loss: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
-        tail = max(1, len(self.loss) // 5)
-
-        def mean_tail(values: list[float]) -> float:
-            return sum(values[-tail:]) / len(values[-tail:])
-
         return {
-            "steps": self.steps,
-            "seconds": round(self.seconds, 1),
-            "loss_first": self.loss[0],
-            "loss_last_mean": mean_tail(self.loss),
-            "feature_loss_last_mean": mean_tail(self.feature_loss),
-            "recon_loss_last_mean": mean_tail(self.recon_loss),
+            **loss_summary(self.steps, self.seconds, self.loss),
+            "feature_loss_last_mean": tail_mean(self.feature_loss),
+            "recon_loss_last_mean": tail_mean(self.recon_loss),
         }
 
 
