@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +100,20 @@ def assert_concurrent_forwards_match(
     for (i, _), (out, batch) in results.items():
         assert torch.equal(out, expected[i])
         assert batch == len(inputs[i])
+
+
+def write_two_class_folder(root: Path, *, splits: Sequence[str] = ("",), spread: float = 20.0) -> Path:
+    """A tiny seeded image folder for CLI tests: six noisy 40x40 RGB images of a dark and a light
+    class under ``root/SPLIT/CLASS/`` for each split (``""``: no split level). Returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, value in (("dark", 40), ("light", 215)):
+        for split in splits:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(6):
+                pixels = np.clip(rng.normal(value, spread, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root

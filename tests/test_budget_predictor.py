@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tokenbudget as tb
-from conftest import make_tiny
+from conftest import make_tiny, write_two_class_folder
 from tokenbudget.adaptive.budget_predictor import (
     agreement_targets,
     budget_loss,
@@ -138,18 +138,10 @@ def test_round_trip_and_refusals(tmp_path, batch: torch.Tensor) -> None:
 
 
 def test_train_and_eval_budget_predictor_cli(tmp_path, capsys) -> None:
-    import numpy as np
-    from PIL import Image
 
     from tokenbudget.cli import main
 
-    rng = np.random.default_rng(0)
-    for c, value in (("dark", 40), ("light", 215)):
-        for split in ("train", "test"):
-            (tmp_path / "data" / split / c).mkdir(parents=True)
-            for i in range(6):
-                pixels = np.clip(rng.normal(value, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(tmp_path / "data" / split / c / f"{i}.png")
+    write_two_class_folder(tmp_path / "data", splits=("train", "test"), spread=30)
     common = [
         "--model",
         "test_vit",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tokenbudget as tb
-from conftest import make_tiny
+from conftest import make_tiny, write_two_class_folder
 from tokenbudget.learned import PredictorSet, TokenKeepPredictor, load_predictors, save_predictors
 from tokenbudget.learned.train import budget_loss, train_predictors
 from tokenbudget.state import DECISION_EPS, TokenState
@@ -216,17 +216,10 @@ def test_config_json_and_eval_option(saved) -> None:
 
 
 def test_train_predictor_and_eval_cli(tmp_path, capsys, one_thread) -> None:
-    import numpy as np
-    from PIL import Image
 
     from tokenbudget.cli import main
 
-    rng = np.random.default_rng(0)
-    for c, value in (("dark", 40), ("light", 215)):
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(6):
-            pixels = np.clip(rng.normal(value, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
+    write_two_class_folder(tmp_path / "data")
     common = ["--model", "test_vit", "--img-size", "64", "--data", str(tmp_path / "data")]
     out = str(tmp_path / "pred")
     argv = ["train-predictor", *common, "--layers", "1,3", "--keep", "0.6", "--steps", "3", "--batch-size", "4",

@@ -6,11 +6,10 @@ import csv
 import io
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_tiny, write_two_class_folder
 from tokenbudget.cli import main
 from tokenbudget.evaluate import EvalData, evaluate, format_eval_table, pareto_plot
 from tokenbudget.evaluate.harness import method_config, rows_to_csv
@@ -58,14 +57,8 @@ def test_bad_method_and_budget() -> None:
 
 
 def test_eval_cli_on_an_image_folder(tmp_path, capsys) -> None:
-    from PIL import Image
 
-    rng = np.random.default_rng(0)
-    for c, value in (("dark", 40), ("light", 215)):
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(6):
-            pixels = np.clip(rng.normal(value, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
+    write_two_class_folder(tmp_path / "data")
     argv = ["eval", "--model", "vit_tiny_patch16_224", "--data", str(tmp_path / "data"), "--methods", "tome,pool",
             "--keep", "1.0,0.5", "--speed-batch-size", "2", "--speed-samples", "1", "--json",
             "--csv", str(tmp_path / "out.csv")]  # fmt: skip

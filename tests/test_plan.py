@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 import tokenbudget as tb
+from conftest import write_two_class_folder
 from tokenbudget.cli import main
 from tokenbudget.evaluate import EvalRow
 from tokenbudget.evaluate.plan import choose, pareto_front
@@ -56,15 +56,8 @@ def test_bad_targets(argv, message, capsys) -> None:
 
 
 def test_plan_cli_gives_a_config_apply_takes(tmp_path, capsys) -> None:
-    from PIL import Image
 
-    rng = np.random.default_rng(0)
-    for c, value in (("dark", 40), ("light", 215)):
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(np.clip(rng.normal(value, 20, (40, 40, 3)), 0, 255).astype(np.uint8)).save(
-                tmp_path / "data" / c / f"{i}.png"
-            )
+    write_two_class_folder(tmp_path / "data")
     out = tmp_path / "config.json"
     argv = ["plan", "--model", "vit_tiny_patch16_224", "--data", str(tmp_path / "data"), "--target-flops", "0.75",
             "--keep", "0.8,0.5,0.3", "--batch-size", "1", "--speed-samples", "1", "--json", "--out", str(out)]  # fmt: skip
