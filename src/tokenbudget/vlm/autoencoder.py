@@ -19,39 +19,11 @@ largest head-averaged attention weight in the last encoder layer (among the firs
 
 from __future__ import annotations
 
-from typing import Any
-
 from .latent import LatentCompressor
 
 
 class TokenAutoencoder(LatentCompressor):
     """A :class:`LatentCompressor` of kind "autoencoder" (a two-layer decoder by default)."""
 
-    def __init__(
-        self,
-        dim: int,
-        grid: tuple[int, int],
-        k_max: int,
-        *,
-        width: int = 256,
-        depth: int = 2,
-        heads: int = 4,
-        decoder_depth: int = 2,
-        num_prefix: int = 1,
-        info: dict[str, Any] | None = None,
-        kind: str = "autoencoder",
-    ) -> None:
-        if kind != "autoencoder":
-            raise ValueError(f"a TokenAutoencoder has kind 'autoencoder', got {kind!r}")
-        super().__init__(
-            dim,
-            grid,
-            k_max,
-            width=width,
-            depth=depth,
-            heads=heads,
-            decoder_depth=decoder_depth,
-            kind=kind,
-            num_prefix=num_prefix,
-            info=info,
-        )
+    KIND = "autoencoder"
+    DECODER_DEPTH = 2

@@ -24,7 +24,7 @@ weights); outputs and decoder reconstructions live in the backbone's token space
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -110,11 +110,16 @@ class LatentCompressor(nn.Module):
         k_max: the number of learned queries, the largest budget.
         width: internal width D of the attention layers.
         depth, heads: encoder layers and attention heads.
-        decoder_depth: decoder layers (P positional queries attending to the k outputs).
-        kind: "resampler" or "autoencoder" (what it was trained as; recorded in its config).
+        decoder_depth: decoder layers (P positional queries attending to the k outputs); default
+            the class's ``DECODER_DEPTH``.
+        kind: "resampler" or "autoencoder" (what it was trained as; recorded in its config); a
+            subclass fixes it (``KIND``) and refuses another.
         num_prefix: prefix tokens the training tokens had (informational; any count is accepted).
         info: free-form training record, saved in the JSON config.
     """
+
+    KIND: ClassVar[str | None] = None  # fixed by Resampler and TokenAutoencoder
+    DECODER_DEPTH: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -125,12 +130,17 @@ class LatentCompressor(nn.Module):
         width: int = 256,
         depth: int = 2,
         heads: int = 4,
-        decoder_depth: int = 1,
-        kind: str = "resampler",
+        decoder_depth: int | None = None,
+        kind: str | None = None,
         num_prefix: int = 1,
         info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if kind is None:
+            kind = self.KIND or "resampler"
+        elif self.KIND is not None and kind != self.KIND:
+            raise ValueError(f"a {type(self).__name__} has kind {self.KIND!r}, got {kind!r}")
+        decoder_depth = self.DECODER_DEPTH if decoder_depth is None else decoder_depth
         if kind not in KINDS:
             raise ValueError(f"unknown compressor kind {kind!r}; use one of {KINDS}")
         h, w = (int(v) for v in grid)

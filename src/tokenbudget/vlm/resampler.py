@@ -17,39 +17,11 @@ whose query gave it the largest head-averaged attention weight in the last cross
 
 from __future__ import annotations
 
-from typing import Any
-
 from .latent import LatentCompressor
 
 
 class Resampler(LatentCompressor):
     """A :class:`LatentCompressor` of kind "resampler" (a light one-layer decoder by default)."""
 
-    def __init__(
-        self,
-        dim: int,
-        grid: tuple[int, int],
-        k_max: int,
-        *,
-        width: int = 256,
-        depth: int = 2,
-        heads: int = 4,
-        decoder_depth: int = 1,
-        num_prefix: int = 1,
-        info: dict[str, Any] | None = None,
-        kind: str = "resampler",
-    ) -> None:
-        if kind != "resampler":
-            raise ValueError(f"a Resampler has kind 'resampler', got {kind!r}")
-        super().__init__(
-            dim,
-            grid,
-            k_max,
-            width=width,
-            depth=depth,
-            heads=heads,
-            decoder_depth=decoder_depth,
-            kind=kind,
-            num_prefix=num_prefix,
-            info=info,
-        )
+    KIND = "resampler"
+    DECODER_DEPTH = 1
