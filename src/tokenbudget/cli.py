@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -529,11 +529,7 @@ def cmd_train_predictor(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
     model, data = _model_and_data(args)
     bar = _progress(args.steps, "train-predictor", disable=args.quiet)
-
-    def progress(step: int, losses: dict) -> None:
-        bar.update(1)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{losses['loss']:.4f}", kept=losses["kept"])
+    progress = _step_progress(bar, keys=("loss", "kept"))
 
     predictors, report = train_predictors(
         model,
@@ -574,11 +570,7 @@ def cmd_train_text_projection(args: argparse.Namespace) -> int:
     if args.max_minutes <= 0:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
     bar = _progress(args.steps, "train-text-projection", disable=args.quiet)
-
-    def progress(step: int, loss: float) -> None:
-        bar.update(1)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss:.4f}")
+    progress = _step_progress(bar)
 
     projection, report = train_fashion_mnist_projection(
         args.data,
@@ -683,6 +675,19 @@ def _progress(total: int, desc: str, disable: bool):  # noqa: ANN202
     except ImportError:
         return _NoBar()
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+
+
+def _step_progress(bar, keys: Sequence[str] = ("loss",)) -> Callable[[int, float | dict], None]:  # noqa: ANN001
+    """The ``progress(step, losses)`` callback of a trainer: one tick of ``bar`` per step, with the loss
+    (a float, or the ``keys`` of a dict of them) as the bar's postfix (floats to 4 decimals)."""
+
+    def progress(step: int, losses: float | dict) -> None:
+        bar.update(1)
+        if hasattr(bar, "set_postfix"):
+            values = {k: losses[k] for k in keys} if isinstance(losses, dict) else {"loss": losses}
+            bar.set_postfix({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in values.items()})
+
+    return progress
 
 
 def build_parser() -> argparse.ArgumentParser:

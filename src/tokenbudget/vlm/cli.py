@@ -15,13 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..cli import _int_list, _progress, _set_threads
+from ..cli import _int_list, _progress, _set_threads, _step_progress
 
 DEFAULT_OUT = "compressors/dinov2_small_{kind}"
-
-
-def _bar(total: int, desc: str, disable: bool):  # noqa: ANN202 - tqdm or a no-op
-    return _progress(total, desc, disable)
 
 
 def training_tokens(data: str) -> torch.Tensor:
@@ -61,14 +57,8 @@ def cmd_train_compressor(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
     tokens = _load_token_file(args.tokens)["tokens"].float() if args.tokens else training_tokens(args.data)
     source = args.tokens or args.data
-    bar = _bar(args.steps, f"train-compressor {args.kind}", args.quiet)
-
-    def progress(step: int, losses: dict) -> None:
-        bar.update(1)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(
-                loss=f"{losses['loss']:.4f}", feat=f"{losses['feat']:.4f}", rec=f"{losses['rec']:.4f}"
-            )
+    bar = _progress(args.steps, f"train-compressor {args.kind}", args.quiet)
+    progress = _step_progress(bar, keys=("loss", "feat", "rec"))
 
     model, report = train_compressor(
         args.kind,
@@ -158,7 +148,7 @@ def cmd_vlm_compress_eval(args: argparse.Namespace) -> int:
     data = _eval_data(args)
     scenes = _scene_data() if args.scenes else None
     total = len(methods) + len(compressors)
-    bar = _bar(total, "vlm-compress-eval", args.quiet)
+    bar = _progress(total, "vlm-compress-eval", args.quiet)
     start = time.perf_counter()
     rows = evaluate_compressors(
         data["train_tokens"],
@@ -278,11 +268,7 @@ def cmd_train_slots(args: argparse.Namespace) -> int:
             raise ValueError(f"--n-train must be in [1, {len(tokens)}], got {args.n_train}")
         tokens = tokens[: args.n_train]
     bar = _progress(args.steps, "train-slots", disable=args.quiet)
-
-    def progress(step: int, loss: float) -> None:
-        bar.update(1)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss:.4f}")
+    progress = _step_progress(bar)
 
     model, report = train_slot_attention(
         tokens,
