@@ -66,6 +66,16 @@ def tiny_model(request: pytest.FixtureRequest) -> torch.nn.Module:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: training steps are many small ops, and on a shared 2-core
+    machine extra threads only hand work back and forth (several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def images() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(3, 3, 32, 32)

@@ -20,15 +20,6 @@ from tokenbudget.adaptive.budget_predictor import (
 
 
 @pytest.fixture
-def one_thread():
-    # Training steps are many small ops: on a shared 2-core machine one thread is several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def batch() -> torch.Tensor:
     return torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(4))
 

@@ -18,15 +18,6 @@ from tokenbudget.strategies.stages import stage_removals
 pytest.importorskip("safetensors", reason="predictor files need: pip install 'tokenbudget[learned]'")
 
 
-@pytest.fixture
-def one_thread():
-    # Training steps are many small ops: on a shared 2-core machine one thread is several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _predictors(model: torch.nn.Module, layers=(1, 2), seed: int = 0) -> PredictorSet:
     torch.manual_seed(seed)
     return PredictorSet(model.embed_dim, len(model.blocks), layers, keep=0.6).eval()

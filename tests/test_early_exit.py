@@ -45,15 +45,6 @@ def reference_class_token(model: torch.nn.Module, images: torch.Tensor, layer: i
 
 
 @pytest.fixture
-def one_thread():
-    # Training steps are many small ops: on a shared 2-core machine one thread is several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def batch() -> torch.Tensor:
     return torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 

@@ -46,13 +46,8 @@ def structured_tokens(count: int, seed: int = 0) -> torch.Tensor:
     return (code * position) @ mix + 0.05 * torch.randn(count, 17, DIM, generator=g)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids the thread hand-off cost that dominates on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These models are tiny: one thread avoids the thread hand-off cost that dominates on a busy CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
