@@ -165,3 +165,33 @@ def test_train_and_eval_budget_predictor_cli(tmp_path, capsys) -> None:
     assert sum(predicted["budget_counts"]) == 8 and same["mean_keep"] == pytest.approx(predicted["mean_keep"])
     assert main(["train-budget-predictor", *common, "--budgets", "0.5,0.25", "--out", out]) == 2
     assert "increasing keep fractions" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_budget_predictor_on_the_embedded_dinov2(tmp_path, capsys, one_thread) -> None:
+    """train-budget-predictor and eval-budget-predictor end to end on the real DINOv2-S weights."""
+    from tokenbudget.cli import main
+
+    common = [
+        "--model",
+        "dinov2_small",
+        "--data",
+        "fashion-mnist",
+        "--n-train",
+        "40",
+        "--n-test",
+        "20",
+        "--quiet",
+    ]
+    out = str(tmp_path / "budget")
+    argv = ["train-budget-predictor", *common, "--epochs", "5", "--hidden", "16", "--out", out]
+    assert main(argv) == 0
+    assert load_budget_predictor(out).budgets == (0.25, 0.5, 0.75, 1.0)
+    capsys.readouterr()
+    assert main(["eval-budget-predictor", *common, "--predictor", out, "--json"]) == 0
+    rows = {r["condition"]: r for r in json.loads(capsys.readouterr().out)}
+    predicted = rows["predicted"]
+    assert sum(predicted["budget_counts"]) == 20 and 0.25 <= predicted["mean_keep"] <= 1.0
+    assert rows["fixed, same mean"]["mean_keep"] == pytest.approx(predicted["mean_keep"])
+    # ToMe on real features keeps the classes apart: every condition stays far above chance (0.1).
+    assert min(r["knn_acc"] for r in rows.values()) > 0.3

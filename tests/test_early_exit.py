@@ -235,3 +235,38 @@ def test_train_and_eval_exits_cli(tmp_path, capsys) -> None:
     assert result["timing"]["same_exit"] == 1.0
     assert main(["eval-exits", *common, "--heads", out, "--target-flops", "0.01"]) == 2
     assert "out of reach" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_exits_on_the_embedded_dinov2(tmp_path, capsys, one_thread) -> None:
+    """train-exits and eval-exits end to end on the real DINOv2-S weights and offline Fashion-MNIST."""
+    from tokenbudget.cli import main
+
+    common = [
+        "--model",
+        "dinov2_small",
+        "--data",
+        "fashion-mnist",
+        "--n-train",
+        "60",
+        "--n-test",
+        "20",
+        "--quiet",
+    ]
+    out = str(tmp_path / "heads")
+    argv = ["train-exits", *common, "--layers", "3,7,11", "--epochs", "40", "--calib-fraction", "0.25",
+            "--target-flops", "0.6", "--out", out]  # fmt: skip
+    assert main(argv) == 0
+    heads = load_exit_heads(out)
+    assert heads.layers == (3, 7, 11) and heads.info["thresholds"]
+    argv = ["eval-exits", *common, "--heads", out, "--target-flops", "0.6", "--timed-target", "0.6",
+            "--timed-images", "8", "--batch-size", "4", "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    early = [r for r in result["rows"] if r["kind"] == "early exit"]
+    assert len(early) == 1 and early[0]["flops"] < 1.0
+    # Real features of 10 classes: the last exit's head is far above chance (0.1).
+    full = [r for r in result["rows"] if r["kind"] == "fixed, own head"]
+    assert max(r["accuracy"] for r in full) > 0.4
+    assert result["timing"]["same_exit"] == 1.0  # the real forward takes the exits the cache predicted
