@@ -82,7 +82,7 @@ def test_visualize_writes_a_picture(tmp_path) -> None:
 
 def test_console_script_entry_point() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "tokenbudget.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "tokenbudget", "--help"], capture_output=True, text=True, check=True
     )
     for command in ("bench", "visualize", "demo"):
         assert command in done.stdout

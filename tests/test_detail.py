@@ -154,7 +154,7 @@ def test_anomaly_eval_data_splits_by_base_crop(tmp_path, monkeypatch) -> None:
 
 
 def test_keep_for_flops_speedup_reaches_the_target() -> None:
-    from tokenbudget.bench.flops import block_dims, ideal_speedup
+    from tokenbudget.flops import block_dims, ideal_speedup
 
     model = make_tiny("vit")
     dims = [block_dims(b) for b in model.blocks]

@@ -194,7 +194,7 @@ def test_concurrent_forwards() -> None:
 
 
 def test_config_validation_json_and_names() -> None:
-    from tokenbudget.cli import build_parser
+    from tokenbudget.cli.commands import build_parser
     from tokenbudget.evaluate.harness import method_config
 
     config = tb.ToMe(keep=0.1, entropy_floor=0.5)
@@ -206,7 +206,7 @@ def test_config_validation_json_and_names() -> None:
     with pytest.raises(ValueError, match="needs an entropy_floor"):
         tb.ToMeGuard(r=4, entropy_floor=None)
     args = build_parser().parse_args(["bench", "--method", "tome,tofu", "--r", "8", "--entropy-floor", "0.3"])
-    from tokenbudget.cli import _configs
+    from tokenbudget.cli.commands import _configs
 
     assert [c.entropy_floor for c in _configs(args)] == [0.3, 0.3]
 

@@ -19,7 +19,7 @@ from tokenbudget.vlm import (
     save_compressor,
     train_compressor,
 )
-from tokenbudget.vlm.compress_eval import (
+from tokenbudget.evaluate.compressors import (
     assignment_reconstruction,
     evaluate_compressors,
     random_select,

@@ -470,8 +470,8 @@ class AdaptivePatch(ReductionConfig):
     keep: float | None = None
 
     def __post_init__(self) -> None:
-        from .adaptive.complexity import SCORES
-        from .adaptive.thresholds import check_thresholds
+        from .ops.complexity import SCORES
+        from .ops.thresholds import check_thresholds
 
         sizes = self.patch_sizes
         if sizes is not None:

@@ -1,8 +1,8 @@
 """timm adapter for :class:`tokenbudget.AdaptivePatch`: a timm ViT at a per-image patch size.
 
 Nothing of timm's forward is copied. The model's own ``forward`` / ``forward_features`` run once per
-sub-batch of equal patch size (:mod:`tokenbudget.adaptive.patching` groups them), and two of its
-steps follow the sub-batch's :class:`~tokenbudget.adaptive.patching.GroupSpec`:
+sub-batch of equal patch size (:mod:`tokenbudget.strategies.adaptive_patch` groups them), and two of its
+steps follow the sub-batch's :class:`~tokenbudget.strategies.adaptive_patch.GroupSpec`:
 
 * ``patch_embed``: timm's ``PatchEmbed.forward`` runs on a view of the module whose ``proj`` is the
   convolution with the kernel resampled to the group's patch size by FlexiViT's pseudo-inverse
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adaptive.patching import AdaptivePatchContext, AdaptivePatchPlanner, GroupedRunner
+from ..strategies.adaptive_patch import AdaptivePatchContext, AdaptivePatchPlanner, GroupedRunner
 from . import timm as timm_adapter
 
 # Position grids are resampled as the embedded DINOv2 resamples its 37x37 grid (bicubic, no

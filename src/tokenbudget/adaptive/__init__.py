@@ -24,17 +24,10 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..config import AdaptivePatch
-from .budget_predictor import (
-    BudgetPredictor,
-    forward_with_budgets,
-    load_budget_predictor,
-    save_budget_predictor,
-    train_budget_predictor,
-)
-from .complexity import DETAIL_EPS, SCORES, complexity_score, detail_score
-from .early_exit import EarlyExit, ExitOutput
-from .exit_heads import ExitHeads, load_exit_heads, save_exit_heads, train_exit_heads
-from .patching import (
+from ..ops.complexity import DETAIL_EPS, SCORES, complexity_score, detail_score
+from ..ops.thresholds import calibrate_thresholds, check_thresholds, size_index
+from ..state import AdaptivePatchState
+from ..strategies.adaptive_patch import (
     AdaptivePatchContext,
     GroupedRunner,
     GroupSpec,
@@ -42,8 +35,15 @@ from .patching import (
     group_spec,
     resize_images,
 )
-from .state import AdaptivePatchState
-from .thresholds import calibrate_thresholds, check_thresholds, size_index
+from .budget_predictor import (
+    BudgetPredictor,
+    forward_with_budgets,
+    load_budget_predictor,
+    save_budget_predictor,
+    train_budget_predictor,
+)
+from .early_exit import EarlyExit, ExitOutput
+from .exit_heads import ExitHeads, load_exit_heads, save_exit_heads, train_exit_heads
 
 
 def native_patch_size(model: nn.Module) -> int:

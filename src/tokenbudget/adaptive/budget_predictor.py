@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ToMe
-from ..learned.files import load_weights, read_part, save_part
+from ..parts import load_weights, read_part, save_part
 from ..patch import apply, is_patched, remove
 from .blockwise import glance_tokens
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..bench.flops import block_dims, block_flops
+from ..flops import block_dims, block_flops
 from .blockwise import check_blockwise_model, embed_tokens, layer_class_tokens
 from .exit_heads import ExitHeads, load_exit_heads
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..learned.files import load_weights, read_part, save_part
+from ..parts import load_weights, read_part, save_part
 
 FORMAT = "tokenbudget-exit-heads"
 VERSION = 1

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ..config import ReductionConfig, config_class
+from ..flops import block_dims, ideal_speedup, model_flops
 from ..patch import apply, last_state
 from .ceiling import free_reduction_copy
-from .flops import block_dims, ideal_speedup, model_flops
 from .memory import peak_forward_memory
 from .throughput import measure_interleaved, paired_ratio_quartiles, time_once
 

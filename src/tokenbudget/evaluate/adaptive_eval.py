@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..adaptive import calibrate, forward_features_list, native_patch_size
-from ..bench.flops import block_dims, model_flops
 from ..config import AdaptivePatch
+from ..flops import block_dims, model_flops
 from ..patch import apply, last_state, remove
 from .harness import EvalData, extract_features
 from .metrics import cosine_fidelity, knn_accuracy, linear_probe_accuracy

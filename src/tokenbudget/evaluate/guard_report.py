@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..bench.flops import block_dims, model_flops
 from ..config import ReductionConfig
+from ..flops import block_dims, model_flops
 from ..ops.entropy import token_entropy
 from ..patch import _context, apply, last_state, remove
 

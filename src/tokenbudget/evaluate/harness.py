@@ -79,8 +79,8 @@ def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
     from itertools import accumulate
 
     from ..adapters import find_adapter
-    from ..bench.flops import block_dims, ideal_speedup
     from ..config import BudgetConfig
+    from ..flops import block_dims, ideal_speedup
     from ..strategies import ScheduledStrategy
 
     adapter = find_adapter(model)

@@ -31,7 +31,7 @@ from ..config import DynamicViT
 from ..context import PatchContext
 from ..patch import install_strategy, last_state
 from ..strategies.dynamicvit import DynamicViTStrategy
-from .predictor import PredictorSet
+from ..strategies.keep_predictor import PredictorSet
 from .report import loss_summary, tail_mean
 
 

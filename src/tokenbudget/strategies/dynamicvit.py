@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..learned.predictor import PredictorSet, load_predictors
 from ..ops.prune import select_tokens, top_k_split
 from ..state import TokenState
+from .keep_predictor import PredictorSet, load_predictors
 from .stages import StageStrategy, stage_keep_count
 
 

@@ -2,7 +2,7 @@
 
 ``tokenbudget train-exits`` / ``eval-exits`` and ``tokenbudget train-budget-predictor`` /
 ``eval-budget-predictor``; :func:`add_parsers` registers them on the main parser. Backbone outputs
-of the embedded DINOv2 are cached per dataset (:mod:`tokenbudget.adaptive.caches`), so training
+of the embedded DINOv2 are cached per dataset (:mod:`tokenbudget.evaluate.caches`), so training
 and evaluating again costs seconds; other models are recomputed each time.
 """
 
@@ -18,7 +18,7 @@ _DEFAULT_TARGETS = "0.3,0.4,0.5,0.6,0.7,0.8"
 
 
 def _cli():  # noqa: ANN202 - the cli module (imported late: it imports this module's parsers)
-    from .. import cli
+    from . import commands as cli
 
     return cli
 
@@ -31,7 +31,7 @@ def _cache_key(args: argparse.Namespace, data_name: str, split: str, count: int)
 
 
 def _layer_tokens(model, images, args, data_name: str, split: str):  # noqa: ANN001, ANN202
-    from .caches import cached_layer_tokens
+    from ..evaluate.caches import cached_layer_tokens
 
     key = _cache_key(args, data_name, split, len(images))
     bar = _cli()._progress(len(images), f"class tokens ({split})", disable=args.quiet)
@@ -43,7 +43,7 @@ def _layer_tokens(model, images, args, data_name: str, split: str):  # noqa: ANN
 def _budget_features(model, images, budgets, args, data_name: str, split: str, full):  # noqa: ANN001, ANN202
     """[N, K, 2C] harness features at each budget; ``full`` [N, 2C] (the class-token pass's full-token
     feature) is the column of budget 1.0."""
-    from .caches import cached_budget_features
+    from ..evaluate.caches import cached_budget_features
 
     reduced = [b for b in budgets if b < 1.0]
     key = _cache_key(args, data_name, split, len(images))
@@ -76,8 +76,8 @@ def _split(n: int, calib_fraction: float, seed: int) -> tuple[torch.Tensor, torc
 
 
 def cmd_train_exits(args: argparse.Namespace) -> int:
-    from .early_exit import EarlyExit
-    from .exit_heads import save_exit_heads, train_exit_heads
+    from ..adaptive.early_exit import EarlyExit
+    from ..adaptive.exit_heads import save_exit_heads, train_exit_heads
 
     cli = _cli()
     cli._set_threads(args.threads)
@@ -128,9 +128,9 @@ def cmd_train_exits(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_exits(args: argparse.Namespace) -> int:
-    from .early_exit import EarlyExit
-    from .exit_eval import evaluate_exits, format_exit_table
-    from .exit_heads import load_exit_heads
+    from ..adaptive.early_exit import EarlyExit
+    from ..adaptive.exit_heads import load_exit_heads
+    from ..evaluate.exits import evaluate_exits, format_exit_table
 
     cli = _cli()
     cli._set_threads(args.threads)
@@ -170,7 +170,7 @@ def cmd_eval_exits(args: argparse.Namespace) -> int:
 
 def _time_early_exit(early_exit, calib_tokens, test_tokens, images, args) -> dict:  # noqa: ANN001
     """Run the real early-exit forward on test images and time it against the unpatched model."""
-    from .early_exit import simulate_exits
+    from ..adaptive.early_exit import simulate_exits
 
     early_exit.calibrate(calib_tokens, target_flops=args.timed_target)
     images = images[: args.timed_images]
@@ -202,7 +202,7 @@ def _time_early_exit(early_exit, calib_tokens, test_tokens, images, args) -> dic
 
 
 def cmd_train_budget_predictor(args: argparse.Namespace) -> int:
-    from .budget_predictor import (
+    from ..adaptive.budget_predictor import (
         agreement_targets,
         model_glance,
         save_budget_predictor,
@@ -254,8 +254,8 @@ def cmd_train_budget_predictor(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_budget_predictor(args: argparse.Namespace) -> int:
-    from .budget_eval import evaluate_budgets, format_budget_table
-    from .budget_predictor import load_budget_predictor
+    from ..adaptive.budget_predictor import load_budget_predictor
+    from ..evaluate.budget_predictor import evaluate_budgets, format_budget_table
 
     cli = _cli()
     cli._set_threads(args.threads)

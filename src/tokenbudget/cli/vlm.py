@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import _int_list, _progress, _set_threads, _step_progress
+from .commands import _int_list, _progress, _set_threads, _step_progress
 
 DEFAULT_OUT = "compressors/dinov2_small_{kind}"
 
@@ -49,8 +49,8 @@ def _load_token_file(path: str) -> dict:
 
 def cmd_train_compressor(args: argparse.Namespace) -> int:
     """Train a resampler or an autoencoder on cached backbone tokens and save it."""
-    from .compressor_io import save_compressor
-    from .train import train_compressor
+    from ..vlm.compressor_io import save_compressor
+    from ..vlm.train import train_compressor
 
     _set_threads(args.threads)
     if args.max_minutes <= 0:
@@ -132,8 +132,8 @@ def _scene_data() -> dict:
 
 def cmd_vlm_compress_eval(args: argparse.Namespace) -> int:
     """k-NN accuracy, fidelity and reconstruction of pooling, random selection and trained compressors."""
-    from .compress_eval import BASELINES, evaluate_compressors, format_rows
-    from .compressor_io import load_compressor
+    from ..evaluate.compressors import BASELINES, evaluate_compressors, format_rows
+    from ..vlm.compressor_io import load_compressor
 
     _set_threads(args.threads)
     methods = [m for m in (v.strip() for v in args.methods.split(",")) if m]
@@ -257,7 +257,7 @@ def add_compress_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_train_slots(args: argparse.Namespace) -> int:
     """Train Slot Attention on the cached DINOv2 tokens of the train scenes and save it."""
     from ..data.token_cache import dinov2_scene_tokens
-    from .slot_attention import save_slot_attention, train_slot_attention
+    from ..vlm.slot_attention import save_slot_attention, train_slot_attention
 
     _set_threads(args.threads)
     if args.max_minutes <= 0:
@@ -306,13 +306,13 @@ def cmd_vlm_slots_eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     learned = None
     if args.slot_attention:
-        from .slot_attention import load_slot_attention
+        from ..vlm.slot_attention import load_slot_attention
 
         learned = load_slot_attention(args.slot_attention)
     class_queries = None
     if args.projection:
         from ..data.fashion_mnist import FASHION_MNIST_CLASSES
-        from .text import ProjectedTextQuery
+        from ..vlm.text import ProjectedTextQuery
 
         text = ProjectedTextQuery.load(args.projection)
         class_queries = text.encode([args.prompt.format(name.lower()) for name in FASHION_MNIST_CLASSES])

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .files import load_weights, read_part, save_part
+from ..parts import load_weights, read_part, save_part
 
 FORMAT = "tokenbudget-dynamicvit-predictor"
 VERSION = 1

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .complexity import complexity_score
-from .state import AdaptivePatchState
-from .thresholds import check_thresholds, size_index
+from ..ops.complexity import complexity_score
+from ..ops.thresholds import check_thresholds, size_index
+from ..state import AdaptivePatchState
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..adaptive.blockwise import layer_class_tokens
 from ..config import ToMe
 from ..data.token_cache import cached_tokens
-from ..evaluate.harness import extract_features
 from ..patch import apply, remove
-from .blockwise import layer_class_tokens
+from .harness import extract_features
 
 
 def cached_layer_tokens(

@@ -22,13 +22,13 @@ from itertools import accumulate
 import torch
 from torch import Tensor, nn
 
-from ..bench.flops import block_dims, model_flops
+from ..adaptive.budget_predictor import BudgetPredictor, agreement_targets, forward_with_budgets, model_glance
 from ..config import BudgetConfig, ToMe
-from ..evaluate.harness import extract_features
-from ..evaluate.metrics import knn_accuracy, linear_probe_accuracy
+from ..flops import block_dims, model_flops
 from ..patch import apply, remove
 from ..strategies import ScheduledStrategy
-from .budget_predictor import BudgetPredictor, agreement_targets, forward_with_budgets, model_glance
+from .harness import extract_features
+from .metrics import knn_accuracy, linear_probe_accuracy
 
 
 @dataclass

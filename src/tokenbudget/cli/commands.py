@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .config import BudgetConfig, ReductionConfig, config_class, config_from_json, method_names
-from .patch import apply, remove
+from ..config import BudgetConfig, ReductionConfig, config_class, config_from_json, method_names
+from ..patch import apply, remove
 
 
 def _int_list(text: str) -> list[int]:
@@ -165,7 +165,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench, format_table, load_model
+    from ..bench import bench, format_table, load_model
 
     _set_threads(args.threads)
     configs = _configs(args)
@@ -225,9 +225,9 @@ def _compile_note(rows: list) -> str:
 def cmd_visualize(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .bench import load_model
-    from .data import load_image
-    from .viz import render_merges
+    from ..bench import load_model
+    from ..data import load_image
+    from ..viz import render_merges
 
     configs = _configs(args)
     if len(configs) != 1:
@@ -241,9 +241,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 def _model_and_data(args: argparse.Namespace):  # noqa: ANN202 - (nn.Module, EvalData)
     """The model named on the command line and the eval data, preprocessed for it."""
-    from .bench import load_model
-    from .data.images import model_normalization
-    from .evaluate import load_eval_data
+    from ..bench import load_model
+    from ..data.images import model_normalization
+    from ..evaluate import load_eval_data
 
     model = load_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
     data = load_eval_data(
@@ -259,9 +259,9 @@ def _model_and_data(args: argparse.Namespace):  # noqa: ANN202 - (nn.Module, Eva
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_eval_table, pareto_plot
-    from .evaluate.distributed import is_main
-    from .evaluate.harness import method_config, rows_to_csv
+    from ..evaluate import evaluate, format_eval_table, pareto_plot
+    from ..evaluate.distributed import is_main
+    from ..evaluate.harness import method_config, rows_to_csv
 
     _set_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -282,7 +282,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             method_config(m, keep, options[m])
     model, data = _model_and_data(args)
     if args.flops_speedup is not None:
-        from .evaluate.harness import keep_for_flops_speedup
+        from ..evaluate.harness import keep_for_flops_speedup
 
         args.keep = [1.0] + [keep_for_flops_speedup(model, s) for s in args.flops_speedup]
     for m in methods:  # apply validates against this model (layers, predictor, class token): fail now,
@@ -334,9 +334,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_entropy(args: argparse.Namespace) -> int:
-    from .config import DEFAULT_ENTROPY_FLOOR
-    from .evaluate.guard_report import entropy_profile, format_profile, guard_summary
-    from .evaluate.harness import method_config
+    from ..config import DEFAULT_ENTROPY_FLOOR
+    from ..evaluate.guard_report import entropy_profile, format_profile, guard_summary
+    from ..evaluate.harness import method_config
 
     _set_threads(args.threads)
     floor = DEFAULT_ENTROPY_FLOOR if args.entropy_floor is None else args.entropy_floor
@@ -369,7 +369,7 @@ def cmd_entropy(args: argparse.Namespace) -> int:
 
 
 def cmd_adaptive_eval(args: argparse.Namespace) -> int:
-    from .evaluate.adaptive_eval import (
+    from ..evaluate.adaptive_eval import (
         cached_fashion_mnist_train_features,
         evaluate_adaptive,
         format_adaptive_table,
@@ -458,7 +458,7 @@ def _add_adaptive_eval_parser(sub: argparse._SubParsersAction, model_help: str) 
 
 
 def cmd_make_anomaly(args: argparse.Namespace) -> int:
-    from .data.anomaly import ANOMALY_CLASSES, anomaly_set, save_image_folder, save_preview
+    from ..data.anomaly import ANOMALY_CLASSES, anomaly_set, save_image_folder, save_preview
 
     data = anomaly_set(args.n_base, args.size, args.seed, args.scale)
     counts = {name: int((data.labels == i).sum()) for i, name in enumerate(ANOMALY_CLASSES)}
@@ -475,9 +475,9 @@ def cmd_make_anomaly(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .evaluate import format_eval_table
-    from .evaluate.distributed import is_main
-    from .evaluate.plan import check_targets, plan
+    from ..evaluate import format_eval_table
+    from ..evaluate.distributed import is_main
+    from ..evaluate.plan import check_targets, plan
 
     _set_threads(args.threads)
     check_targets(args.target_speedup, args.target_flops, args.max_drop)
@@ -521,8 +521,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_train_predictor(args: argparse.Namespace) -> int:
     """Train DynamicViT predictors for a model on unlabelled training images and save them."""
-    from .learned import save_predictors
-    from .learned.train import train_predictors
+    from ..learned import save_predictors
+    from ..learned.train import train_predictors
 
     _set_threads(args.threads)
     if args.max_minutes <= 0:
@@ -563,8 +563,8 @@ def cmd_train_predictor(args: argparse.Namespace) -> int:
 
 def cmd_train_text_projection(args: argparse.Namespace) -> int:
     """Train the MiniLM -> DINOv2-S text projection on cached Fashion-MNIST tokens and save it."""
-    from .vlm.text import save_text_projection
-    from .vlm.text_train import train_fashion_mnist_projection
+    from ..vlm.text import save_text_projection
+    from ..vlm.text_train import train_fashion_mnist_projection
 
     _set_threads(args.threads)
     if args.max_minutes <= 0:
@@ -598,15 +598,15 @@ def cmd_vlm_select_eval(args: argparse.Namespace) -> int:
     """Query-aware selection on the multi-object scenes: on-item share and per-item k-NN per method and k."""
     from pathlib import Path
 
-    from .data.fashion_mnist import FASHION_MNIST_CLASSES
-    from .evaluate.select_scenes import (
+    from ..data.fashion_mnist import FASHION_MNIST_CLASSES
+    from ..evaluate.select_scenes import (
         chance_share,
         format_rows,
         load_selection_data,
         run_selection_benchmark,
     )
-    from .vlm.text import MiniLMTextEncoder, ProjectedTextQuery, load_text_projection
-    from .vlm.text_train import train_fashion_mnist_projection
+    from ..vlm.text import MiniLMTextEncoder, ProjectedTextQuery, load_text_projection
+    from ..vlm.text_train import train_fashion_mnist_projection
 
     _set_threads(args.threads)
     if any(k < 1 for k in args.ks):
@@ -653,7 +653,7 @@ def cmd_vlm_select_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     _set_threads(args.threads)
     return run_demo(out_dir=args.out, quick=args.quick, as_json=args.json)
@@ -918,7 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     _add_adaptive_commands(sub, model_help)
-    from .vlm.cli import add_compress_commands, add_slot_commands
+    from .vlm import add_compress_commands, add_slot_commands
 
     add_compress_commands(sub)
     add_slot_commands(sub)
@@ -927,7 +927,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_adaptive_commands(sub: argparse._SubParsersAction, model_help: str) -> None:
     """train-exits, eval-exits, train-budget-predictor, eval-budget-predictor (tokenbudget.adaptive)."""
-    from .adaptive.commands import add_parsers
+    from .adaptive import add_parsers
 
     add_parsers(sub, model_help)
 

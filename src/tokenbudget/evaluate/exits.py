@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .early_exit import EarlyExit, simulate_exits
+from ..adaptive.early_exit import EarlyExit, simulate_exits
 
 
 @dataclass

@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from ..evaluate.scene_metrics import knn_predict, pooled_feature
-from .base import CompressedTokens, check_budget, check_tokens, infer_grid, pack, prefix_assignment
-from .latent import LatentCompressor
-from .pooling import pool
+from ..vlm.base import CompressedTokens, check_budget, check_tokens, infer_grid, pack, prefix_assignment
+from ..vlm.latent import LatentCompressor
+from ..vlm.pooling import pool
+from .scene_metrics import knn_predict, pooled_feature
 
 BASELINES = ("avg", "max", "random")
 

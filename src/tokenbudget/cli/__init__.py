@@ -1,0 +1,5 @@
+"""The ``tokenbudget`` command line."""
+
+from .commands import build_parser, main
+
+__all__ = ["build_parser", "main"]
