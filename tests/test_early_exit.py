@@ -10,7 +10,8 @@ import torch
 
 import tokenbudget as tb
 from conftest import make_tiny, write_two_class_folder
-from tokenbudget.adaptive.blockwise import embed_tokens, layer_class_tokens
+from tokenbudget.adapters import find_adapter
+from tokenbudget.adaptive.blockwise import layer_class_tokens
 from tokenbudget.adaptive.early_exit import (
     calibrate_thresholds,
     geometric_exit_fractions,
@@ -200,7 +201,7 @@ def test_embed_tokens_matches_the_models_own_first_block_input(batch: torch.Tens
     with torch.no_grad():
         model.forward_features(batch)
         handle.remove()
-        assert torch.equal(embed_tokens(model, batch), seen["x"])
+        assert torch.equal(find_adapter(model).embed(batch), seen["x"])
 
 
 def test_train_and_eval_exits_cli(tmp_path, capsys) -> None:

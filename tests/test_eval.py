@@ -11,8 +11,10 @@ import torch
 
 from conftest import make_tiny, write_two_class_folder
 from tokenbudget.cli import main
-from tokenbudget.evaluate import EvalData, evaluate, format_eval_table, pareto_plot
-from tokenbudget.evaluate.harness import method_config, rows_to_csv
+from tokenbudget.data.eval_sets import EvalData
+from tokenbudget.evaluate.budgets import method_config
+from tokenbudget.evaluate.quality import evaluate
+from tokenbudget.evaluate.tables import format_eval_table, pareto_plot, rows_to_csv
 
 
 def _clustered_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +93,8 @@ def test_empty_image_folder_is_an_error(tmp_path, capsys) -> None:
 
 def test_skimage_crops_are_labelled_by_photo() -> None:
     from tokenbudget.data import SAMPLE_IMAGES
+    from tokenbudget.data.eval_sets import load_eval_data
     from tokenbudget.data.images import IMAGENET_MEAN, IMAGENET_STD
-    from tokenbudget.evaluate import load_eval_data
 
     data = load_eval_data("skimage", 32, IMAGENET_MEAN, IMAGENET_STD)
     n = len(SAMPLE_IMAGES) * 4

@@ -195,7 +195,7 @@ def test_concurrent_forwards() -> None:
 
 def test_config_validation_json_and_names() -> None:
     from tokenbudget.cli.commands import build_parser
-    from tokenbudget.evaluate.harness import method_config
+    from tokenbudget.evaluate.budgets import method_config
 
     config = tb.ToMe(keep=0.1, entropy_floor=0.5)
     assert tb.config_from_json(config.to_json()) == config

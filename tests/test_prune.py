@@ -195,7 +195,7 @@ def test_config_validation_and_json() -> None:
 @pytest.mark.slow
 def test_bench_and_eval_reach_prune(capsys) -> None:
     from tokenbudget.cli import main
-    from tokenbudget.evaluate.harness import method_config
+    from tokenbudget.evaluate.budgets import method_config
 
     assert method_config("prune", 0.5) == tb.Prune(keep=0.5)
     code = main(

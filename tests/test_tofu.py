@@ -162,7 +162,7 @@ def test_config_json_and_validation() -> None:
 @pytest.mark.parametrize("method", ["tofu", "tome-optimal"])
 def test_reachable_from_bench_and_eval_names(method) -> None:
     from tokenbudget.cli.commands import build_parser
-    from tokenbudget.evaluate.harness import method_config
+    from tokenbudget.evaluate.budgets import method_config
 
     assert method_config(method, 0.25) == tb.config_from_dict({"method": method, "keep": 0.25})
     args = build_parser().parse_args(["bench", "--method", method, "--keep", "0.5"])

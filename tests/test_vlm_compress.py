@@ -10,6 +10,12 @@ import torch
 
 import tokenbudget as tb
 from tokenbudget.cli import main
+from tokenbudget.evaluate.compressors import (
+    assignment_reconstruction,
+    evaluate_compressors,
+    random_select,
+    unexplained_variance,
+)
 from tokenbudget.vlm import (
     CompressedTokens,
     Resampler,
@@ -18,12 +24,6 @@ from tokenbudget.vlm import (
     pool,
     save_compressor,
     train_compressor,
-)
-from tokenbudget.evaluate.compressors import (
-    assignment_reconstruction,
-    evaluate_compressors,
-    random_select,
-    unexplained_variance,
 )
 from tokenbudget.vlm.compressor_io import build_compressor
 from tokenbudget.vlm.train import compressor_losses

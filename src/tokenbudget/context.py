@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +27,9 @@ class PatchContext:
         self.grid = grid  # the model's default patch grid
         self._local = threading.local()
         self.latest: TokenState | None = None  # latest finished forward, any thread
+        #: callbacks ``observe(layer, tokens [B, N', C], state)`` each block calls after its reduction
+        #: and before its MLP (measurements such as the entropy profile; empty by default)
+        self.observers: list[Callable[[int, Tensor, TokenState], None]] = []
 
     # -- per-thread slots -------------------------------------------------------------------
     @property

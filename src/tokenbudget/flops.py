@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from torch import nn
-
 
 @dataclass(frozen=True)
 class BlockDims:
@@ -22,14 +20,6 @@ class BlockDims:
     dim: int
     attn_dim: int
     mlp_hidden: int
-
-
-def block_dims(block: nn.Module) -> BlockDims:
-    """Read the widths from a timm-style block (``attn.qkv``, ``mlp.fc1``)."""
-    qkv = block.attn.qkv
-    return BlockDims(
-        dim=qkv.in_features, attn_dim=qkv.out_features // 3, mlp_hidden=block.mlp.fc1.out_features
-    )
 
 
 def block_flops(tokens_in: int, tokens_out: int, dims: BlockDims) -> int:

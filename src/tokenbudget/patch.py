@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import find_adapter
-from .config import AdaptivePatch, ReductionConfig
+from .adapters import prepare
+from .config import ReductionConfig
 from .context import PatchContext
 from .state import TokenState
-from .strategies import make_strategy
 
 _ATTR = "_tokenbudget"  # where a patched model keeps its (adapter, context); not in state_dict
 
@@ -20,24 +19,11 @@ def apply(model: nn.Module, config: ReductionConfig) -> nn.Module:
     a config that fails validation leaves the model as it was. The module tree and ``state_dict``
     keys are unchanged while patched.
     """
-    if isinstance(config, AdaptivePatch):
-        # Not a per-block reduction: it sets each image's patch grid before the blocks (tb.adaptive).
-        from .adapters.timm_adaptive import prepare
-
-        install_strategy(model, *prepare(model, config))
-        return model
     if not isinstance(config, ReductionConfig):
         raise ValueError(
             f"config must be a tokenbudget config such as tb.ToMe(r=16), got {type(config).__name__}"
         )
-    adapter = find_adapter(model)
-    strategy = make_strategy(config, adapter.num_layers)
-    strategy.check_model(adapter)  # e.g. class-attention pruning on a model without a class token
-    if adapter.default_num_tokens is not None:
-        # Fail at apply time, not at the first forward, for budgets the default input cannot meet.
-        strategy.plan(adapter.default_num_tokens, adapter.num_prefix)
-    ctx = PatchContext(strategy, adapter.num_prefix, adapter.num_layers, adapter.grid)
-    install_strategy(model, adapter, ctx)
+    install_strategy(model, *prepare(model, config))
     return model
 
 
@@ -69,6 +55,11 @@ def remove(model: nn.Module) -> nn.Module:
 
 def is_patched(model: nn.Module) -> bool:
     return _ATTR in model.__dict__
+
+
+def installed(model: nn.Module) -> tuple[object, object] | None:
+    """The (adapter, context) a patched model runs with, or ``None`` when it is not patched."""
+    return model.__dict__.get(_ATTR)
 
 
 def _context(model: nn.Module) -> PatchContext:

@@ -103,6 +103,8 @@ class ReducingBlockForward:
             x = strategy.reduce(x, metric, state, layer)  # [B, N - r, C]
         else:
             local.want_keys = False
+        for observe in ctx.observers:  # e.g. the entropy profile: tokens entering the MLP
+            observe(layer, x, state)
         x = x + self.mlp_branch(x)
         state.tokens_per_layer.append(x.shape[1])
         if self.is_last:

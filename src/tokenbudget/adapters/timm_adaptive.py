@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import AdaptivePatch
 from ..strategies.adaptive_patch import AdaptivePatchContext, AdaptivePatchPlanner, GroupedRunner
 from . import timm as timm_adapter
+from .base import register_installer
 
 # Position grids are resampled as the embedded DINOv2 resamples its 37x37 grid (bicubic, no
 # antialias; see tokenbudget.models.dinov2), so the native grid of that model is reproduced exactly.
@@ -92,6 +94,12 @@ def check_model(model: nn.Module) -> None:
         )
     if not hasattr(type(model), "_pos_embed"):
         raise ValueError(f"{type(model).__name__} has no _pos_embed step to resample position embeddings in")
+
+
+def native_patch_size(model: nn.Module) -> int:
+    """The patch side of ``model``'s patch embedding (``ValueError`` for models it cannot adapt)."""
+    check_model(model)
+    return int(model.patch_embed.proj.kernel_size[0])
 
 
 class TimmAdaptiveAdapter:
@@ -221,8 +229,9 @@ class TimmAdaptiveAdapter:
         return type(model)._pos_embed(view, x)
 
 
-def prepare(model: nn.Module, config: Any) -> tuple[TimmAdaptiveAdapter, AdaptivePatchContext]:
-    """(adapter, context) that :func:`tokenbudget.patch.install_strategy` installs for ``config``."""
+@register_installer(AdaptivePatch)
+def prepare(model: nn.Module, config: AdaptivePatch) -> tuple[TimmAdaptiveAdapter, AdaptivePatchContext]:
+    """(adapter, context) that :func:`tokenbudget.apply` installs for an ``AdaptivePatch`` config."""
     adapter = TimmAdaptiveAdapter(model)
     planner = AdaptivePatchPlanner(config, adapter.native_patch)
     ctx = AdaptivePatchContext(planner, adapter.num_prefix, adapter.num_layers)

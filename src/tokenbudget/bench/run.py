@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from ..adapters import find_adapter
 from ..config import ReductionConfig, config_class
-from ..flops import block_dims, ideal_speedup, model_flops
+from ..flops import ideal_speedup, model_flops
 from ..patch import apply, last_state
 from .ceiling import free_reduction_copy
 from .memory import peak_forward_memory
@@ -51,32 +52,6 @@ class BenchRow:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def load_model(name: str, *, pretrained: bool = False, img_size: int | None = None) -> nn.Module:
-    """A timm model by name (``pretrained=True`` downloads through timm), or ``dinov2_small``: the
-    embedded offline DINOv2 ViT-S/14 (real weights, no network)."""
-    if name in ("dinov2_small", "embedded"):
-        from ..models import dinov2_small
-
-        return dinov2_small(img_size=img_size or 224, pretrained=True)
-    import timm
-
-    kwargs = {"img_size": img_size} if img_size else {}
-    try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ValueError(
-                f"unknown timm model {name!r}; see timm.list_models('vit_*'), or use 'dinov2_small'"
-            ) from None
-        raise
-    except OSError as err:
-        raise ValueError(
-            f"could not fetch pretrained weights for {name!r} ({err}); without a network use --random "
-            "weights or the embedded model 'dinov2_small'"
-        ) from None
-    return model.eval()
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -124,8 +99,11 @@ def bench(
     model = model.eval().to(device=device, dtype=torch_dtype)
     patched = [apply(copy.deepcopy(model), cfg) for cfg in configs]
     free = [free_reduction_copy(model, m) for m in patched] if ceiling else []
-    dims = [block_dims(b) for b in model.blocks]
-    height, width = model.patch_embed.img_size
+    adapter = find_adapter(model)
+    dims = adapter.block_dims()
+    if adapter.image_size is None:
+        raise ValueError("the model has no default input size to bench at; build it with a fixed img_size")
+    height, width = adapter.image_size
     if compile:
         # One compiled wrapper per model, static shapes: each batch size compiles its own graph.
         # All models share their forward's code object, and dynamo keeps at most recompile_limit

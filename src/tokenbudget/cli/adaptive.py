@@ -60,7 +60,9 @@ def _budget_features(model, images, budgets, args, data_name: str, split: str, f
 
 def _full_features(model, images, args, data_name: str, split: str):  # noqa: ANN001, ANN202
     """[N, 2C]: the harness feature with all tokens (from the cached class-token pass)."""
-    depth = len(model.blocks)
+    from ..adapters import find_adapter
+
+    depth = find_adapter(model).num_layers
     return _layer_tokens(model, images, args, data_name, split)[:, depth : depth + 2].flatten(1)
 
 
@@ -82,7 +84,9 @@ def cmd_train_exits(args: argparse.Namespace) -> int:
     cli = _cli()
     cli._set_threads(args.threads)
     model, data = cli._model_and_data(args)
-    depth = len(model.blocks)
+    from ..adapters import find_adapter
+
+    depth = find_adapter(model).num_layers
     layers = args.layers if args.layers is not None else list(range(depth))
     fit, calib = _split(len(data.train_images), args.calib_fraction, args.seed)
     tokens = _layer_tokens(model, data.train_images, args, data.name, "train")
@@ -182,7 +186,7 @@ def _time_early_exit(early_exit, calib_tokens, test_tokens, images, args) -> dic
             t0 = time.perf_counter()
             out = early_exit(batch)
             t1 = time.perf_counter()
-            early_exit.model.forward_features(batch)
+            early_exit.adapter.features(batch)
             t2 = time.perf_counter()
             early_ms, full_ms = early_ms + (t1 - t0), full_ms + (t2 - t1)
             exits.append(out.exit_index)

@@ -165,7 +165,8 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench import bench, format_table, load_model
+    from ..bench import bench, format_table
+    from ..models import load_model
 
     _set_threads(args.threads)
     configs = _configs(args)
@@ -225,8 +226,8 @@ def _compile_note(rows: list) -> str:
 def cmd_visualize(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from ..bench import load_model
     from ..data import load_image
+    from ..models import load_model
     from ..viz import render_merges
 
     configs = _configs(args)
@@ -239,16 +240,25 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_side(model) -> int:  # noqa: ANN001
+    from ..adapters import find_adapter
+
+    size = find_adapter(model).image_size
+    if size is None:
+        raise ValueError("the model has no default input size; give --img-size")
+    return size[0]
+
+
 def _model_and_data(args: argparse.Namespace):  # noqa: ANN202 - (nn.Module, EvalData)
     """The model named on the command line and the eval data, preprocessed for it."""
-    from ..bench import load_model
+    from ..data.eval_sets import load_eval_data
     from ..data.images import model_normalization
-    from ..evaluate import load_eval_data
+    from ..models import load_model
 
     model = load_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
     data = load_eval_data(
         args.data,
-        int(model.patch_embed.img_size[0]),
+        _image_side(model),
         *model_normalization(model),
         n_train=args.n_train,
         n_test=args.n_test,
@@ -260,8 +270,9 @@ def _model_and_data(args: argparse.Namespace):  # noqa: ANN202 - (nn.Module, Eva
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate, format_eval_table, pareto_plot
+    from ..evaluate.budgets import method_config
     from ..evaluate.distributed import is_main
-    from ..evaluate.harness import method_config, rows_to_csv
+    from ..evaluate.tables import rows_to_csv
 
     _set_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -282,14 +293,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             method_config(m, keep, options[m])
     model, data = _model_and_data(args)
     if args.flops_speedup is not None:
-        from ..evaluate.harness import keep_for_flops_speedup
+        from ..evaluate.budgets import keep_for_flops_speedup
 
         args.keep = [1.0] + [keep_for_flops_speedup(model, s) for s in args.flops_speedup]
     for m in methods:  # apply validates against this model (layers, predictor, class token): fail now,
         for keep in args.keep:  # not after minutes of full-token feature extraction
             if keep < 1.0:
                 remove(apply(model, method_config(m, keep, options[m])))
-    size = int(model.patch_embed.img_size[0])
+    size = _image_side(model)
     batches = -(-len(data.train_images) // args.batch_size) + -(-len(data.test_images) // args.batch_size)
     conditions = sum(1 for keep in args.keep if keep < 1.0) * len(methods)
     # Under torchrun only rank 0 shows progress and writes results (every rank computes the same rows).
@@ -335,8 +346,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_entropy(args: argparse.Namespace) -> int:
     from ..config import DEFAULT_ENTROPY_FLOOR
+    from ..evaluate.budgets import method_config
     from ..evaluate.guard_report import entropy_profile, format_profile, guard_summary
-    from ..evaluate.harness import method_config
 
     _set_threads(args.threads)
     floor = DEFAULT_ENTROPY_FLOOR if args.entropy_floor is None else args.entropy_floor

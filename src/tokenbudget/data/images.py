@@ -67,8 +67,9 @@ def center_crop_resize(image, size: int):  # noqa: ANN001, ANN201 - PIL in, PIL 
 
 def model_normalization(model: torch.nn.Module) -> tuple[Sequence[float], Sequence[float]]:
     """(mean, std) the model's pretrained config asks for; ImageNet's when it names none."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    from ..adapters import find_adapter
+
+    return find_adapter(model).normalization()
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -24,16 +24,19 @@ def backbone_tokens(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
 ) -> Tensor:
-    """``model.forward_features`` of normalized ``images`` [N, 3, H, W]: float32 [N, T, C] (prefix first).
+    """Token features of normalized ``images`` [N, 3, H, W]: float32 [N, T, C] (prefix first).
 
     The tokens are the backbone's final normed output, what a VLM's projector receives.
     ``progress(k)`` is called after each batch with the number of images done in it.
     """
+    from ..adapters import find_adapter
+
+    features = find_adapter(model).features
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            out.append(model.forward_features(batch).float())
+            out.append(features(batch).float())
             if progress is not None:
                 progress(len(batch))
     return torch.cat(out)

@@ -22,12 +22,13 @@ from itertools import accumulate
 import torch
 from torch import Tensor, nn
 
+from ..adapters import find_adapter
 from ..adaptive.budget_predictor import BudgetPredictor, agreement_targets, forward_with_budgets, model_glance
 from ..config import BudgetConfig, ToMe
-from ..flops import block_dims, model_flops
+from ..flops import model_flops
 from ..patch import apply, remove
 from ..strategies import ScheduledStrategy
-from .harness import extract_features
+from .features import extract_features
 from .metrics import knn_accuracy, linear_probe_accuracy
 
 
@@ -50,11 +51,8 @@ class BudgetRow:
 def tome_cost(model: nn.Module, keep: float) -> tuple[int, float]:
     """(tokens after the last block, FLOPs fraction of the unpatched blocks) of ``tb.ToMe(keep=keep)``
     on ``model`` at its default input size."""
-    tokens, prefix = (
-        int(model.patch_embed.num_patches) + int(model.num_prefix_tokens),
-        int(model.num_prefix_tokens),
-    )
-    dims = [block_dims(b) for b in model.blocks]
+    adapter = find_adapter(model)
+    tokens, prefix, dims = adapter.default_num_tokens, adapter.num_prefix, adapter.block_dims()
     if keep >= 1.0:
         return tokens, 1.0
     _, merged = ScheduledStrategy(BudgetConfig(keep=keep), len(dims)).compute_plan(tokens, prefix)

@@ -17,7 +17,7 @@ from ..adaptive.blockwise import layer_class_tokens
 from ..config import ToMe
 from ..data.token_cache import cached_tokens
 from ..patch import apply, remove
-from .harness import extract_features
+from .features import extract_features
 
 
 def cached_layer_tokens(

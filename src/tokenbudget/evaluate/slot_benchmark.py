@@ -1,4 +1,4 @@
-"""The object-slot benchmark on the cached multi-object test scenes (issue 7).
+"""The object-slot benchmark on the cached multi-object test scenes.
 
 Per-item scoring (shared by every method, so they compare at equal token counts): every output
 token is credited to the item that owns most of the patches it stands for (``dominant owner``, -1

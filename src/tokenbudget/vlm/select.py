@@ -169,16 +169,19 @@ def exemplar_query(
 
     ``image``: model input [3, H, W] or [B, 3, H, W] (normalized as the backbone expects). ``mask``:
     optional [h, w] or [B, h, w] weights on the patch grid (e.g. the exemplar's foreground), so only
-    the object is averaged. ``num_prefix``: prefix tokens of the backbone's output (default: its
-    ``num_prefix_tokens``, else 1). Returns [C] for one image, [B, C] for a batch.
+    the object is averaged. ``num_prefix``: prefix tokens of the backbone's output (default: what
+    its adapter says). Returns [C] for one image, [B, C] for a batch.
     """
     single = image.ndim == 3
     images = image[None] if single else image
     if images.ndim != 4:
         raise ValueError(f"expected an image [3, H, W] or a batch [B, 3, H, W], got {tuple(image.shape)}")
-    prefix = int(getattr(backbone, "num_prefix_tokens", 1) if num_prefix is None else num_prefix)
+    from ..adapters import find_adapter
+
+    adapter = find_adapter(backbone)
+    prefix = adapter.num_prefix if num_prefix is None else int(num_prefix)
     with torch.no_grad():
-        patches = backbone.forward_features(images)[:, prefix:].float()  # [B, P, C]
+        patches = adapter.features(images)[:, prefix:].float()  # [B, P, C]
     if mask is None:
         out = patches.mean(1)
     else:
