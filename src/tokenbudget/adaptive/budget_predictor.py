@@ -1,4 +1,4 @@
-"""A learned per-image token budget: ``tb.BudgetPredictor`` looks at a glance of the image and picks
+"""A learned per-image token budget: ``tb.adaptive.BudgetPredictor`` looks at a glance of the image and picks
 how many tokens ToMe should leave for it.
 
 The glance is the model's own patch embedding [B, N, C] (one strided convolution, before position

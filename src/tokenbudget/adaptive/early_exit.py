@@ -1,6 +1,6 @@
 """Early exit: a sample leaves the ViT at the first exit that is confident enough about it.
 
-``tb.EarlyExit(model, heads, thresholds)`` wraps a frozen timm ViT and its exit heads
+``tb.adaptive.EarlyExit(model, heads, thresholds)`` wraps a frozen timm ViT and its exit heads
 (:mod:`tokenbudget.adaptive.exit_heads`). The forward runs the model's own modules block by
 block (:mod:`tokenbudget.adaptive.blockwise`); after each exit layer the head reads the class
 token, and every sample whose *confidence*, the maximum softmax probability of that head, is at

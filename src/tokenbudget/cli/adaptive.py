@@ -127,7 +127,7 @@ def cmd_train_exits(args: argparse.Namespace) -> int:
         print(
             f"thresholds for mean FLOPs {args.target_flops}: {[round(t, 4) for t in heads.info['thresholds']]}"
         )
-    print(f"wrote {weights} and {config}; use tb.EarlyExit(model, {str(config)!r})")
+    print(f"wrote {weights} and {config}; use tb.adaptive.EarlyExit(model, {str(config)!r})")
     return 0
 
 
