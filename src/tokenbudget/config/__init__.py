@@ -1,8 +1,12 @@
 """Configurations: one frozen dataclass per method, validated on creation, round-tripping JSON.
 
 Every config class with a ``method`` name registers itself (:func:`config_class`), so JSON and the
-command line reach it by that name; its strategy registers in :mod:`tokenbudget.strategies`.
+command line reach it by that name; its strategy registers in :mod:`tokenbudget.strategies`. Every
+module of this package is imported here, so a new method's config is one new file.
 """
+
+import importlib
+import pkgutil
 
 from .adaptive import AdaptivePatch
 from .base import (
@@ -36,3 +40,6 @@ __all__ = [
     "config_from_json",
     "method_names",
 ]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
