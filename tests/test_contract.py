@@ -196,3 +196,28 @@ def test_block_dims_are_what_the_flops_model_counts() -> None:
 
     dims = find_adapter(timm.create_model("vit_small_patch16_224")).block_dims()
     assert dims[0] == BlockDims(384, 384, 1536)
+
+
+def test_load_image_uses_the_models_own_preprocessing(model: torch.nn.Module, tmp_path) -> None:
+    """``tb.data.load_image(path, model)``: a batch of one at the model's input size, normalised as
+    the model expects; for timm exactly timm's own eval transform."""
+    from PIL import Image
+
+    path = tmp_path / "photo.png"
+    Image.fromarray((torch.rand(50, 70, 3) * 255).to(torch.uint8).numpy()).save(path)
+    x = tb.data.load_image(path, model)
+    assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32
+    adapter = find_adapter(model)
+    if adapter.name == "timm":
+        from timm.data import create_transform, resolve_data_config
+
+        config = resolve_data_config(model=model)
+        config["input_size"] = (3, 32, 32)
+        assert torch.equal(x[0], create_transform(**config)(Image.open(path).convert("RGB")))
+    mean = torch.tensor(adapter.normalization()[0])
+    assert (
+        x.mean() < 3
+        and (x * torch.tensor(adapter.normalization()[1])[:, None, None] + mean[:, None, None]).min() > -0.01
+    )
+    with torch.no_grad():
+        assert adapter.features(x).shape == (1, 65, 48)

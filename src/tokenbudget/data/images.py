@@ -32,8 +32,32 @@ def _require(module: str, extra: str = "demo"):  # noqa: ANN202 - returns a modu
         ) from None
 
 
-def load_image(source: str | os.PathLike):  # noqa: ANN201 - PIL.Image.Image
-    """An RGB ``PIL.Image`` from a file path, or ``skimage:NAME`` for a scikit-image sample."""
+def load_image(source: str | os.PathLike, model: torch.nn.Module | None = None):  # noqa: ANN201
+    """An image from a file path, or ``skimage:NAME`` for a scikit-image sample.
+
+    Without ``model``: an RGB ``PIL.Image``. With ``model`` (any model tokenbudget can patch): the
+    model's input, a batch of one [1, 3, H, W], made with the model's own preprocessing: timm's eval
+    transform (resize, centre crop at the model's ``crop_pct``, normalise) for timm models, else a
+    resize and centre crop to the model's input size and the family's normalisation::
+
+        x = tb.data.load_image("cat.jpg", model)
+        features = model(x)
+    """
+    image = _open_rgb(source)
+    if model is None:
+        return image
+    from ..adapters import find_adapter
+
+    adapter = find_adapter(model)
+    transform = adapter.input_transform()
+    if transform is None:
+        if adapter.image_size is None:
+            raise ValueError("the model has no default input size to preprocess the image for")
+        return preprocess(image, adapter.image_size[0], *adapter.normalization()).unsqueeze(0)
+    return transform(image).unsqueeze(0)
+
+
+def _open_rgb(source: str | os.PathLike):  # noqa: ANN202 - PIL.Image.Image
     _require("PIL")
     from PIL import Image
 
