@@ -124,7 +124,7 @@ class HFLayerForward(ReducingBlockForward):
         self.after_attention = [get(n) for n in layout.after_attention]
         self.after_mlp = [get(n) for n in layout.after_mlp]
 
-    def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def call(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         return self.run(hidden_states, attention_mask, **kwargs)
 
     def attention_branch(self, x: Tensor, attn_bias: Tensor | None, **kwargs: Any) -> Tensor:
