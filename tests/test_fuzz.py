@@ -16,7 +16,7 @@ from dataclasses import fields
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import tokenbudget as tb
@@ -78,19 +78,62 @@ anything = st.one_of(
 )
 
 
+# Values a careful user would pass, per option name (the tiny models have 4 blocks, 4 px patches).
+PLAUSIBLE = {
+    "r": st.one_of(
+        st.integers(0, 20),
+        st.tuples(st.integers(0, 12), st.floats(-1, 1)),
+        st.lists(st.integers(0, 8), min_size=4, max_size=4),
+    ),
+    "keep": st.floats(0.05, 1.0),
+    "tokens": st.integers(1, 80),
+    "prop_attn": st.booleans(),
+    "trace_source": st.booleans(),
+    "preserve_detail": st.booleans(),
+    "fuse": st.booleans(),
+    "matching": st.sampled_from(["greedy", "optimal"]),
+    "detail_fraction": st.floats(0, 0.5),
+    "entropy_floor": st.one_of(st.none(), st.floats(0, 1)),
+    "seed": st.integers(0, 100),
+    "switch_layer": st.integers(0, 5),
+    "layers": st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True),
+    "predictor": st.none(),
+    "score": st.just("detail"),
+    "score_block": st.one_of(st.none(), st.sampled_from([2, 4, 8])),
+    "mode": st.sampled_from(["patch", "resolution"]),
+    "target_tokens": st.none(),
+}
+BUDGETS = ("r", "keep", "tokens")
+
+
 @st.composite
-def configs(draw: st.DrawFn) -> tuple[type, dict]:
+def configs(draw: st.DrawFn, hostile_odds: int = 2) -> tuple[type, dict]:
+    """(config class, kwargs): plausible options with at most one hostile value, or (one draw in
+    ``hostile_odds``) hostile ones."""
     cls = draw(st.sampled_from(sorted(_REGISTRY.values(), key=lambda c: c.method)))
     names = [f.name for f in fields(cls)]
-    chosen = draw(st.lists(st.sampled_from(names), unique=True, max_size=4)) if names else []
-    kwargs = {name: draw(anything) for name in chosen}
-    # Often a plausible budget, so that configs get built (and applied) as well as refused.
-    if "r" in names and draw(st.booleans()):
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("keep", "tokens")}
-        kwargs["r"] = draw(st.one_of(st.integers(0, 20), st.tuples(st.integers(0, 12), st.floats(-1, 1))))
-    if cls is tb.AdaptivePatch and draw(st.booleans()):
-        kwargs["thresholds"] = tuple(sorted(draw(st.lists(st.floats(0, 1), min_size=2, max_size=2))))
-        kwargs.pop("patch_sizes", None)
+    if draw(st.integers(0, hostile_odds - 1)) == 0:  # hostile: a few options, any values
+        chosen = draw(st.lists(st.sampled_from(names), unique=True, max_size=4)) if names else []
+        return cls, {name: draw(anything) for name in chosen}
+    kwargs = {}
+    for name in names:
+        if name in BUDGETS or name not in PLAUSIBLE or not draw(st.booleans()):
+            continue
+        if cls is tb.AdaptivePatch and name == "keep":
+            continue
+        kwargs[name] = draw(PLAUSIBLE[name])
+    if "r" in names:  # one budget, as every budget config needs
+        budget = draw(st.sampled_from(BUDGETS))
+        kwargs[budget] = draw(PLAUSIBLE[budget])
+    if cls is tb.AdaptivePatch:
+        sizes = draw(st.sampled_from([None, (8, 4, 2), (8, 4), (4,), (16, 8, 4)]))
+        kwargs["patch_sizes"] = sizes
+        count = 3 if sizes is None else len(sizes)
+        kwargs["thresholds"] = tuple(
+            sorted(draw(st.lists(st.floats(0, 1), min_size=count - 1, max_size=count - 1)))
+        )
+    if names and draw(st.integers(0, 3)) == 0:  # one hostile value
+        kwargs[draw(st.sampled_from(names))] = draw(anything)
     return cls, kwargs
 
 
@@ -99,6 +142,7 @@ def configs(draw: st.DrawFn) -> tuple[type, dict]:
 def test_configs_build_or_refuse_and_round_trip(drawn) -> None:
     cls, kwargs = drawn
     config = outcome(cls, **kwargs)
+    event("built" if config is not None else "refused")
     if config is None:
         return
     assert tb.config_from_json(config.to_json()) == config
@@ -167,8 +211,8 @@ def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-@examples(60)
-@given(configs(), st.sampled_from(sorted(VARIANTS)), st.integers(1, 2), st.sampled_from([None, tb.ToMe(r=3)]))
+@examples(30)
+@given(configs(hostile_odds=6), st.sampled_from(sorted(VARIANTS)), st.integers(1, 2), st.sampled_from([None, tb.ToMe(r=3)]))
 def test_apply_patches_fully_or_leaves_the_model_as_it_was(drawn, variant, batch, before) -> None:
     cls, kwargs = drawn
     config = outcome(cls, **kwargs)
@@ -182,6 +226,7 @@ def test_apply_patches_fully_or_leaves_the_model_as_it_was(drawn, variant, batch
     try:
         tb.apply(model, config)
     except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as error:
+        event(f"apply refused {type(config).__name__}")
         assert len(str(error)) > 15
         assert _snapshot(model) == previous  # not half-patched: the previous state, patch included
         assert torch.equal(_forward(model, x), expected)
@@ -191,6 +236,7 @@ def test_apply_patches_fully_or_leaves_the_model_as_it_was(drawn, variant, batch
     except (ValueError, NotImplementedError) as error:  # e.g. a grid the config needs
         assert_clear(error) if isinstance(error, ValueError) else None
         return
+    event(f"applied {type(config).__name__}")
     assert torch.isfinite(out).all()
     state = tb.last_state(model)
     if isinstance(config, tb.AdaptivePatch):
@@ -280,6 +326,7 @@ def test_select_keeps_the_best_k_or_refuses(batch, k, score, diversity, query_ki
     _check_partition(out.assignment, prefix, [prefix + kb for kb in ks], dropped_ok=True)
     for b, row in enumerate(out.token_list()):
         assert torch.isfinite(row).all()
+        assert torch.equal(row[:prefix], tokens[b, :prefix])  # prefix tokens passed through in front
         kept = (out.assignment[b, prefix:] >= 0).nonzero().squeeze(1) + prefix
         assert torch.equal(row[prefix:], tokens[b, kept])  # the kept tokens, in input order
         if diversity == 0.0:  # plain top-k: nothing dropped scores above anything kept
@@ -299,6 +346,7 @@ def test_pool_partitions_the_grid_or_refuses(batch, k) -> None:
     assert tokens.is_floating_point() and tokens.shape[0] > 0
     _check_partition(out.assignment, prefix, [prefix + kb for kb in out.budgets], dropped_ok=False)
     for b, row in enumerate(out.token_list()):
+        assert torch.equal(row[:prefix], tokens[b, :prefix])
         counts = torch.bincount(out.assignment[b, prefix:] - prefix, minlength=out.budgets[b])
         sums = torch.zeros(out.budgets[b], tokens.shape[-1]).index_add_(
             0, out.assignment[b, prefix:] - prefix, tokens[b, prefix:]
@@ -398,6 +446,7 @@ def test_compress_slots_hit_the_total_without_mixing_slots(batch, num_slots, tot
     _check_partition(out.assignment, prefix, [prefix + total] * tokens.shape[0], dropped_ok=False)
     for b in range(tokens.shape[0]):
         assert torch.isfinite(out.token_list()[b]).all()
+        assert torch.equal(out.token_list()[b][:prefix], tokens[b, :prefix])
         ids, sizes, assign = out.slot_ids[b], out.sizes[b], out.assignment[b, prefix:] - prefix
         assert torch.equal(ids[assign], slots.assignment[b])  # every patch's output is in its own slot
         assert float(sizes.sum()) == patches  # sizes account for every patch once

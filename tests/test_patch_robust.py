@@ -163,6 +163,21 @@ def test_compiled_module_wrapper_patches_the_inner_model(images) -> None:
     assert not tb.is_patched(inner)
 
 
+@pytest.mark.slow
+def test_compiled_model_picks_up_apply_and_remove(images) -> None:
+    """Patching through (or under) a compiled wrapper that already ran: it recompiles."""
+    inner = make_tiny("vit")
+    torch._dynamo.reset()
+    compiled = torch.compile(inner, dynamic=False)
+    plain = _timm_run(compiled, images)
+    tb.apply(compiled, tb.ToMe(r=8))
+    reduced = _timm_run(compiled, images)
+    torch.testing.assert_close(reduced, _timm_run(inner, images), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(reduced, plain, atol=1e-3)
+    tb.remove(compiled)
+    torch.testing.assert_close(_timm_run(compiled, images), plain, atol=1e-4, rtol=1e-4)
+
+
 def test_unsupported_model_holding_a_supported_one_names_the_path() -> None:
     class Classifier(nn.Module):
         def __init__(self) -> None:

@@ -71,10 +71,10 @@ def apply(model: nn.Module, config: ReductionConfig, *, timeout: float | None = 
     into a model patched with the same config.
 
     ``model`` may be wrapped (``nn.DataParallel`` on one device, ``DistributedDataParallel``,
-    ``torch.compile``): the model inside is patched. Patch before compiling: a compiled graph keeps
-    the code it was traced with. ``timeout``: seconds to wait for forwards that other threads are
-    running through the current patch (``None``: no limit); ``RuntimeError`` after that, with the
-    model unchanged.
+    ``torch.compile``): the model inside is patched (a compiled model recompiles on its next call).
+    ``timeout``: seconds to wait for forwards that other threads are running through the current
+    patch (``None``: no limit); ``RuntimeError`` after that, with the model unchanged. Compiled
+    forwards are not counted: change the patch of a compiled model only while no thread runs it.
     """
     target = unwrap(model)
     if isinstance(config, AdaptivePatch):
