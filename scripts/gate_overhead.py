@@ -41,7 +41,13 @@ def main() -> None:
     torch.manual_seed(0)
     if args.model == "tiny":
         model = timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=32,
+            patch_size=4,
+            embed_dim=48,
+            depth=4,
+            num_heads=3,
         )
         size = 32
     else:
@@ -65,7 +71,9 @@ def main() -> None:
     gate, none = statistics.median(times["gate"]), statistics.median(times["no gate"])
     diffs = [a - b for a, b in zip(times["gate"], times["no gate"], strict=True)]
     spread = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-    print(f"model {args.model}, batch {args.batch}, {args.samples} interleaved samples, {args.threads} thread(s)")
+    print(
+        f"model {args.model}, batch {args.batch}, {args.samples} interleaved samples, {args.threads} thread(s)"
+    )
     print(f"with gate    {gate * 1e3:8.3f} ms per forward (median)")
     print(f"without gate {none * 1e3:8.3f} ms per forward (median)")
     # The gate's own work per forward (a model call entering and leaving, its blocks entering and

@@ -212,7 +212,12 @@ def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @examples(30)
-@given(configs(hostile_odds=6), st.sampled_from(sorted(VARIANTS)), st.integers(1, 2), st.sampled_from([None, tb.ToMe(r=3)]))
+@given(
+    configs(hostile_odds=6),
+    st.sampled_from(sorted(VARIANTS)),
+    st.integers(1, 2),
+    st.sampled_from([None, tb.ToMe(r=3)]),
+)
 def test_apply_patches_fully_or_leaves_the_model_as_it_was(drawn, variant, batch, before) -> None:
     cls, kwargs = drawn
     config = outcome(cls, **kwargs)
