@@ -265,6 +265,37 @@ def _run_in_thread_named(fn) -> tuple[threading.Thread, dict]:
     return thread, box
 
 
+def test_remove_waits_for_openclip_encode_image_through_its_pooling(images) -> None:
+    """encode_image calls model.visual (not the model): its blocks and its size-weighted pooling
+    finish under the patch they started with."""
+    pytest.importorskip("open_clip")
+    from openclip_models import make_openclip
+
+    model = tb.apply(make_openclip("avg"), tb.ToMe(r=6))
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return model.encode_image(images)
+
+    expected = run()
+    slow = _SlowBlock()
+    handle = model.visual.transformer.resblocks[3].register_forward_hook(
+        lambda module, args, out: slow(module, args)
+    )  # held after the last block, before the pooling
+    thread, box = _run_in_thread(run)
+    assert slow.reached.wait(20)
+    changer, changed = _run_in_thread_named(lambda: tb.remove(model))
+    time.sleep(0.2)
+    assert changer.is_alive()
+    slow.release.set()
+    thread.join(20)
+    changer.join(20)
+    handle.remove()
+    assert "error" not in box and "error" not in changed, (box, changed)
+    torch.testing.assert_close(box["out"], expected, rtol=0, atol=0)
+    assert not tb.is_patched(model)
+
+
 def test_remove_gives_up_after_the_timeout_and_leaves_the_patch(images) -> None:
     model = tb.apply(make_tiny("vit"), tb.ToMe(r=8))
     slow = _SlowBlock()

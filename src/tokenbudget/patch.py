@@ -121,7 +121,8 @@ def install_strategy(
             _uninstall(model, *previous)
         try:
             adapter.install(ctx)
-            ctx.gate.attach(model)
+            for module in _entry_modules(model, adapter):
+                ctx.gate.attach(module)
         except BaseException:
             # A config the adapter refuses at install time (e.g. an attention implementation that
             # cannot take proportional attention) leaves the model as it was, previous patch included.
@@ -129,7 +130,8 @@ def install_strategy(
             ctx.gate.retire()
             if previous is not None:
                 previous[0].install(previous[1])
-                previous[1].gate.attach(model)
+                for module in _entry_modules(model, previous[0]):
+                    previous[1].gate.attach(module)
                 setattr(model, _ATTR, previous)
                 previous[1].gate.open()
             raise
@@ -137,6 +139,18 @@ def install_strategy(
         ctx.gate.open()
         if previous is not None:
             previous[1].gate.retire()
+
+
+def _entry_modules(model: nn.Module, adapter: object) -> list[nn.Module]:
+    """The modules whose calls a forward goes through: the model, and the part of it that runs the
+    blocks and the pooling when users call that part directly (OpenCLIP's ``encode_image`` calls
+    ``model.visual``; a transformers wrapper's backbone)."""
+    modules = [model]
+    for name in ("visual", "backbone"):
+        part = getattr(adapter, name, None)
+        if isinstance(part, nn.Module) and all(part is not m for m in modules):
+            modules.append(part)
+    return modules
 
 
 def _uninstall(model: nn.Module, adapter: object, ctx: object) -> None:

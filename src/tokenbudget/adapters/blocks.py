@@ -40,16 +40,10 @@ class ReducingBlockForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if compiling():
             out = self.call(*args, **kwargs)
-        elif self.layer == 0:
-            if not self.ctx.gate.enter(blocks=True):
+        else:
+            if self.layer == 0 and not self.ctx.gate.enter(blocks=True):
                 # The patch was replaced or removed while this forward waited: run what is installed now.
                 return self.block.forward(*args, **kwargs)
-            try:
-                out = self.call(*args, **kwargs)
-            except BaseException:
-                self._abandon()
-                raise
-        else:
             try:
                 out = self.call(*args, **kwargs)
             except BaseException:
