@@ -74,7 +74,7 @@ def _as_rows(value: Tensor | int | float | None, like: Tensor, name: str) -> Ten
     """``value`` broadcast to ``like``'s [B, S] shape (float64), or None."""
     if value is None:
         return None
-    tensor = torch.as_tensor(value, dtype=torch.float64)
+    tensor = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
     try:
         return torch.broadcast_to(tensor, like.shape).clone()
     except RuntimeError:
@@ -113,7 +113,8 @@ def allocate(
     total = int(total)
     if total < 0:
         raise ValueError(f"total must be >= 0 (tokens to hand out per image), got {total}")
-    rows = scores.double().reshape(-1, scores.shape[-1])  # [B, S]
+    # A few numbers per slot: apportioned on the CPU whatever the scores' device, returned on it.
+    rows = scores.detach().double().cpu().reshape(-1, scores.shape[-1])  # [B, S]
     _check_weights(rows, "complexity")
     # Each score row is divided by its largest value, so the budgets do not depend on the scale of
     # either score (and their product cannot overflow).
@@ -142,7 +143,7 @@ def allocate(
             "lower the total or raise max_per_slot"
         )
     shares = apportion(weights, torch.full((rows.shape[0],), total), lo.long(), hi.long())
-    return shares.reshape(scores.shape)
+    return shares.reshape(scores.shape).to(scores.device)
 
 
 def _check_slots(slots: object, batch: int, patches: int) -> None:
