@@ -16,7 +16,9 @@ SCORES = ("cosine", "dot")
 def unit_vectors(x: Tensor, dim: int = -1) -> Tensor:
     """``x`` scaled to unit L2 norm along ``dim`` (zero vectors stay zero), without overflow or
     underflow: each vector is first divided by its largest magnitude, so 1e30 and 1e-30 entries
-    give the same directions as ordinary ones (``F.normalize`` squares them first)."""
+    give the same directions as ordinary ones (``F.normalize`` squares them first). Computed and
+    returned in float64 for float64 input, else in float32."""
+    x = x if x.dtype == torch.float64 else x.float()
     top = x.abs().amax(dim=dim, keepdim=True)
     scaled = x / top.clamp_min(torch.finfo(x.dtype).tiny)
     return F.normalize(scaled, dim=dim)
