@@ -238,7 +238,7 @@ def test_saccade_trace_is_monotone_and_stops_at_the_budget():
     tokens, truth = planted_tokens()
     slots = Slots.from_assignment(truth.clone(), (8, 8))
     one = Slots(slots.assignment[:1], slots.masks[:1], slots.num_slots[:1], slots.grid)
-    result = Saccade(12, coarse_per_slot=1, step=3, threshold=2.0)(tokens[:1], one, num_prefix=1)
+    result = Saccade(12, coarse_per_slot=1, step=3, threshold=None)(tokens[:1], one, num_prefix=1)
     spent = result.trace.tokens
     assert spent[0] == 4 and spent[-1] == 12 and result.trace.stopped == "budget"
     assert all(b > a for a, b in zip(spent, spent[1:], strict=False))
@@ -258,7 +258,7 @@ def test_saccade_stops_at_the_confidence_threshold_and_follows_the_query():
     confident = Saccade(40, threshold=0.5, classifier=classifier)(tokens[1:], one, num_prefix=1)
     assert confident.trace.stopped == "threshold" and confident.trace.tokens == [4]
     query = tokens[1, 1:][truth[1] == 3].mean(0)
-    looking = Saccade(20, step=2, threshold=2.0, classifier=classifier)(
+    looking = Saccade(20, step=2, threshold=None, classifier=classifier)(
         tokens[1:], one, num_prefix=1, query=query
     )
     assert looking.target == 3 and looking.trace.steps[1].slot == 3
@@ -271,7 +271,7 @@ def test_saccade_trace_plots(tmp_path):
     pytest.importorskip("matplotlib")
     tokens, truth = planted_tokens()
     one = Slots.from_assignment(truth[:1].clone(), (8, 8))
-    result = Saccade(10, classifier=_classifier(tokens, truth), threshold=2.0)(tokens[:1], one, num_prefix=1)
+    result = Saccade(10, classifier=_classifier(tokens, truth), threshold=None)(tokens[:1], one, num_prefix=1)
     assert result.trace.plot(tmp_path / "trace.png").stat().st_size > 0
 
 

@@ -9,6 +9,8 @@ to check. :func:`prepare` turns a config into the (adapter, context) pair that
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from torch import nn
@@ -16,26 +18,53 @@ from torch import nn
 from ..config import ReductionConfig
 from ..context import PatchContext
 from ..strategies import make_strategy
-from . import (  # noqa: F401 - importing registers the adapters
-    hf,
-    openclip,
-    timm,
-    timm_adaptive,  # noqa: F401 - registers the AdaptivePatch installer
-)
 from .base import ADAPTERS, INSTALLERS, Adapter, register_adapter, register_installer
+
+# Importing every module of this package registers its adapters and installers, so a new framework
+# is one new file here.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def _matching_adapter(model: nn.Module) -> type[Adapter] | None:
+    return next((cls for cls in ADAPTERS if cls.matches(model)), None)
 
 
 def find_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model``; ``ValueError`` naming what is supported when there is none."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"tokenbudget expects a torch.nn.Module, got {type(model).__name__}")
-    for cls in ADAPTERS:
-        if cls.matches(model):
-            return cls(model)
+    cls = _matching_adapter(model)
+    if cls is not None:
+        return cls(model)
+    inside = _patchable_inside(model)
+    if inside:
+        paths = " or ".join(f"tb.apply(model.{path}, config)" for path in inside[:3])
+        raise ValueError(
+            f"tokenbudget cannot patch {type(model).__module__}.{type(model).__name__} itself, but it holds "
+            f"a model it can patch: call {paths} (the outer model then runs the patched one)"
+        )
     supported = "; ".join(cls.supported for cls in ADAPTERS)
     raise ValueError(
         f"tokenbudget cannot patch {type(model).__module__}.{type(model).__name__}: it supports {supported}"
     )
+
+
+def _patchable_inside(model: nn.Module) -> list[str]:
+    """Attribute paths of the outermost submodules of ``model`` that an adapter can patch."""
+    found: list[str] = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(f"{p}.") for p in found):
+            continue
+        cls = _matching_adapter(module)
+        if cls is None:
+            continue
+        try:
+            cls(module)
+        except ValueError:
+            continue
+        found.append(path)
+    return found
 
 
 @register_installer(ReductionConfig)

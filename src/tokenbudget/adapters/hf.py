@@ -68,17 +68,23 @@ class BackboneLayout:
     """How one vision backbone (the module owning the encoder layers) is put together.
 
     Attributes:
-        num_prefix: leading tokens that are never reduced, from the model config.
+        num_prefix: leading tokens that are never reduced (class, distillation), plus the config
+            field ``registers`` names (register tokens), if any.
+        registers: the config field counting register tokens, or ``None``.
         embeddings: submodules run on the pixels before the first layer, in order.
         final_norm: the norm its ``last_hidden_state`` ends with (``None``: none).
         mean, std: the normalisation of the family's image processor.
     """
 
-    num_prefix: Any
+    num_prefix: int
     embeddings: tuple[str, ...]
     final_norm: str | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    registers: str | None = None
+
+    def prefix_tokens(self, config: Any) -> int:
+        return self.num_prefix + (int(getattr(config, self.registers)) if self.registers else 0)
 
 
 _HALF = (0.5, 0.5, 0.5)
@@ -87,18 +93,16 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Vision backbones -> their layout.
 _BACKBONES: dict[str, BackboneLayout] = {
-    "ViTModel": BackboneLayout(lambda c: 1, ("embeddings",), "layernorm", _HALF, _HALF),
+    "ViTModel": BackboneLayout(1, ("embeddings",), "layernorm", _HALF, _HALF),
     # class and distillation token
-    "DeiTModel": BackboneLayout(lambda c: 2, ("embeddings",), "layernorm", IMAGENET_MEAN, IMAGENET_STD),
-    "Dinov2Model": BackboneLayout(lambda c: 1, ("embeddings",), "layernorm", IMAGENET_MEAN, IMAGENET_STD),
+    "DeiTModel": BackboneLayout(2, ("embeddings",), "layernorm", IMAGENET_MEAN, IMAGENET_STD),
+    "Dinov2Model": BackboneLayout(1, ("embeddings",), "layernorm", IMAGENET_MEAN, IMAGENET_STD),
     "Dinov2WithRegistersModel": BackboneLayout(
-        lambda c: 1 + int(c.num_register_tokens), ("embeddings",), "layernorm", IMAGENET_MEAN, IMAGENET_STD
+        1, ("embeddings",), "layernorm", IMAGENET_MEAN, IMAGENET_STD, registers="num_register_tokens"
     ),
-    "CLIPVisionModel": BackboneLayout(
-        lambda c: 1, ("embeddings", "pre_layrnorm"), None, _CLIP_MEAN, _CLIP_STD
-    ),
+    "CLIPVisionModel": BackboneLayout(1, ("embeddings", "pre_layrnorm"), None, _CLIP_MEAN, _CLIP_STD),
     # no class token: attention-pooling head
-    "SiglipVisionModel": BackboneLayout(lambda c: 0, ("embeddings",), "post_layernorm", _HALF, _HALF),
+    "SiglipVisionModel": BackboneLayout(0, ("embeddings",), "post_layernorm", _HALF, _HALF),
 }
 
 # Models that may hold a backbone: their outputs read the class token or the pooling head we
@@ -155,7 +159,7 @@ class HFLayerForward(ReducingBlockForward):
         self.after_attention = [get(n) for n in layout.after_attention]
         self.after_mlp = [get(n) for n in layout.after_mlp]
 
-    def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def call(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         return self.run(hidden_states, attention_mask, **kwargs)
 
     def attention_branch(self, x: Tensor, attn_bias: Tensor | None, **kwargs: Any) -> Tensor:
@@ -237,7 +241,7 @@ class HFAdapter(Adapter):
         self.layers = layers
         self.blocks = layers
         self.layout = layout
-        self.num_prefix = self.backbone_layout.num_prefix(config)
+        self.num_prefix = self.backbone_layout.prefix_tokens(config)
         self.attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
         side = int(config.image_size) // int(config.patch_size)
         self.grid = (side, side)

@@ -64,7 +64,7 @@ def _find_visual(model: nn.Module) -> nn.Module:
 class OpenCLIPBlockForward(ReducingBlockForward):
     """Instance-level ``forward`` of one open_clip ``ResidualAttentionBlock`` (self-attention)."""
 
-    def __call__(
+    def call(
         self,
         q_x: Tensor,
         k_x: Tensor | None = None,

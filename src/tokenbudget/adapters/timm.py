@@ -52,7 +52,7 @@ class TimmBlockForward(ReducingBlockForward):
     """Instance-level ``forward`` for one timm ``Block``: the block's own ``norm1``, ``attn``, ``ls1``,
     ``drop_path1`` and ``norm2``, ``mlp``, ``ls2``, ``drop_path2``, reduced in between."""
 
-    def __call__(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def call(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         return self.run(x, attn_mask, masked=is_causal, is_causal=is_causal)
 
     def attention_branch(self, x: Tensor, attn_bias: Tensor | None, is_causal: bool = False) -> Tensor:

@@ -192,6 +192,11 @@ class TimmAdaptiveAdapter:
         self._kernels.clear()
         self._pos.clear()
 
+    def __getstate__(self) -> dict:
+        # Resampled kernels and position embeddings are a cache keyed by storage addresses, which
+        # do not survive pickling: a copied or loaded model recomputes them.
+        return {**self.__dict__, "_kernels": {}, "_pos": {}}
+
     def upstream(self, name: str) -> Any:
         """The model's own (class) method ``name``, bound to the model."""
         return getattr(type(self.model), name).__get__(self.model)
@@ -201,7 +206,13 @@ class TimmAdaptiveAdapter:
     ) -> Any:
         if ctx.group is not None:  # inside a sub-batch (timm's forward calls forward_features): upstream
             return self.upstream(name)(x, *args, **kw)
-        return getattr(runner, name)(self.upstream(name), x, *args, **kw)
+        if not ctx.gate.enter():
+            # The patch was replaced or removed while this call waited: run what is installed now.
+            return getattr(self.model, name)(x, *args, **kw)
+        try:
+            return getattr(runner, name)(self.upstream(name), x, *args, **kw)
+        finally:
+            ctx.gate.leave()
 
     def _patch_embed_forward(self, ctx: AdaptivePatchContext, x: Tensor) -> Tensor:
         patch_embed = self.model.patch_embed

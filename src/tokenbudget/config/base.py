@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -52,33 +53,65 @@ def method_names() -> list[str]:
 
 def config_class(method: str) -> type[ReductionConfig]:
     """The config class registered under ``method``; ``ValueError`` listing the known ones."""
-    if method not in _REGISTRY:
+    if not isinstance(method, str) or method not in _REGISTRY:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(_REGISTRY)}")
     return _REGISTRY[method]
 
 
 def config_from_dict(data: dict[str, Any]) -> ReductionConfig:
     """Build a config from :meth:`ReductionConfig.to_dict` output (or hand-written JSON)."""
+    if not isinstance(data, dict):
+        raise TypeError(
+            f'a config dict is expected, e.g. {{"method": "tome", "r": 16}}; got {type(data).__name__}'
+        )
     data = dict(data)
-    method = data.pop("method", None)
+    if "method" not in data:
+        raise ValueError(
+            f'a config needs a "method" key naming the method ({", ".join(_REGISTRY)}), '
+            f'e.g. {{"method": "tome", "r": 16}}; got keys {sorted(map(str, data))}'
+        )
+    method = data.pop("method")
+    if not isinstance(method, str):
+        raise ValueError(f'"method" must be a method name ({", ".join(_REGISTRY)}), got {method!r}')
     cls = config_class(method)
     names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(map(str, data)) - names)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {sorted(names)}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except TypeError as err:  # e.g. a comparison of a string option with a number
+        raise ValueError(f"invalid options for method {method!r}: {err}") from None
 
 
-def config_from_json(text: str) -> ReductionConfig:
-    """Parse a JSON config, e.g. ``'{"method": "tome", "r": 16}'``."""
+def config_from_json(source: str | os.PathLike[str]) -> ReductionConfig:
+    """A config from JSON text (``'{"method": "tome", "r": 16}'``) or from a JSON file (a path as
+    ``str`` or ``pathlib.Path``, e.g. what ``tokenbudget plan --out`` writes)."""
+    looks_like_json = isinstance(source, str) and source.lstrip()[:1] in ("{", "[", '"')
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and not looks_like_json):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            what = "a folder" if os.path.isdir(path) else "no file"
+            raise ValueError(
+                f"config {path!r} is neither JSON text nor a JSON file ({what} there); give e.g. "
+                '\'{"method": "tome", "r": 16}\' or the path of a file holding it'
+            )
+        with open(path, encoding="utf-8") as f:
+            text, origin = f.read(), f" in {path}"
+    elif isinstance(source, (str, bytes, bytearray)):
+        text, origin = source, ""
+    else:
+        raise TypeError(f"config_from_json takes JSON text or a file path, got {type(source).__name__}")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(
-            f'config is not valid JSON ({err}); expected e.g. \'{{"method": "tome", "r": 16}}\''
+            f'config{origin} is not valid JSON ({err}); expected e.g. \'{{"method": "tome", "r": 16}}\''
         ) from None
     if not isinstance(data, dict):
-        raise ValueError("a JSON config must be an object with a 'method' key")
+        raise ValueError(
+            f'a JSON config{origin} must be an object with a "method" key, got {type(data).__name__}'
+        )
     return config_from_dict(data)
 
 

@@ -74,7 +74,19 @@ def _open_rgb(source: str | os.PathLike):  # noqa: ANN202 - PIL.Image.Image
         raise FileNotFoundError(
             f"no image at {text!r}; give an image file or skimage:NAME ({', '.join(SAMPLE_IMAGES)})"
         )
-    return Image.open(text).convert("RGB")
+    if os.path.isdir(text):
+        raise ValueError(
+            f"{text!r} is a folder, not an image file; give one image file (folders of images: "
+            "tokenbudget.data.load_image_folder)"
+        )
+    try:
+        with Image.open(text) as image:
+            return image.convert("RGB")  # decodes the whole file: a truncated one fails here
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError, truncated data
+        raise ValueError(
+            f"{text!r} is not a readable image ({type(err).__name__}: {err}); it may be truncated or not an "
+            "image at all (check the file, e.g. open it in an image viewer)"
+        ) from None
 
 
 def center_crop_resize(image, size: int):  # noqa: ANN001, ANN201 - PIL in, PIL out

@@ -13,7 +13,6 @@ group being run (``ctx.local.group``, a :class:`GroupSpec`). This module decides
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..context import ForwardGate
 from ..ops.complexity import complexity_score
 from ..ops.thresholds import check_thresholds, size_index
 from ..state import AdaptivePatchState
@@ -124,6 +124,7 @@ class AdaptivePatchContext:
         self.num_layers = num_layers
         self._local = threading.local()
         self.latest: AdaptivePatchState | None = None
+        self.gate = ForwardGate()  # forwards running through this patch (tb.apply / tb.remove wait)
 
     @property
     def local(self) -> threading.local:
@@ -140,14 +141,13 @@ class AdaptivePatchContext:
     def last_state(self) -> AdaptivePatchState | None:
         return getattr(self._local, "last", None) or self.latest
 
-    def __deepcopy__(self, memo: dict) -> AdaptivePatchContext:
-        # threading.local cannot be copied: a copied model starts with fresh slots.
-        new = AdaptivePatchContext.__new__(AdaptivePatchContext)
-        memo[id(self)] = new
-        new.strategy = copy.deepcopy(self.strategy, memo)
-        new.num_prefix, new.num_layers = self.num_prefix, self.num_layers
-        new._local, new.latest = threading.local(), None
-        return new
+    def __getstate__(self) -> dict:
+        # threading.local cannot be copied or pickled: a copied or loaded model starts with fresh slots.
+        return {key: value for key, value in self.__dict__.items() if key not in ("_local", "latest")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local, self.latest = threading.local(), None
 
 
 Upstream = Callable[..., Any]  # the model's own (unpatched) entry point: upstream(x, *args, **kwargs)
