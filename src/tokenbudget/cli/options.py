@@ -3,9 +3,10 @@
 Adders put options on a command's parser with one spelling and one help text:
 :func:`add_model_options` (``--model``, ``--pretrained``, ``--img-size``), :func:`add_data_options`
 (``--data``, ``--n-train``, ``--n-test``, ``--test-fraction``, ``--seed``), :func:`add_run_options`
-(``--threads``, ``--quiet``, ``--json``), :func:`add_seed`, :func:`add_out`, :func:`add_trainer_output`,
-:func:`add_training_options` (``--steps``, ``--batch-size``, ``--lr``, ``--max-minutes``) and the
-method/budget group (:func:`add_budget_options`, :func:`add_methods`, :func:`add_stage_options`,
+(``--threads``, ``--quiet``, ``--json``), :func:`add_seed`, :func:`add_out`,
+:func:`add_trainer_output` (a trainer's ``--out`` STEM), :func:`add_training_options` (``--steps``,
+``--batch-size``, ``--lr``, ``--max-minutes``), the scene and token options of the VLM commands
+(:func:`add_n_scenes`, :func:`add_tokens`, :func:`add_prompt`) and the method/budget group (:func:`add_budget_options`, :func:`add_methods`, :func:`add_stage_options`,
 :func:`add_entropy_floor`). Helpers turn parsed options into what the library takes:
 :func:`configs`, :func:`model_and_data`, :func:`set_threads`, :func:`progress`, :func:`max_seconds`.
 
