@@ -458,6 +458,19 @@ def step_progress(bar, keys: Sequence[str] = ("loss",)) -> Callable[[int, float 
 # -- options of the commands on cached scene and token sets ----------------------------------------------
 
 
+#: the cached multi-object test scenes the VLM commands score
+TEST_SCENES = 300
+
+
+def check_n_scenes(n_scenes: int, minimum: int = 1) -> int:
+    """``--n-scenes``, checked against the cached test scenes."""
+    if not minimum <= n_scenes <= TEST_SCENES:
+        raise ValueError(
+            f"--n-scenes must be in [{minimum}, {TEST_SCENES}] (the cached test scenes), got {n_scenes}"
+        )
+    return n_scenes
+
+
 def add_n_scenes(parser: argparse.ArgumentParser, default: int, note: str = "") -> None:
     """``--n-scenes``: how many of the 300 cached multi-object test scenes to score (the first N)."""
     parser.add_argument(

@@ -16,7 +16,6 @@ from pathlib import Path
 from . import options
 
 DEFAULT_OUT = "compressors/dinov2_small_{kind}"
-_SCENES = 300  # cached test scenes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -199,7 +198,7 @@ def _scene_data(n_scenes: int) -> dict:
     from ..data.token_cache import dinov2_scene_tokens
     from ..evaluate.scene_metrics import item_reference_bank
 
-    scenes, tokens = dinov2_scene_tokens(_SCENES, "test")
+    scenes, tokens = dinov2_scene_tokens(options.TEST_SCENES, "test")
     bank, bank_labels = item_reference_bank()
     return {
         "tokens": tokens[:n_scenes],
@@ -218,10 +217,7 @@ def cmd_vlm_compress_eval(args: argparse.Namespace) -> int:
     unknown = [m for m in args.methods if m not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; use a comma list of {BASELINES}")
-    if not 0 <= args.n_scenes <= _SCENES:
-        raise ValueError(
-            f"--n-scenes must be in [0, {_SCENES}] (the cached test scenes), got {args.n_scenes}"
-        )
+    options.check_n_scenes(args.n_scenes, minimum=0)
     compressors = {}
     if args.resampler:
         compressors["resampler"] = load_compressor(args.resampler, kind="resampler")

@@ -95,7 +95,7 @@ def cmd_vlm_select_eval(args: argparse.Namespace) -> int:
 
     if any(k < 1 for k in args.tokens):
         raise ValueError(f"--tokens must be positive token counts, got {args.tokens}")
-    data = load_selection_data(args.n_scenes)
+    data = load_selection_data(options.check_n_scenes(args.n_scenes))
     encoder = MiniLMTextEncoder()  # one load for training (when needed) and the queries
     if args.projection:
         projection = load_text_projection(args.projection)

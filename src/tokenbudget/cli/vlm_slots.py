@@ -117,7 +117,7 @@ def cmd_vlm_slots_eval(args: argparse.Namespace) -> int:
         text = ProjectedTextQuery.load(args.projection)
         class_queries = text.encode([args.prompt.format(name.lower()) for name in FASHION_MNIST_CLASSES])
     results = run_slot_benchmark(
-        num_scenes=args.n_scenes,
+        num_scenes=options.check_n_scenes(args.n_scenes),
         totals=args.tokens,
         saccade_totals=args.saccade_tokens,
         saccade_threshold=args.threshold,
