@@ -208,7 +208,7 @@ def test_config_validation_json_and_names() -> None:
     args = build_parser().parse_args(
         ["bench", "--methods", "tome,tofu", "--r", "8", "--entropy-floor", "0.3"]
     )
-    from tokenbudget.cli.options import configs
+    from tokenbudget.cli.methods import configs
 
     assert [c.entropy_floor for c in configs(args)] == [0.3, 0.3]
 

@@ -36,7 +36,7 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, NotImpleme
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``tokenbudget`` parser with every command of :data:`GROUPS`."""
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(
         prog="tokenbudget", description="Token budgets for vision transformers.", allow_abbrev=False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import options
+from . import methods, options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="torch.compile every model and compare compiled patched vs compiled unpatched",
     )
     options.add_run_options(bench, json="print JSON rows instead of a table")
-    options.add_budget_options(bench, default_r="16")
+    methods.add_budget_options(bench, default_r="16")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -39,7 +39,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ..bench import bench, format_table
 
-    configs = options.configs(args)
+    configs = methods.configs(args)
     model = options.load_model(args)
     bar = options.progress(len(args.batch_size) * args.samples, "bench", disable=args.json or args.quiet)
     rows = bench(

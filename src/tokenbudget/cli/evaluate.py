@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from . import options
+from . import methods, options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,9 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     options.add_model_options(ev)
     options.add_data_options(ev, n_train=1000, n_test=500)
-    options.add_methods(ev, "tome,random,pool", " (prune/dynamicvit: --keep is per stage)")
-    options.add_stage_options(ev.add_argument_group("pruning methods"))
-    options.add_entropy_floor(ev.add_argument_group("entropy guard"))
+    methods.add_methods(ev, "tome,random,pool", " (prune/dynamicvit: --keep is per stage)")
+    methods.add_stage_options(ev.add_argument_group("pruning methods"))
+    methods.add_entropy_floor(ev.add_argument_group("entropy guard"))
     ev.add_argument("--keep", type=options.float_list, help="fractions of tokens left (default 1.0,0.5,0.25)")
     ev.add_argument(
         "--flops-speedup",
@@ -59,9 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     options.add_model_options(ent)
     options.add_data_options(ent, n_train=None, n_test=100, data_note="; its test images are used")
-    options.add_methods(ent, "tome,tome-guard")
+    methods.add_methods(ent, "tome,tome-guard")
     ent.add_argument("--keep", type=options.float_list, default=[0.05], help="comma list (default 0.05)")
-    options.add_entropy_floor(ent.add_argument_group("entropy guard"))
+    methods.add_entropy_floor(ent.add_argument_group("entropy guard"))
     ent.add_argument("--batch-size", type=int, default=32, help="images per forward (default 32)")
     options.add_run_options(ent, quiet=None)
 
@@ -91,15 +91,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluate.tables import rows_to_csv
     from ..patch import apply, remove
 
-    methods = args.methods
-    method_options = {m: options.method_options(m, args) for m in methods}
+    chosen = args.methods
+    method_options = {m: methods.method_options(m, args) for m in chosen}
     if args.flops_speedup is not None and args.keep is not None:
         raise ValueError("give --keep or --flops-speedup, not both")
     keeps = args.keep if args.keep is not None else [1.0, 0.5, 0.25]
-    for m in methods:  # fail on a bad method or budget before any model or data is loaded
+    for m in chosen:  # fail on a bad method or budget before any model or data is loaded
         if args.flops_speedup is not None and not issubclass(config_class(m), BudgetConfig):
             raise ValueError(
-                f"--flops-speedup needs methods with a per-layer schedule ({', '.join(options.scheduled_methods())}); "
+                f"--flops-speedup needs methods with a per-layer schedule ({', '.join(methods.scheduled_methods())}); "
                 f"{m!r} keeps a fraction per stage: give it --keep"
             )
         for keep in keeps if args.flops_speedup is None else [0.5]:
@@ -107,14 +107,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, data = options.model_and_data(args)
     if args.flops_speedup is not None:
         keeps = [1.0] + [keep_for_flops_speedup(model, s) for s in args.flops_speedup]
-    for m in methods:  # apply validates against this model (layers, predictor, class token): fail now,
+    for m in chosen:  # apply validates against this model (layers, predictor, class token): fail now,
         for keep in keeps:  # not after minutes of full-token feature extraction
             if keep < 1.0:
                 remove(apply(model, method_config(m, keep, method_options[m])))
     size = options.image_side(model)
     test_batches = -(-len(data.test_images) // args.batch_size)
     batches = -(-len(data.train_images) // args.batch_size) + test_batches
-    conditions = sum(1 for keep in keeps if keep < 1.0) * len(methods)
+    conditions = sum(1 for keep in keeps if keep < 1.0) * len(chosen)
     # Under torchrun only rank 0 shows progress and writes results (every rank computes the same rows).
     bar = options.progress(
         batches + conditions * test_batches,
@@ -124,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = evaluate(
         model,
         data,
-        methods,
+        chosen,
         keeps,
         batch_size=args.batch_size,
         speed_batch_size=args.speed_batch_size,
@@ -207,7 +207,7 @@ def cmd_entropy(args: argparse.Namespace) -> int:
 
     floor = DEFAULT_ENTROPY_FLOOR if args.entropy_floor is None else args.entropy_floor
     configs = {
-        (m, keep): method_config(m, keep, options.guard_options(config_class(m), args))
+        (m, keep): method_config(m, keep, methods.guard_options(config_class(m), args))
         for keep in args.keep
         for m in args.methods
     }  # every config is checked before the model and data load

@@ -6,9 +6,9 @@ Adders put options on a command's parser with one spelling and one help text:
 (``--threads``, ``--quiet``, ``--json``), :func:`add_seed`, :func:`add_out`,
 :func:`add_trainer_output` (a trainer's ``--out`` STEM), :func:`add_training_options` (``--steps``,
 ``--batch-size``, ``--lr``, ``--max-minutes``), the scene and token options of the VLM commands
-(:func:`add_n_scenes`, :func:`add_tokens`, :func:`add_prompt`) and the method/budget group (:func:`add_budget_options`, :func:`add_methods`, :func:`add_stage_options`,
-:func:`add_entropy_floor`). Helpers turn parsed options into what the library takes:
-:func:`configs`, :func:`model_and_data`, :func:`set_threads`, :func:`progress`, :func:`max_seconds`.
+(:func:`add_n_scenes`, :func:`add_tokens`, :func:`add_prompt`); the method/budget group is in
+:mod:`.methods`. Helpers turn parsed options into what the library takes: :func:`model_and_data`,
+:func:`load_model`, :func:`max_seconds`, :func:`set_threads`, :func:`progress`.
 
 Nothing here imports torch, timm or the model and data modules at module level, so ``tokenbudget
 --help`` builds every parser without them.
@@ -17,12 +17,9 @@ Nothing here imports torch, timm or the model and data modules at module level, 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
-
-from ..config import BudgetConfig, ReductionConfig, config_class, config_from_json, method_names
 
 MODEL_HELP = (
     "the model: a timm name (random weights unless --pretrained), dinov2_small (the embedded offline "
@@ -55,44 +52,32 @@ def add_command(
 # -- parsing helpers ---------------------------------------------------------------------------------
 
 
+def _numbers(text: str, kind: type, what: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+    return values
+
+
 def int_list(text: str) -> list[int]:
     """``"8,16"`` -> ``[8, 16]``: a comma list of non-negative integers."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
+    values = _numbers(text, int, "integers")
+    if any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
     return values
 
 
 def float_list(text: str) -> list[float]:
     """``"0.5,0.25"`` -> ``[0.5, 0.25]``: a comma list of numbers."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-    return values
+    return _numbers(text, float, "numbers")
 
 
 def name_list(text: str) -> list[str]:
     """``"avg, max"`` -> ``["avg", "max"]``: a comma list of names (checked by the command)."""
     return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def method_list(text: str) -> list[str]:
-    """A comma list of method names (:func:`tokenbudget.config.method_names`), checked here."""
-    methods = name_list(text)
-    for method in methods:
-        if method not in method_names():
-            raise argparse.ArgumentTypeError(
-                f"unknown method {method!r}; choose from {', '.join(method_names())}"
-            )
-    if not methods:
-        raise argparse.ArgumentTypeError("give at least one method")
-    return methods
 
 
 # -- shared options ----------------------------------------------------------------------------------
@@ -127,12 +112,7 @@ def add_data_options(
     )
     for split, default in (("train", n_train), ("test", n_test)):
         if default is not None:
-            group.add_argument(
-                f"--n-{split}",
-                type=_count,
-                default=None,
-                help=_COUNT_HELP.format(split=split, default=default),
-            )
+            add_n_images(group, split, _COUNT_HELP.format(split=split, default=default))
     group.add_argument(
         "--test-fraction",
         type=float,
@@ -141,6 +121,12 @@ def add_data_options(
     )
     add_seed(parser, group, "seed of the data subsets and of everything random in the command (default 0)")
     parser.set_defaults(default_sizes=(n_train or 0, n_test or 0))
+
+
+def add_n_images(parser: Any, split: str, help: str) -> None:
+    """``--n-train`` or ``--n-test`` (``split``): how many images (or scenes) of that split to use;
+    ``None`` when not given."""
+    parser.add_argument(f"--n-{split}", type=_count, default=None, help=help)
 
 
 def add_seed(parser: argparse.ArgumentParser, group: Any = None, help: str | None = None) -> None:
@@ -171,10 +157,15 @@ def add_run_options(
         group.add_argument("--json", action="store_true", help=json)
 
 
-def add_out(parser: argparse.ArgumentParser, default: str | None, help: str, *flags: str) -> None:
-    """``--out`` (and short ``flags``): where the command writes its result."""
-    suffix = f" (default: {default})" if default is not None else ""
-    parser.add_argument(*flags, "--out", default=default, help=help + suffix)
+def add_out(
+    parser: argparse.ArgumentParser, default: str | None, help: str, *flags: str, shown: str | None = None
+) -> None:
+    """``--out`` (and short ``flags``): where the command writes its result; ``shown`` is the default
+    the help names where ``default`` is ``None`` (the command then chooses)."""
+    shown = default if default is not None else shown
+    parser.add_argument(
+        *flags, "--out", default=default, help=help + (f" (default: {shown})" if shown else "")
+    )
 
 
 def add_trainer_output(
@@ -182,11 +173,7 @@ def add_trainer_output(
 ) -> None:
     """A trainer's ``--out`` STEM (it writes STEM.safetensors and STEM.json; ``shown`` is the default
     the help names where ``stem`` is ``None``) and its run options (``--threads``, ``--quiet``)."""
-    parser.add_argument(
-        "--out",
-        default=stem,
-        help=f"output stem: writes STEM.safetensors and STEM.json (default: {stem or shown})",
-    )
+    add_out(parser, stem, "output stem: writes STEM.safetensors and STEM.json", shown=shown)
     add_run_options(parser, threads=threads, json=None)
 
 
@@ -206,138 +193,7 @@ def add_training_options(
     group.add_argument("--max-minutes", type=float, default=30.0, help="stop after this long (default 30)")
 
 
-def add_methods(parser: Any, default: str, note: str = "") -> None:
-    """``--methods``: a comma list of method names (the old ``--method`` is a hidden alias)."""
-    parser.add_argument(
-        "--methods",
-        type=method_list,
-        default=default,
-        help=f"comma list of {', '.join(method_names())} (default: {default}){note}",
-    )
-    parser.add_argument("--method", dest="methods", type=method_list, help=argparse.SUPPRESS)
-
-
-def add_budget_options(parser: argparse.ArgumentParser, default_r: str) -> None:
-    """The method/budget group: ``--methods`` and one of ``--r``, ``--keep``, ``--tokens``, ``--config``."""
-    group = parser.add_argument_group("method and budget; give one of --r, --keep, --tokens, --config")
-    add_methods(
-        group,
-        "tome",
-        "; several are timed interleaved against one unpatched baseline. prune/dynamicvit: --keep is "
-        "per stage; dynamicvit needs --predictor",
-    )
-    group.add_argument(
-        "--r", type=int_list, default=None, help=f"tokens merged per block; comma list (default: {default_r})"
-    )
-    group.add_argument(
-        "--inflection",
-        type=float,
-        default=None,
-        help="ToMe schedule inflection in [-1, 1] with --r (-1: decreasing)",
-    )
-    group.add_argument(
-        "--keep",
-        type=float_list,
-        default=None,
-        help="fraction of tokens left after the last block; comma list",
-    )
-    group.add_argument(
-        "--tokens", type=int_list, default=None, help="tokens left after the last block; comma list"
-    )
-    group.add_argument("--config", default=None, help='a JSON config, e.g. \'{"method": "tome", "r": 16}\'')
-    group.add_argument("--no-prop-attn", action="store_true", help="turn off proportional attention")
-    add_entropy_floor(group)
-    add_stage_options(group)
-    parser.set_defaults(default_r=default_r)
-
-
-def add_entropy_floor(group: Any) -> None:
-    """``--entropy-floor`` of the methods that take it (:func:`guard_options`)."""
-    group.add_argument(
-        "--entropy-floor",
-        type=float,
-        default=None,
-        help="entropy guard for the methods that take it (tome, tome-detail, tome-optimal, tofu, pool): "
-        "merge less where token entropy would fall below this fraction of its maximum (tome-guard: 0.2734)",
-    )
-
-
-def add_stage_options(group: Any) -> None:
-    """``--layers`` and ``--predictor`` of the pruning methods (:func:`stage_options`)."""
-    group.add_argument(
-        "--layers",
-        type=int_list,
-        default=None,
-        help="prune/dynamicvit: 0-based blocks that prune (default 3,6,9)",
-    )
-    group.add_argument(
-        "--predictor", default=None, help="dynamicvit: trained predictors (tokenbudget train-predictor --out)"
-    )
-
-
 # -- from options to library arguments ----------------------------------------------------------------
-
-
-def guard_options(cls: type, args: argparse.Namespace) -> dict:
-    """``entropy_floor`` for configs that take it, from ``--entropy-floor``."""
-    floor = getattr(args, "entropy_floor", None)
-    if floor is None or "entropy_floor" not in {f.name for f in dataclasses.fields(cls)}:
-        return {}
-    return {"entropy_floor": floor}
-
-
-def stage_options(cls: type, args: argparse.Namespace) -> dict:
-    """Keyword options for a pruning config (per-stage keep) from ``--layers`` / ``--predictor``."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    options = {}
-    if getattr(args, "layers", None) is not None and "layers" in names:
-        options["layers"] = tuple(args.layers)
-    if getattr(args, "predictor", None) is not None and "predictor" in names:
-        options["predictor"] = args.predictor
-    return options
-
-
-def method_options(method: str, args: argparse.Namespace) -> dict:
-    """Every per-method option (pruning stages, entropy floor) the command line gives ``method``."""
-    cls = config_class(method)
-    return stage_options(cls, args) | guard_options(cls, args)
-
-
-def scheduled_methods() -> list[str]:
-    """Methods with a per-layer schedule (those a FLOPs target can be given to)."""
-    return [m for m in method_names() if issubclass(config_class(m), BudgetConfig)]
-
-
-def configs(args: argparse.Namespace) -> list[ReductionConfig]:
-    """Every (method, budget) config the method/budget group names, methods outermost."""
-    given = [name for name in ("r", "keep", "tokens", "config") if getattr(args, name) is not None]
-    if len(given) > 1:
-        raise ValueError(f"give one budget option, not {', '.join('--' + g for g in given)}")
-    if args.config is not None:
-        return [config_from_json(args.config)]
-    return [config for method in args.methods for config in _method_configs(method, args)]
-
-
-def _method_configs(method: str, args: argparse.Namespace) -> list[ReductionConfig]:
-    cls = config_class(method)
-    names = {f.name for f in dataclasses.fields(cls)}
-    extra = {"prop_attn": not args.no_prop_attn} if "prop_attn" in names else {}
-    extra |= guard_options(cls, args)
-    if "r" not in names:  # pruning methods: --keep is the per-stage keep ratio
-        extra |= stage_options(cls, args)
-        if args.r is not None or args.tokens is not None:
-            raise ValueError(
-                f"method {method} takes --keep (fraction kept at each pruning layer), not --r/--tokens"
-            )
-        return [cls(keep=k, **extra) for k in args.keep] if args.keep is not None else [cls(**extra)]
-    if args.keep is not None:
-        return [cls(keep=k, **extra) for k in args.keep]
-    if args.tokens is not None:
-        return [cls(tokens=t, **extra) for t in args.tokens]
-    rs = args.r if args.r is not None else int_list(args.default_r)
-    if args.inflection is not None:
-        return [cls(r=(r, args.inflection), **extra) for r in rs]
-    return [cls(r=r, **extra) for r in rs]
 
 
 def set_threads(threads: int | None) -> None:
@@ -481,11 +337,14 @@ def add_n_scenes(parser: argparse.ArgumentParser, default: int, note: str = "") 
     )
 
 
-def add_tokens(parser: argparse.ArgumentParser, default: Sequence[int], what: str = "tokens kept") -> None:
+def add_tokens(parser: Any, default: Sequence[int] | None, what: str = "tokens kept") -> None:
     """``--tokens``: a comma list of token budgets."""
-    shown = ",".join(str(t) for t in default)
+    shown = f" (default {','.join(str(t) for t in default)})" if default else ""
     parser.add_argument(
-        "--tokens", type=int_list, default=list(default), help=f"{what}; comma list (default {shown})"
+        "--tokens",
+        type=int_list,
+        default=list(default) if default else None,
+        help=f"{what}; comma list{shown}",
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import options
+from . import methods, options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     vis.add_argument("image", help="image file, or skimage:NAME (astronaut, coffee, chelsea, ...)")
     options.add_out(vis, "merges.png", "output PNG", "-o")
     options.add_model_options(vis)
-    options.add_budget_options(vis, default_r="16")
+    methods.add_budget_options(vis, default_r="16")
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
@@ -22,7 +22,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     from ..data import load_image
     from ..viz import render_merges
 
-    configs = options.configs(args)
+    configs = methods.configs(args)
     if len(configs) != 1:
         raise ValueError(f"visualize takes one method and one budget, got {len(configs)} configs")
     model = options.load_model(args)

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from . import options
+from . import methods, options
 
 DEFAULT_OUT = "compressors/dinov2_small_{kind}"
 
@@ -62,12 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "k-NN accuracy, fidelity and reconstruction of pooling, random selection, resampler, autoencoder",
     )
     options.add_tokens(ev, (16, 64, 144), "tokens each compressor leaves")
-    ev.add_argument(
-        "--methods",
-        type=options.name_list,
-        default="avg,max,random",
-        help="baselines, comma list of avg,max,random",
-    )
+    methods.add_methods(ev, "avg,max,random", "; the baselines", names=("avg", "max", "random"))
     ev.add_argument("--resampler", default=None, help="trained resampler (STEM, .json or .safetensors)")
     ev.add_argument("--autoencoder", default=None, help="trained autoencoder (STEM, .json or .safetensors)")
     ev.add_argument(

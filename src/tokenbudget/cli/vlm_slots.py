@@ -21,12 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--num-slots", type=int, default=6, help="slots while training (free at inference; default 6)"
     )
     options.add_training_options(ts, steps=400, batch_size=16, lr=4e-4, batch_help="scenes")
-    ts.add_argument(
-        "--n-train",
-        type=int,
-        default=None,
-        help="train on the first N of the 600 train scenes (default: all)",
-    )
+    options.add_n_images(ts, "train", "train on the first N of the 600 train scenes (default: all)")
     options.add_seed(ts)
     options.add_trainer_output(ts, "slots/dinov2_small_slot_attention", threads=1)
 
