@@ -30,14 +30,15 @@ def method_list(text: str) -> list[str]:
 
 
 def add_methods(parser: Any, default: str, note: str = "", *, names: Sequence[str] | None = None) -> None:
-    """``--methods``: a comma list of the library's methods (checked while parsing), or of ``names``
-    (checked by the command). The old spelling ``--method`` is a hidden alias."""
+    """``--methods``: a comma list of the library's methods (checked while parsing; the old spelling
+    ``--method`` is a hidden alias), or of ``names`` (checked by the command)."""
     kind = method_list if names is None else name_list
     listed = ", ".join(method_names() if names is None else names)
     parser.add_argument(
         "--methods", type=kind, default=default, help=f"comma list of {listed} (default: {default}){note}"
     )
-    parser.add_argument("--method", dest="methods", type=kind, help=argparse.SUPPRESS)
+    if names is None:
+        parser.add_argument("--method", dest="methods", type=kind, help=argparse.SUPPRESS)
 
 
 def add_budget_options(parser: argparse.ArgumentParser, default_r: str) -> None:
