@@ -150,7 +150,7 @@ def test_train_and_eval_budget_predictor_cli(tmp_path, capsys) -> None:
     assert main(argv) == 0
     assert "images per budget" in capsys.readouterr().out
     assert load_budget_predictor(out).budgets == (0.5, 1.0)
-    assert main(["eval-budget-predictor", *common, "--predictor", out, "--max-test", "8", "--json"]) == 0
+    assert main(["eval-budget-predictor", *common, "--predictor", out, "--n-test", "8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     names = [r["condition"] for r in rows]
     assert names == [
@@ -179,8 +179,6 @@ def test_budget_predictor_on_the_embedded_dinov2(tmp_path, capsys, one_thread) -
         "fashion-mnist",
         "--n-train",
         "40",
-        "--n-test",
-        "20",
         "--quiet",
     ]
     out = str(tmp_path / "budget")
@@ -188,7 +186,7 @@ def test_budget_predictor_on_the_embedded_dinov2(tmp_path, capsys, one_thread) -
     assert main(argv) == 0
     assert load_budget_predictor(out).budgets == (0.25, 0.5, 0.75, 1.0)
     capsys.readouterr()
-    assert main(["eval-budget-predictor", *common, "--predictor", out, "--json"]) == 0
+    assert main(["eval-budget-predictor", *common, "--n-test", "20", "--predictor", out, "--json"]) == 0
     rows = {r["condition"]: r for r in json.loads(capsys.readouterr().out)}
     predicted = rows["predicted"]
     assert sum(predicted["budget_counts"]) == 20 and 0.25 <= predicted["mean_keep"] <= 1.0

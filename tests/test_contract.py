@@ -165,7 +165,7 @@ def test_cli_commands_run_on_every_framework(framework: str, tmp_path, capsys) -
     assert '"method": "tome"' in capsys.readouterr().out
     out = tmp_path / "plan.json"
     assert main(["plan", *common, "--data", str(folder), "--target-flops", "0.8", "--keep", "0.9,0.5",
-                 "--speed-samples", "1", "--batch-size", "2", "--out", str(out)]) == 0  # fmt: skip
+                 "--speed-samples", "1", "--speed-batch-size", "2", "--out", str(out)]) == 0  # fmt: skip
     assert tb.config_from_json(out.read_text()).method == "tome"
     image = folder / "train" / "dark" / "0.png"
     picture = tmp_path / "merges.png"

@@ -250,8 +250,6 @@ def test_exits_on_the_embedded_dinov2(tmp_path, capsys, one_thread) -> None:
         "fashion-mnist",
         "--n-train",
         "60",
-        "--n-test",
-        "20",
         "--quiet",
     ]
     out = str(tmp_path / "heads")
@@ -260,7 +258,7 @@ def test_exits_on_the_embedded_dinov2(tmp_path, capsys, one_thread) -> None:
     assert main(argv) == 0
     heads = load_exit_heads(out)
     assert heads.layers == (3, 7, 11) and heads.info["thresholds"]
-    argv = ["eval-exits", *common, "--heads", out, "--target-flops", "0.6", "--timed-target", "0.6",
+    argv = ["eval-exits", *common, "--n-test", "20", "--heads", out, "--target-flops", "0.6", "--timed-target", "0.6",
             "--timed-images", "8", "--batch-size", "4", "--json"]  # fmt: skip
     capsys.readouterr()
     assert main(argv) == 0

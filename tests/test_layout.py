@@ -17,6 +17,7 @@ PACKAGE = SRC / "tokenbudget"
 
 #: lowest first; names are top-level modules or subpackages of tokenbudget
 LAYERS: list[set[str]] = [
+    {"version"},  # the package version
     {"ops"},  # pure tensor functions
     {
         "flops",

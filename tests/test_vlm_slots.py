@@ -307,15 +307,15 @@ def test_cli_train_slots_and_eval_on_tiny_settings(tmp_path, monkeypatch, capsys
     assert main(["train-slots", "--steps", "3", "--n-train", "4", "--out", str(stem), "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out and (tmp_path / "sa.safetensors").exists()
     out = tmp_path / "r.json"
-    argv = ["vlm-slots-eval", "--num-scenes", "4", "--totals", "16", "--saccade-totals", "12", "--quiet"]
+    argv = ["vlm-slots-eval", "--n-scenes", "4", "--tokens", "16", "--saccade-tokens", "12", "--quiet"]
     assert main([*argv, "--slot-attention", str(stem), "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["complexity"]["sums_exact_gt_slots"] and results["complexity"]["sums_exact_clustered"]
     assert set(results["accuracy"]["16"]) == {"pool", "slots_uniform", "slots_complexity"}
     assert results["slots"]["cluster"]["best_match_iou"] > 0.5 and "slot_attention" in results["slots"]
     assert "12" in results["saccade"]
-    assert main(["vlm-slots-eval", "--num-scenes", "999"]) == 2
-    assert "num_scenes" in capsys.readouterr().err
+    assert main(["vlm-slots-eval", "--n-scenes", "999"]) == 2
+    assert "--n-scenes must be in [1, 300]" in capsys.readouterr().err
 
 
 def test_public_api():
@@ -345,7 +345,7 @@ def test_benchmark_queries_saccades_by_class_vectors(monkeypatch):
 def test_slots_budgets_and_saccades_on_real_dinov2_scene_tokens(tmp_path):
     """vlm-slots-eval end to end on the embedded DINOv2's tokens of the real multi-object scenes."""
     out = tmp_path / "slots.json"
-    argv = ["vlm-slots-eval", "--num-scenes", "12", "--totals", "16", "--saccade-totals", "12", "--quiet"]
+    argv = ["vlm-slots-eval", "--n-scenes", "12", "--tokens", "16", "--saccade-tokens", "12", "--quiet"]
     assert main([*argv, "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["complexity"]["sums_exact_gt_slots"] and results["complexity"]["sums_exact_clustered"]

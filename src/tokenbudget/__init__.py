@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # name -> module (relative to this package) that defines it
 _EXPORTS: dict[str, str] = {

@@ -112,7 +112,7 @@ class GridPool(BudgetConfig):
 @dataclass(frozen=True)
 class ToMeOptimal(ToMe):
     """ToMe with ``matching="optimal"``, registered as ``"tome-optimal"`` so that
-    ``tokenbudget eval --methods tome,tome-optimal`` and ``bench --method tome-optimal`` reach it."""
+    ``tokenbudget eval --methods tome,tome-optimal`` and ``bench --methods tome-optimal`` reach it."""
 
     method: ClassVar[str] = "tome-optimal"
 
@@ -171,7 +171,7 @@ class ToFu(BudgetConfig):
 class ToMeGuard(ToMe):
     """ToMe with the entropy guard at the default floor: :class:`ToMe` with
     ``entropy_floor=DEFAULT_ENTROPY_FLOOR``, registered as ``"tome-guard"`` so that
-    ``tokenbudget eval --methods tome,tome-guard`` and ``bench --method tome-guard`` reach it."""
+    ``tokenbudget eval --methods tome,tome-guard`` and ``bench --methods tome-guard`` reach it."""
 
     method: ClassVar[str] = "tome-guard"
 

@@ -29,46 +29,55 @@ def load_eval_data(
     mean: Sequence[float],
     std: Sequence[float],
     *,
-    n_train: int = 1000,
-    n_test: int = 500,
+    n_train: int | None = None,
+    n_test: int | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
+    default_sizes: tuple[int, int] = (1000, 500),
 ) -> EvalData:
-    """``"fashion-mnist"`` (offline Debian copy, a balanced seeded subset of ``n_train``/``n_test``
-    images), ``"skimage"`` (:func:`skimage_crops`), ``"anomaly"`` / ``"anomaly-small"``
-    (:func:`anomaly_data`, flaws at full and half size), or a directory: Fashion-MNIST IDX files, or
-    an image folder with one subfolder per class."""
+    """``"fashion-mnist"`` (offline Debian copy, a balanced seeded subset), ``"skimage"``
+    (:func:`skimage_crops`), ``"anomaly"`` / ``"anomaly-small"`` (:func:`anomaly_data`, flaws at full
+    and half size), or a directory: Fashion-MNIST IDX files, or an image folder with one subfolder per
+    class.
+
+    ``n_train`` / ``n_test``: ``None`` takes the set's default (Fashion-MNIST and anomaly:
+    ``default_sizes``; skimage crops and image folders: every image). A number takes that many: Fashion-MNIST and the
+    anomaly set draw class-balanced subsets (rounded down to a multiple of their 10 / 4 classes), skimage
+    crops and image folders a seeded random subset, and a ``ValueError`` says what the set holds when
+    it holds fewer. ``0`` loads no images of that split (for callers that only train or only test).
+    """
     from pathlib import Path
 
     from .fashion_mnist import fashion_mnist_subset, to_model_input
     from .folder import load_image_folder, load_images
 
+    for name, n in (("n_train", n_train), ("n_test", n_test)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"{name} must be a non-negative number of images or None, got {n!r}")
+    counts = tuple(d if n is None else n for n, d in zip((n_train, n_test), default_sizes, strict=True))
+
     def fashion(root: str | None) -> EvalData:
-        if n_train < 10 or n_test < 10:
+        if any(0 < n < 10 for n in counts):
             raise ValueError(
-                "Fashion-MNIST subsets need at least 10 train and 10 test images (one per class)"
+                "Fashion-MNIST subsets need at least 10 train and 10 test images (one per class), or 0"
             )
-        tr_x, tr_y = fashion_mnist_subset("train", n_train // 10, seed, root)
-        te_x, te_y = fashion_mnist_subset("test", n_test // 10, seed, root)
-        return EvalData(
-            "fashion-mnist",
-            to_model_input(tr_x, size, mean, std),
-            tr_y,
-            to_model_input(te_x, size, mean, std),
-            te_y,
-        )
+        splits = []
+        for split, n in zip(("train", "test"), counts, strict=True):
+            x, y = fashion_mnist_subset(split, n // 10, seed, root) if n else _no_images()
+            splits += [to_model_input(x, size, mean, std) if n else _empty_input(size), y]
+        return EvalData("fashion-mnist", *splits)
 
     if source == "fashion-mnist":
         return fashion(None)
     if source == "skimage":
-        return skimage_crops(size, mean, std, seed=seed)
+        return _subset(skimage_crops(size, mean, std, seed=seed), n_train, n_test, seed)
     if source in ("anomaly", "anomaly-small"):
         return anomaly_data(
             size,
             mean,
             std,
-            n_train=n_train,
-            n_test=n_test,
+            n_train=counts[0],
+            n_test=counts[1],
             seed=seed,
             scale=1.0 if source == "anomaly" else 0.5,
         )
@@ -80,9 +89,53 @@ def load_eval_data(
     if any(path.glob("*-idx?-ubyte*")):
         return fashion(str(path))
     folder = load_image_folder(path, test_fraction=test_fraction, seed=seed)
-    tr_x, tr_y = load_images(folder.train, size, mean, std)
-    te_x, te_y = load_images(folder.test, size, mean, std)
-    return EvalData(path.name or str(path), tr_x, tr_y, te_x, te_y)
+    name = path.name or str(path)
+    # Choose the subset from the file list, so that only the chosen images are read.
+    train = _choose(len(folder.train), n_train, seed, name, "train", len(folder.test))
+    test = _choose(len(folder.test), n_test, seed, name, "test", len(folder.train))
+    tr_x, tr_y = load_images([folder.train[i] for i in train], size, mean, std)
+    te_x, te_y = load_images([folder.test[i] for i in test], size, mean, std)
+    return EvalData(name, tr_x, tr_y, te_x, te_y)
+
+
+def _no_images() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty(0, 28, 28, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+
+
+def _empty_input(size: int) -> torch.Tensor:
+    return torch.empty(0, 3, size, size)
+
+
+def _choose(held: int, wanted: int | None, seed: int, name: str, split: str, other: int) -> list[int]:
+    """Sorted indices of a seeded subset of ``wanted`` of ``held`` items (all of them for ``None``);
+    ``ValueError`` saying what the set holds when ``wanted`` is more. ``other``: the other split's size,
+    for the message."""
+    if wanted is None:
+        return list(range(held))
+    if wanted > held:
+        sizes = {"train": held, "test": other} if split == "train" else {"train": other, "test": held}
+        raise ValueError(
+            f"{name} holds {sizes['train']} train and {sizes['test']} test images; asked for {wanted} "
+            f"{split} images (ask for at most {held}, or leave the number out to take them all)"
+        )
+    # A private generator per split: the subset does not depend on (or disturb) the global RNG.
+    offset = 0 if split == "train" else 1
+    order = torch.randperm(held, generator=torch.Generator().manual_seed(2 * seed + offset))
+    return sorted(order[:wanted].tolist())
+
+
+def _subset(data: EvalData, n_train: int | None, n_test: int | None, seed: int) -> EvalData:
+    """``data`` with seeded subsets of ``n_train`` train and ``n_test`` test images (``None``: all)."""
+    held_train, held_test = len(data.train_labels), len(data.test_labels)
+    train = _choose(held_train, n_train, seed, data.name, "train", held_test)
+    test = _choose(held_test, n_test, seed, data.name, "test", held_train)
+    return EvalData(
+        data.name,
+        data.train_images[train],
+        data.train_labels[train],
+        data.test_images[test],
+        data.test_labels[test],
+    )
 
 
 def skimage_crops(
@@ -130,8 +183,10 @@ def anomaly_data(
     from .anomaly import anomaly_set
     from .images import rgb_uint8_to_model_input
 
-    if n_train < 4 or n_test < 4:
-        raise ValueError("the anomaly set needs at least 4 train and 4 test images (one per class)")
+    if any(0 < n < 4 for n in (n_train, n_test)) or n_train + n_test == 0:
+        raise ValueError(
+            "the anomaly set needs at least 4 train and 4 test images (one per class), or 0 of one split"
+        )
     n_train_base, n_test_base = n_train // 4, n_test // 4
     data = anomaly_set(n_train_base + n_test_base, size, seed, scale)
     x = rgb_uint8_to_model_input(data.images, mean, std)  # [N, 3, S, S]
