@@ -76,11 +76,13 @@ def bench(
     ceiling: bool = True,
     progress: Callable[[int], None] | None = None,
     compile: bool = False,
+    seed: int = 0,
 ) -> list[BenchRow]:
     """Measure each config against the unpatched ``model`` at each batch size.
 
     The unpatched model and one patched copy per config are timed interleaved in one process on
-    random input at the model's default image size. Throughput is images per second from the
+    random input at the model's default image size (standard normal noise drawn from a generator
+    seeded with ``seed`` + the batch size, so runs repeat exactly). Throughput is images per second from the
     median time per batch; speedups are the median (and quartiles) of the per-sample ratios of the
     interleaved runs. With ``ceiling``, each config's token schedule is also run with free
     reduction (a slice, see :mod:`.ceiling`): the speedup this machine allows for those token
@@ -92,6 +94,14 @@ def bench(
             "bench times per-layer reductions on random input; time tb.AdaptivePatch on real images with "
             "`tokenbudget adaptive-eval`"
         )
+    if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be ints >= 1, got {list(batch_sizes)}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(
+            f"samples must be an int >= 1 (timed runs per model; the median is reported), got {samples!r}"
+        )
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     device = torch.device(device)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
@@ -116,7 +126,10 @@ def bench(
         compiled |= {f"free{i}": torch.compile(m, dynamic=False) for i, m in enumerate(free)}
     rows = []
     for batch_size in batch_sizes:
-        x = torch.randn(batch_size, 3, height, width, device=device, dtype=torch_dtype)
+        # Seeded noise: runs are reproducible (data-dependent methods such as the entropy guard take
+        # the same path every time).
+        noise = torch.Generator().manual_seed(seed + batch_size)
+        x = torch.randn(batch_size, 3, height, width, generator=noise).to(device=device, dtype=torch_dtype)
 
         runs = {"baseline": _forward(model, x)} | {
             f"config{i}": _forward(m, x) for i, m in enumerate(patched)

@@ -27,6 +27,7 @@ GROUPS = (
     "vlm_compress",
     "vlm_slots",
     "data",
+    "cache",
     "demo",
 )
 

@@ -95,7 +95,11 @@ def cmd_vlm_select_eval(args: argparse.Namespace) -> int:
 
     if any(k < 1 for k in args.tokens):
         raise ValueError(f"--tokens must be positive token counts, got {args.tokens}")
-    data = load_selection_data(options.check_n_scenes(args.n_scenes))
+    # The first run embeds the 300 test scenes, their class attention and the exemplars (minutes);
+    # later runs read the caches.
+    embed_bar = options.progress(300 * 2 + 100, "embedding scenes (first run only)", disable=args.quiet)
+    data = load_selection_data(options.check_n_scenes(args.n_scenes), progress=embed_bar.update)
+    embed_bar.close()
     encoder = MiniLMTextEncoder()  # one load for training (when needed) and the queries
     if args.projection:
         projection = load_text_projection(args.projection)

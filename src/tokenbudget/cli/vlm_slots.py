@@ -39,7 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[12, 16, 24, 32],
         help="total token budgets of the saccade runs; comma list (default 12,16,24,32)",
     )
-    vs.add_argument("--threshold", type=float, default=0.8, help="saccade confidence threshold (default 0.8)")
+    vs.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=0.8,
+        help="saccade confidence threshold in [0, 1] (default 0.8), or 'none' to never stop early",
+    )
     vs.add_argument("--slot-attention", default=None, help="also score a trained Slot Attention (STEM)")
     vs.add_argument(
         "--projection",
@@ -53,19 +58,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_run_options(vs, threads=1, quiet="no progress lines", json=None)
 
 
+def _threshold(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'none', got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"the threshold is a confidence in [0, 1] (or 'none'), got {value}")
+    return value
+
+
 def cmd_train_slots(args: argparse.Namespace) -> int:
     """Train Slot Attention on the cached DINOv2 tokens of the train scenes and save it."""
     from ..data.token_cache import dinov2_scene_tokens
     from ..vlm.slot_attention import save_slot_attention, train_slot_attention
 
     max_seconds = options.max_seconds(args)
-    _, tokens = dinov2_scene_tokens(600, "train")
-    if args.n_train is not None:
-        if not 1 <= args.n_train <= len(tokens):
-            raise ValueError(
-                f"--n-train must be in [1, {len(tokens)}] (the cached train scenes), got {args.n_train}"
-            )
-        tokens = tokens[: args.n_train]
+    if args.n_train is not None and not 1 <= args.n_train <= 600:
+        raise ValueError(f"--n-train must be in [1, 600] (the train scenes), got {args.n_train}")
+    # Only the scenes used are embedded (or sliced from the cached 600).
+    embed_bar = options.progress(args.n_train or 600, "embedding train scenes", disable=args.quiet)
+    _, tokens = dinov2_scene_tokens(600, "train", first=args.n_train, progress=embed_bar.update)
+    embed_bar.close()
     bar = options.progress(args.steps, "train-slots", disable=args.quiet)
     model, report = train_slot_attention(
         tokens,

@@ -90,6 +90,11 @@ def load_eval_data(
         return fashion(str(path))
     folder = load_image_folder(path, test_fraction=test_fraction, seed=seed)
     name = path.name or str(path)
+    if len(folder.classes) < 2:
+        raise ValueError(
+            f"{source} holds one class ({folder.classes[0]}): accuracy needs at least two classes; "
+            "give a folder with one subfolder per class (CLASS/*.jpg or train|test/CLASS/*.jpg)"
+        )
     # Choose the subset from the file list, so that only the chosen images are read.
     train = _choose(len(folder.train), n_train, seed, name, "train", len(folder.test))
     test = _choose(len(folder.test), n_test, seed, name, "test", len(folder.train))

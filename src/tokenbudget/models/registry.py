@@ -42,12 +42,33 @@ def load_model(name: str, *, pretrained: bool = False, img_size: int | None = No
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
         raise ValueError(f"img_size must be a positive number of pixels, got {img_size!r}")
     if name in _FACTORIES:
-        return _FACTORIES[name](pretrained=pretrained, img_size=img_size).eval()
-    if name.startswith("hf:"):
-        return _hf_model(name[3:], img_size).eval()
-    if name.startswith("openclip:"):
-        return _openclip_model(name[9:], img_size).eval()
-    return _timm_model(name, pretrained, img_size).eval()
+        model = _FACTORIES[name](pretrained=pretrained, img_size=img_size)
+    elif name.startswith("hf:"):
+        model = _hf_model(name[3:], img_size)
+    elif name.startswith("openclip:"):
+        model = _openclip_model(name[9:], img_size)
+    else:
+        model = _timm_model(name, pretrained, img_size)
+    if img_size is not None:
+        _check_whole_patches(model, name, img_size)
+    return model.eval()
+
+
+def _check_whole_patches(model: nn.Module, name: str, img_size: int) -> None:
+    """``ValueError`` when ``img_size`` is not a whole number of patches: the model would silently
+    crop the image to the largest multiple of its patch size."""
+    from ..adapters import find_adapter
+
+    try:
+        patch = find_adapter(model).patch_size[0]
+    except ValueError:
+        return  # not a model tokenbudget patches; its own checks apply
+    if img_size % patch:
+        lower, upper = img_size - img_size % patch, img_size - img_size % patch + patch
+        raise ValueError(
+            f"--img-size {img_size} is not a multiple of {name}'s {patch} px patches: the model would see "
+            f"only {lower} px of it; give {lower} or {upper}"
+        )
 
 
 def _timm_model(name: str, pretrained: bool, img_size: int | None) -> nn.Module:
