@@ -355,7 +355,6 @@ def test_bench_noise_is_seeded_so_data_dependent_rows_repeat() -> None:
     """The entropy guard merges depending on the input (at this floor the tiny model keeps 59 tokens
     on the noise of seed 0 and 58 on that of seed 2): seeded noise makes bench rows repeat."""
     from conftest import make_tiny
-
     from tokenbudget.bench import bench
 
     model = make_tiny("vit")
