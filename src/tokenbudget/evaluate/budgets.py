@@ -3,6 +3,7 @@ FLOPs-ideal speedup on a model (every scheduled method shares the schedule, henc
 
 from __future__ import annotations
 
+import math
 from itertools import accumulate
 
 from torch import nn
@@ -70,7 +71,7 @@ def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
 
     Found by bisection on ``keep`` to 1e-4; ``ValueError`` for a speedup no schedule reaches.
     """
-    achieved, _, _ = _flops_speedup_of_keep(model)
+    achieved, feasible, _ = _flops_speedup_of_keep(model)
     lo, fastest = fastest_keep(model)
     if speedup < 1.0 or speedup > fastest:
         raise ValueError(
@@ -82,4 +83,7 @@ def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
     while hi - lo > 1e-4:  # achieved() falls as keep grows
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if achieved(mid) >= speedup else (lo, mid)
-    return round(lo, 4)
+    # Four decimals, rounded down: a smaller keep never merges less, while rounding to nearest can
+    # cross the point where keep * tokens rounds up to one more token and miss the target.
+    rounded = math.floor(lo * 1e4) / 1e4
+    return rounded if feasible(rounded) else lo
