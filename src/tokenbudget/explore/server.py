@@ -177,7 +177,7 @@ def _budget_request(body: dict[str, Any], timing: bool = False) -> dict[str, Any
             f"the request lacks {', '.join(missing)}; send e.g. "
             '{"image": "skimage:astronaut", "method": "tome", "kind": "keep", "value": 0.5}'
         )
-    args = {n: body[n] for n in names}
+    args = {"image_id": body["image"], "method": body["method"], "kind": body["kind"], "value": body["value"]}
     if timing and "samples" in body:
         args["samples"] = body["samples"]
     return args
