@@ -51,3 +51,4 @@ def serve(
         say("stopped")
     finally:
         server.server_close()
+        explorer.close()

@@ -188,6 +188,12 @@ class ExploreServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A page closed or reloaded while its answer was on the way is no error of the server.
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
+
 
 class ExploreServer6(ExploreServer):
     address_family = socket.AF_INET6

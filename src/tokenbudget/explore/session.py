@@ -95,6 +95,12 @@ class Explorer:
         self._lock = threading.Lock()  # apply / forward / remove, and the caches
         self._keep_for_speedup = lru_cache(maxsize=256)(lambda s: keep_for_flops_speedup(self.model, s))
 
+    def close(self) -> None:
+        """Wait for the forward in progress, then take the model for good: a request still arriving
+        waits forever, so a process that exits next never stops inside a forward (which aborts
+        the interpreter)."""
+        self._lock.acquire()
+
     # -- what the page needs to draw its controls ------------------------------------------------
     def info(self) -> dict[str, Any]:
         """The model, the methods, the sample images and the budget ranges."""
