@@ -8,13 +8,17 @@ from collections.abc import Callable
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def _say(text: str) -> None:
+    print(text, flush=True)  # flushed: a process reading our output waits for the address line
+
+
 def serve(
     model: str = "dinov2_small",
     host: str = "127.0.0.1",
     port: int = 7860,
     img_size: int | None = None,
     threads: int | None = None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = _say,
     verbose: bool = False,
 ) -> None:
     """Load ``model`` (any name :func:`tokenbudget.models.load_model` takes), start the explorer on
