@@ -56,11 +56,11 @@ def main() -> int:
             wait.until(idle)
             shot = Path(tmp) / "page.png"
             driver.save_screenshot(str(shot))
-    with Image.open(shot) as page:
-        page = page.convert("RGB")
-        height = round(page.height * args.width / page.width)
-        small = page.resize((args.width, height), Image.Resampling.LANCZOS).quantize(colors=128)
-        small.save(args.out, optimize=True)
+        with Image.open(shot) as page:
+            page = page.convert("RGB")
+            height = round(page.height * args.width / page.width)
+            small = page.resize((args.width, height), Image.Resampling.LANCZOS).quantize(colors=128)
+            small.save(args.out, optimize=True)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size // 1024} kB)")
     return 0
 
