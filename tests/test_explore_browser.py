@@ -88,6 +88,16 @@ def test_the_slider_changes_the_picture_and_the_tokens(explorer, tmp_path: Path)
         wait.until(lambda d: _settled(d, "flops-a"))
         wait.until(lambda d: float(d.find_element("id", "flops-a").text.split("\u00d7")[0]) >= wanted - 5e-3)
 
+        # An uploaded photo becomes the image of both panels.
+        photo = tmp_path / "photo.png"
+        Image.linear_gradient("L").convert("RGB").resize((300, 200)).save(photo)
+        before_picture = driver.find_element("id", "picture-a").get_attribute("src")
+        driver.find_element("id", "upload").send_keys(str(photo))
+        wait.until(lambda d: d.find_element("id", "image").get_attribute("value").startswith("upload:"))
+        wait.until(lambda d: _settled(d, "tokens-a", "tokens-b"))
+        wait.until(lambda d: d.find_element("id", "picture-a").get_attribute("src") != before_picture)
+        assert "upload: photo.png" in driver.find_element("id", "image").text
+
         # A file that is not an image: the page says so.
         not_an_image = tmp_path / "notes.txt"
         not_an_image.write_text("not an image")

@@ -263,7 +263,9 @@ async function start() {
   }
   $("image").addEventListener("change", selectImage);
   $("upload").addEventListener("change", (event) => {
-    if (event.target.files.length) upload(event.target.files[0]);
+    const files = event.target.files;
+    if (files.length) upload(files[0]);
+    event.target.value = ""; // choosing the same file again is a new change
   });
   $("measure").addEventListener("change", scheduleTiming);
   selectImage();
