@@ -29,6 +29,7 @@ GROUPS = (
     "data",
     "cache",
     "demo",
+    "explore",
 )
 
 #: errors of bad input: one line on stderr and exit code 2, no traceback

@@ -8,7 +8,7 @@
   guard, VLM compressors, query-aware selection and object slots.
 """
 
-from .budgets import keep_for_flops_speedup, method_config
+from .budgets import fastest_keep, keep_for_flops_speedup, method_config
 from .features import extract_features
 from .metrics import accuracy_drop, cosine_fidelity, knn_accuracy, linear_probe_accuracy
 from .quality import EvalRow, evaluate
@@ -20,6 +20,7 @@ __all__ = [
     "cosine_fidelity",
     "evaluate",
     "extract_features",
+    "fastest_keep",
     "format_eval_table",
     "keep_for_flops_speedup",
     "knn_accuracy",

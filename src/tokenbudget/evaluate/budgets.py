@@ -3,6 +3,7 @@ FLOPs-ideal speedup on a model (every scheduled method shares the schedule, henc
 
 from __future__ import annotations
 
+import math
 from itertools import accumulate
 
 from torch import nn
@@ -26,12 +27,9 @@ def method_config(method: str, keep: float, options: dict | None = None) -> Redu
     return cls(keep=keep, **(options or {}))
 
 
-def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
-    """The ``keep`` whose per-layer schedule gives ``model`` a FLOPs-ideal speedup of ``speedup``
-    at its default input (all our scheduled methods share the schedule, hence the FLOPs).
-
-    Found by bisection on ``keep`` to 1e-4; ``ValueError`` for a speedup no schedule reaches.
-    """
+def _flops_speedup_of_keep(model: nn.Module):  # noqa: ANN202 - (closure, closure, float)
+    """(achieved(keep) -> FLOPs-ideal speedup, feasible(keep) -> bool, the smallest keep that leaves
+    one token) for ``model`` at its default input."""
     adapter = find_adapter(model)
     tokens, prefix, layers = adapter.default_num_tokens, adapter.num_prefix, adapter.num_layers
     if tokens is None:
@@ -50,14 +48,31 @@ def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
             return False
         return True
 
+    return achieved, feasible, 1.0 / (tokens - prefix)
+
+
+def fastest_keep(model: nn.Module) -> tuple[float, float]:
+    """(the smallest ``keep`` a per-layer schedule reaches on ``model`` at its default input, the
+    FLOPs-ideal speedup of that schedule), to 1e-4: the far end of every budget slider."""
+    achieved, feasible, lo = _flops_speedup_of_keep(model)
+    hi = 1.0
     # The fastest schedule: the smallest feasible keep (bisection on feasibility).
-    lo, hi = 1.0 / (tokens - prefix), 1.0
     if not feasible(lo):
         while hi - lo > 1e-4:
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if feasible(mid) else (mid, hi)
         lo = hi
-    fastest = achieved(lo)
+    return lo, achieved(lo)
+
+
+def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
+    """The ``keep`` whose per-layer schedule gives ``model`` a FLOPs-ideal speedup of ``speedup``
+    at its default input (all our scheduled methods share the schedule, hence the FLOPs).
+
+    Found by bisection on ``keep`` to 1e-4; ``ValueError`` for a speedup no schedule reaches.
+    """
+    achieved, feasible, _ = _flops_speedup_of_keep(model)
+    lo, fastest = fastest_keep(model)
     if speedup < 1.0 or speedup > fastest:
         raise ValueError(
             f"a FLOPs-ideal speedup of {speedup} is out of reach for this model: choose one in [1, {fastest:.2f}]"
@@ -68,4 +83,7 @@ def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
     while hi - lo > 1e-4:  # achieved() falls as keep grows
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if achieved(mid) >= speedup else (lo, mid)
-    return round(lo, 4)
+    # Four decimals, rounded down: a smaller keep never merges less, while rounding to nearest can
+    # cross the point where keep * tokens rounds up to one more token and miss the target.
+    rounded = math.floor(lo * 1e4) / 1e4
+    return rounded if feasible(rounded) else lo
