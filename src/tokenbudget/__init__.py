@@ -57,6 +57,7 @@ _SUBPACKAGES = (
     "bench",
     "data",
     "evaluate",
+    "explore",
     "flops",
     "learned",
     "models",

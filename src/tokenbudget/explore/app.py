@@ -20,6 +20,7 @@ def serve(
     threads: int | None = None,
     say: Callable[[str], None] = _say,
     verbose: bool = False,
+    pretrained: bool = False,
 ) -> None:
     """Load ``model`` (any name :func:`tokenbudget.models.load_model` takes), start the explorer on
     ``host:port`` and serve until Ctrl-C. Binds to this machine only unless ``host`` says otherwise."""
@@ -36,7 +37,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in [0, 65535] (0: any free port), got {port}")
     start = time.perf_counter()
-    explorer = Explorer(load_model(model, img_size=img_size), model_name=model)
+    explorer = Explorer(load_model(model, pretrained=pretrained, img_size=img_size), model_name=model)
     try:
         server = make_server(explorer, host, port, verbose=verbose)
     except OSError as err:
