@@ -278,8 +278,9 @@ def test_saccade_trace_plots(tmp_path):
 # ------------------------------------------------------------------------------------------- CLI
 
 
-def _fake_scene_tokens(num_scenes, split="test", seed=0):
-    """Planted tokens for real scene layouts: each item's patches share its class direction."""
+def _fake_scene_tokens(num_scenes, split="test", seed=0, *, first=None, progress=None):
+    """Planted tokens for real scene layouts: each item's patches share its class direction
+    (six scenes whatever is asked; ``first`` takes the first of them, as the real cache does)."""
     scenes = generate_scenes(6, split, seed=1)
     owner = torch.from_numpy(scenes.patch_owner(14)).flatten(1)  # [6, 256]
     gen = torch.Generator().manual_seed(0)
@@ -287,7 +288,10 @@ def _fake_scene_tokens(num_scenes, split="test", seed=0):
     labels = torch.from_numpy(scenes.labels)
     cls = torch.where(owner >= 0, labels.gather(1, owner.clamp_min(0)), torch.full_like(owner, 10))
     patches = classes[cls] + 0.05 * torch.randn(6, 256, 32, generator=gen)
-    return scenes, torch.cat([torch.zeros(6, 1, 32), patches], dim=1)
+    tokens = torch.cat([torch.zeros(6, 1, 32), patches], dim=1)
+    if first is not None:
+        return scenes.first(first), tokens[:first]
+    return scenes, tokens
 
 
 def test_cli_train_slots_and_eval_on_tiny_settings(tmp_path, monkeypatch, capsys):
