@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..context import PatchContext
+from ..ops.serial import SmallWork
 
 
 class ReducingBlockForward:
@@ -100,7 +101,8 @@ class ReducingBlockForward:
                     raise RuntimeError(f"block {layer}: the attention keys were not captured")
                 local.keys = None
             local.want_keys = False
-            x = strategy.reduce(x, metric, state, layer)  # [B, N - r, C]
+            with SmallWork(x.numel()):  # a dozen small ops: no thread-pool fork and join for each
+                x = strategy.reduce(x, metric, state, layer)  # [B, N - r, C]
         else:
             local.want_keys = False
         x = x + self.mlp_branch(x)
@@ -133,7 +135,8 @@ class KeyCapture:
     def __call__(self, module: nn.Module, args: Any, output: Tensor) -> None:
         local = self.ctx.local
         if getattr(local, "want_keys", False):
-            local.keys = self.to_metric(output)
+            with SmallWork(output.numel()):
+                local.keys = self.to_metric(output)
 
 
 def merged_sizes(ctx: PatchContext, x: Tensor) -> Tensor | None:
