@@ -31,6 +31,7 @@ class ReducingBlockForward:
         self.layer = layer
         self.ctx = ctx
         self.is_last = layer == ctx.num_layers - 1
+        ctx.blocks[layer] = self  # the cost model times the block's branches through it
 
     # -- what an adapter provides ------------------------------------------------------------
     def attention_branch(self, x: Tensor, attn_bias: Tensor | None, **attn_kwargs: Any) -> Tensor:
@@ -101,7 +102,7 @@ class ReducingBlockForward:
                     raise RuntimeError(f"block {layer}: the attention keys were not captured")
                 local.keys = None
             local.want_keys = False
-            with SmallWork(x.numel()):  # a dozen small ops: no thread-pool fork and join for each
+            with SmallWork(x):  # a dozen small ops: no thread-pool fork and join for each
                 x = strategy.reduce(x, metric, state, layer)  # [B, N - r, C]
         else:
             local.want_keys = False
@@ -135,7 +136,7 @@ class KeyCapture:
     def __call__(self, module: nn.Module, args: Any, output: Tensor) -> None:
         local = self.ctx.local
         if getattr(local, "want_keys", False):
-            with SmallWork(output.numel()):
+            with SmallWork(output):
                 local.keys = self.to_metric(output)
 
 

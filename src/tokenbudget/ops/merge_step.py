@@ -9,14 +9,14 @@ wake-up): about 5-10 us each. :func:`greedy_merge_step` does what
 * one index computation serves the matching and the merge: A/B positions are ``a_start + 2 * row``
   (one ``add``), never looked up; constant index tensors (prefix and B positions, batch offsets,
   the unit sizes of the first merge) are built once per shape and cached;
-* the merge touches only the rows that receive merges: a destination ``d`` becomes
-  ``x_d + sum_src (x_src - x_d) * s_src / S_d`` (``S_d`` its new size), which equals the
+* the merge touches only the rows that receive merges (:func:`merge_rows`): a destination ``d``
+  becomes ``x_d + sum_src (x_src - x_d) * s_src / S_d`` (``S_d`` its new size), which equals the
   size-weighted average; every other token is copied exactly, with no full-size multiply and
-  divide.
+  divide. :func:`~tokenbudget.ops.merge.merge_weighted` merges with it too.
 
 The matching itself runs the same operations on the same values as
 ``bipartite_soft_matching`` (normalise, ``bmm`` of the A and B halves, ``max``, descending
-``argsort``), so both choose exactly the same pairs; merged features agree to float rounding.
+``argsort``), so both choose exactly the same pairs and merge to the same bits.
 """
 
 from __future__ import annotations
@@ -32,13 +32,12 @@ from .match import Matching, bipartite_soft_matching, max_mergeable
 @lru_cache(maxsize=256)
 def _step_constants(
     batch: int, num_tokens: int, num_prefix: int, r: int, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Index tensors of one (batch, N, prefix, r) shape, built once.
 
     Returns ``(prefix_pos [B, P], b_pos [B, Nb], a_start [] (0-d), in_offsets [B, 1] or None,
-    out_offsets [B, 1] or None, unit_out [B*(N-r), 1], unit_src [B*r, 1])``; the offsets turn
-    per-image positions into rows of the flattened [B*N, C] input and [B*(N-r), C] output
-    (``None`` at batch 1, where they are zero). The unit sizes are float32 ones for a first merge.
+    out_offsets [B, 1] or None)``; the offsets turn per-image positions into rows of the flattened
+    [B*N, C] input and [B*(N-r), C] output (``None`` at batch 1, where they are zero).
     """
     a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
     prefix_pos = torch.arange(num_prefix, device=device).expand(batch, -1)
@@ -47,9 +46,46 @@ def _step_constants(
     rows = torch.arange(batch, device=device).unsqueeze(1)
     in_offsets = rows * num_tokens if batch > 1 else None
     out_offsets = rows * (num_tokens - r) if batch > 1 else None
-    unit_out = torch.ones(batch * (num_tokens - r), 1, device=device)
-    unit_src = torch.ones(batch * r, 1, device=device)
-    return prefix_pos, b_pos, a0, in_offsets, out_offsets, unit_out, unit_src
+    return prefix_pos, b_pos, a0, in_offsets, out_offsets
+
+
+@lru_cache(maxsize=256)
+def _units(rows: int, device: torch.device) -> Tensor:
+    """[rows, 1] float32 ones: the sizes of tokens before any merge (never written to)."""
+    return torch.ones(rows, 1, device=device)
+
+
+def merge_rows(
+    x: Tensor, size: Tensor | None, kept: Tensor, src: Tensor, dst: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Size-weighted merge by flattened row indices: the arithmetic of every ToMe merge here.
+
+    Args:
+        x: [B, N, C] tokens; ``size``: [B, N, 1] sizes or ``None`` (all 1).
+        kept: [B*(N-r)] rows of ``x.reshape(B*N, C)`` that stay, in output order.
+        src: [B*r] rows merged away; ``dst``: [B*r] the output row each one goes into.
+
+    Returns ``(out [B*(N-r), C], new_size [B*(N-r), 1])``. A destination ``d`` becomes
+    ``x_d + sum_src (x_src - x_d) s_src / S_d`` (``S_d`` its new size), which equals
+    ``(s_d x_d + sum_src s_src x_src) / S_d``; every other row is copied exactly.
+    """
+    batch, num_tokens, channels = x.shape
+    rows = x.reshape(batch * num_tokens, channels)
+    out = rows.index_select(0, kept)  # every kept token, exactly
+    if size is None:
+        src_size = _units(src.shape[0], x.device)
+        new_size = _units(kept.shape[0], x.device).index_add(0, dst, src_size)
+    else:
+        size_rows = size.reshape(batch * num_tokens, 1)
+        src_size = size_rows.index_select(0, src)
+        new_size = size_rows.index_select(0, kept).index_add_(0, dst, src_size)
+    if src.shape[0] == 0:
+        return out, new_size
+    dst_size = new_size.index_select(0, dst)
+    if x.dtype == torch.float64 and src_size.dtype != torch.float64:  # keep a float64 merge exact
+        src_size, dst_size = src_size.double(), dst_size.double()
+    delta = rows.index_select(0, src).sub_(out.index_select(0, dst)).mul_(src_size / dst_size)
+    return out.index_add_(0, dst, delta), new_size
 
 
 def _match(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Tensor, Tensor, tuple]:
@@ -107,8 +143,7 @@ def greedy_merge_step(
     Returns:
         ``(x_merged [B, N - r, C], size_merged [B, N - r, 1] float32, matching)``; with ``r = 0``,
         ``x`` and ``size`` unchanged. Equal to ``merge_weighted(x, size, bipartite_soft_matching(
-        metric, r, num_prefix))`` up to float rounding, with tokens that receive no merge copied
-        bit for bit.
+        metric, r, num_prefix))``, bit for bit (both merge with :func:`merge_rows`).
     """
     batch, num_tokens, channels = x.shape
     r = max(0, min(r, max_mergeable(num_tokens, num_prefix)))
@@ -116,26 +151,12 @@ def greedy_merge_step(
         return x, size, bipartite_soft_matching(metric, 0, num_prefix)
     kept_idx, src_idx, dst_idx, constants = _match(metric, r, num_prefix)
     matching = Matching(kept_idx, src_idx, dst_idx, num_tokens)
-    in_offsets, out_offsets, unit_out, unit_src = constants[3:]
+    in_offsets, out_offsets = constants[3:]
     if in_offsets is None:
         kept, src, dst = kept_idx.view(-1), src_idx.view(-1), dst_idx.view(-1)
     else:  # rows of the flattened batch
         kept = (kept_idx + in_offsets).view(-1)
         src = (src_idx + in_offsets).view(-1)
         dst = (dst_idx + out_offsets).view(-1)
-    rows = x.reshape(batch * num_tokens, channels)
-    out = rows.index_select(0, kept)  # [B * (N - r), C]: every kept token, exactly
-    if size is None:
-        src_size = unit_src  # [B * r, 1]
-        new_size = unit_out.index_add(0, dst, src_size)  # [B * (N - r), 1]
-    else:
-        size_rows = size.reshape(batch * num_tokens, 1)
-        src_size = size_rows.index_select(0, src)
-        new_size = size_rows.index_select(0, kept).index_add_(0, dst, src_size)
-    # Destination d: x_d + sum_src (x_src - x_d) s_src / S_d = (s_d x_d + sum_src s_src x_src) / S_d.
-    dst_size = new_size.index_select(0, dst)  # [B * r, 1]
-    if x.dtype == torch.float64:  # sizes are float32: keep a float64 merge float64-exact
-        src_size, dst_size = src_size.double(), dst_size.double()
-    delta = rows.index_select(0, src).sub_(out.index_select(0, dst)).mul_(src_size / dst_size)  # [B * r, C]
-    out.index_add_(0, dst, delta)
+    out, new_size = merge_rows(x, size, kept, src, dst)
     return out.view(batch, num_tokens - r, channels), new_size.view(batch, num_tokens - r, 1), matching

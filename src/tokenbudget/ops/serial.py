@@ -25,18 +25,22 @@ SERIAL_MAX_ELEMENTS = 1 << 18
 
 
 class SmallWork:
-    """Context manager: one intra-op thread while active, when ``numel`` is small.
+    """Context manager: one intra-op thread while active, when the work on ``tensor`` is small.
 
-    ``numel`` is the size of the largest tensor the work touches. Does nothing when it exceeds
-    :data:`SERIAL_MAX_ELEMENTS`, when torch already runs one thread, or under ``torch.compile``
-    tracing (the compiled graph has no thread calls).
+    ``tensor`` is the largest tensor the work touches. Does nothing for tensors off the CPU, with
+    more than :data:`SERIAL_MAX_ELEMENTS` elements, when torch already runs one thread, or under
+    ``torch.compile`` tracing (the compiled graph has no thread calls).
     """
 
     __slots__ = ("threads",)
 
-    def __init__(self, numel: int) -> None:
+    def __init__(self, tensor: torch.Tensor) -> None:
         self.threads = 0
-        if numel <= SERIAL_MAX_ELEMENTS and not torch.compiler.is_compiling():
+        if (
+            tensor.device.type == "cpu"
+            and tensor.numel() <= SERIAL_MAX_ELEMENTS
+            and not torch.compiler.is_compiling()
+        ):
             threads = torch.get_num_threads()
             if threads > 1:
                 self.threads = threads
