@@ -26,8 +26,9 @@ from .config import (
     config_from_dict,
     config_from_json,
 )
+from .cost import CostTable
 from .ops.entropy import token_entropy
-from .patch import apply, is_patched, last_state, patched_config, remove
+from .patch import apply, cost_model, is_patched, last_state, patched_config, remove, set_cost_table
 from .state import TokenState
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "AdaptivePatch",
     "BudgetConfig",
     "BudgetPredictor",
+    "CostTable",
     "EarlyExit",
     "ExitHeads",
     "forward_with_budgets",
@@ -54,11 +56,13 @@ __all__ = [
     "apply",
     "config_from_dict",
     "config_from_json",
+    "cost_model",
     "is_patched",
     "last_state",
     "models",
     "patched_config",
     "remove",
+    "set_cost_table",
     "token_entropy",
     "vlm",
 ]

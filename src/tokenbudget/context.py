@@ -26,6 +26,8 @@ class PatchContext:
         self.grid = grid  # the model's default patch grid
         self._local = threading.local()
         self.latest: TokenState | None = None  # latest finished forward, any thread
+        self.blocks: dict[int, Any] = {}  # layer -> the block's reducing forward (set at install)
+        self.costs: Any = None  # a tokenbudget.cost.CostModel with cost_model="auto"
 
     # -- per-thread slots -------------------------------------------------------------------
     @property
@@ -36,6 +38,12 @@ class PatchContext:
         """A fresh state for tokens ``x`` [B, N, C] entering the first block."""
         batch, num_tokens = x.shape[0], x.shape[1]
         requested, merged = self.strategy.plan(num_tokens, self.num_prefix)
+        skipped: list[int] = []
+        if self.costs is not None and not torch.compiler.is_compiling():
+            # Merge only where it pays (measured once per shape; a compiled graph keeps the plan).
+            plan = self.costs.plan(x, merged, self.num_prefix)
+            if plan is not None:
+                merged, skipped = plan.merged, plan.skipped
         state = TokenState(
             batch_size=batch,
             input_tokens=num_tokens,
@@ -44,6 +52,7 @@ class PatchContext:
             requested_per_layer=requested,
             merged_per_layer=merged,
             device=x.device,
+            skipped_layers=skipped,
         )
         if self.strategy.trace_source:
             state.token_map = torch.arange(num_tokens, device=x.device).expand(batch, -1).clone()
