@@ -1,0 +1,157 @@
+"""Batch-1 targets of ToMe on CPU (or GPU), in one table: efficiency, fixed cost per merging block,
+small budgets with and without the cost model, and the throughput batch.
+
+Every row comes from :func:`tokenbudget.bench.bench` (interleaved against the unpatched model in
+the same process, paired per-sample ratios, the free-reduction ceiling beside them). Run on a
+quiet machine; on a shared one, give more samples and compare only rows of one run. Usage:
+
+    PYTHONPATH=src python scripts/bench_batch1.py --threads 2 --samples 20            # everything
+    PYTHONPATH=src python scripts/bench_batch1.py --only small-r --models vit_small_patch16_224
+    PYTHONPATH=src python scripts/bench_batch1.py --device cuda --dtype bf16 --big-batch 256
+
+Sections (``--only``, comma list): ``r16`` (ViT-S and ViT-B r=16 at batch 1, cost model off and
+auto), ``small-r`` (r = 1..16 at batch 1 on ViT-S and the embedded DINOv2, cost model off and
+auto), ``big`` (r=16 at the throughput batch), ``compiled`` (ViT-S r=16 compiled vs compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import tokenbudget as tb
+from tokenbudget.bench import bench, load_model
+
+TARGETS = {
+    ("r16", "vit_small_patch16_224"): ("efficiency", 0.80),
+    ("r16", "vit_base_patch16_224"): ("efficiency", 0.90),
+    ("compiled", "vit_small_patch16_224"): ("efficiency", 0.85),
+    ("small-r", "*"): ("speedup", 0.99),
+    ("big", "*"): ("efficiency", 0.97),
+}
+
+
+def _rows(
+    model_name: str, configs: list, batch: int, args: argparse.Namespace, compile: bool = False
+) -> list:
+    model = load_model(model_name)
+    start = time.perf_counter()
+    rows = bench(
+        model,
+        configs,
+        model_name=model_name,
+        batch_sizes=(batch,),
+        device=args.device,
+        dtype=args.dtype,
+        samples=args.samples,
+        warmup=args.warmup,
+        measure_memory=False,
+        ceiling=not compile,  # a compiled ceiling would need its own graphs; eager rows have it
+        compile=compile,
+    )
+    print(f"  ({model_name}, batch {batch}: {time.perf_counter() - start:.0f} s)", flush=True)
+    return rows
+
+
+def _target(section: str, model: str) -> tuple[str, float] | None:
+    return TARGETS.get((section, model)) or TARGETS.get((section, "*"))
+
+
+def _line(section: str, row) -> str:  # noqa: ANN001 - a BenchRow
+    cfg = row.config
+    label = f"r={cfg['r']}" + (" cost=auto" if cfg.get("cost_model") == "auto" else "")
+    ceiling = "-" if row.ceiling_speedup is None else f"{row.ceiling_speedup:.2f}x"
+    overhead = "-" if row.overhead_ms is None or math.isnan(row.overhead_ms) else f"{row.overhead_ms:.3f}"
+    entering = [row.input_tokens, *row.tokens_per_layer[:-1]]
+    merging = sum(1 for n_in, n_out in zip(entering, row.tokens_per_layer, strict=True) if n_out < n_in)
+    target = _target(section, row.model)
+    verdict = ""
+    if target is not None and (cfg.get("cost_model") == "auto" or section != "small-r"):
+        kind, bound = target
+        value = row.efficiency if kind == "efficiency" else row.speedup
+        verdict = f"{kind} {value:.2f} {'>=' if value >= bound else '<'} {bound:.2f}"
+    return (
+        f"{section:<8} {row.model:<22} {row.batch_size:>5} {label:<15} {row.speedup:>6.2f}x "
+        f"{f'{row.speedup_q1:.2f}-{row.speedup_q3:.2f}':>11} {row.ideal_speedup:>5.2f}x {row.efficiency:>5.2f} "
+        f"{ceiling:>7} {overhead:>7} {merging:>5} {row.final_tokens:>6}  {verdict}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--big-batch", type=int, default=32, help="the throughput batch size")
+    parser.add_argument("--models", default="vit_small_patch16_224,vit_base_patch16_224,dinov2_small")
+    parser.add_argument("--r", default="1,2,3,4,6,8,12,16", help="budgets of the small-r section")
+    parser.add_argument("--only", default="r16,small-r,big,compiled", help="sections to run")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument(
+        "--reuse-costs",
+        action="store_true",
+        help="use cost tables measured by earlier runs (default: measure afresh, in a temporary directory)",
+    )
+    args = parser.parse_args()
+    if not args.reuse_costs:
+        os.environ["TOKENBUDGET_COST_CACHE"] = tempfile.mkdtemp(prefix="tokenbudget-costs-")
+    torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    budgets = [int(r) for r in args.r.split(",")]
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device} {args.dtype}, "
+        f"{args.samples} samples",
+        flush=True,
+    )
+    results: list[tuple[str, object]] = []
+    if "r16" in sections:
+        for name in [m for m in models if m != "dinov2_small"]:
+            configs = [tb.ToMe(r=16), tb.ToMe(r=16, cost_model="auto")]
+            results += [("r16", row) for row in _rows(name, configs, 1, args)]
+    if "small-r" in sections:
+        for name in [m for m in models if m in ("vit_small_patch16_224", "dinov2_small")]:
+            configs = [tb.ToMe(r=r, cost_model=c) for r in budgets for c in ("off", "auto")]
+            results += [("small-r", row) for row in _rows(name, configs, 1, args)]
+    if "big" in sections:
+        name = "vit_small_patch16_224"
+        configs = [tb.ToMe(r=16), tb.ToMe(r=16, cost_model="auto")]
+        results += [("big", row) for row in _rows(name, configs, args.big_batch, args)]
+    if "compiled" in sections:
+        rows = _rows("vit_small_patch16_224", [tb.ToMe(r=16)], 1, args, compile=True)
+        results += [("compiled", row) for row in rows]
+        for row in rows:
+            print(
+                f"  compile + first call: {row.baseline_compile_s:.1f} s unpatched, {row.patched_compile_s:.1f} s patched"
+            )
+    header = (
+        f"{'section':<8} {'model':<22} {'batch':>5} {'config':<15} {'speedup':>7} {'(IQR)':>11} {'ideal':>6} "
+        f"{'eff':>5} {'ceiling':>7} {'ovh ms':>7} {'merge':>5} {'tokens':>6}  target"
+    )
+    print(header)
+    print("-" * len(header))
+    for section, row in results:
+        print(_line(section, row))
+    print(
+        "speedup: median of paired per-sample ratios to the unpatched model (IQR: quartiles); eff = speedup / "
+        "FLOPs-ideal; ceiling: the same token counts reduced by a free slice; ovh ms: (patched - ceiling) time "
+        "per merging block; merge: blocks that merge; cost=auto: tb.ToMe(..., cost_model='auto')"
+    )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps([{"section": s, **r.to_dict()} for s, r in results], indent=1))
+
+
+if __name__ == "__main__":
+    main()
