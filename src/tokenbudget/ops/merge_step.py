@@ -21,6 +21,7 @@ The matching itself runs the same operations on the same values as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -55,6 +56,12 @@ def _units(rows: int, device: torch.device) -> Tensor:
     return torch.ones(rows, 1, device=device)
 
 
+def _cached(fn: Callable[..., Tensor | tuple], *args: object) -> Tensor | tuple:
+    """``fn(*args)`` through its ``lru_cache``; while ``torch.compile`` traces, the plain function
+    (the graph holds the constants; dynamo warns about tracing through a cache)."""
+    return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
+
+
 def merge_rows(
     x: Tensor, size: Tensor | None, kept: Tensor, src: Tensor, dst: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -73,8 +80,8 @@ def merge_rows(
     rows = x.reshape(batch * num_tokens, channels)
     out = rows.index_select(0, kept)  # every kept token, exactly
     if size is None:
-        src_size = _units(src.shape[0], x.device)
-        new_size = _units(kept.shape[0], x.device).index_add(0, dst, src_size)
+        src_size = _cached(_units, src.shape[0], x.device)
+        new_size = _cached(_units, kept.shape[0], x.device).index_add(0, dst, src_size)
     else:
         size_rows = size.reshape(batch * num_tokens, 1)
         src_size = size_rows.index_select(0, src)
@@ -91,7 +98,7 @@ def merge_rows(
 def _match(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Tensor, Tensor, tuple]:
     """``(kept [B, N - r], src_idx [B, r], dst_idx [B, r], constants)`` for ``0 < r <= max_mergeable``."""
     batch, num_tokens, _ = metric.shape
-    constants = _step_constants(batch, num_tokens, num_prefix, r, metric.device)
+    constants = _cached(_step_constants, batch, num_tokens, num_prefix, r, metric.device)
     prefix_pos, b_pos, a0 = constants[:3]
     a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
     metric = metric.detach()  # the choice is not differentiated (ToMe: under no_grad)
