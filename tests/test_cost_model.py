@@ -206,3 +206,32 @@ def test_measured_table_has_the_form_and_is_cached_on_disk(tmp_path, monkeypatch
     schedule = tb.last_state(model).merged_per_layer
     plain = tb.apply(make_tiny("vit"), tb.ToMe(r=schedule))
     assert torch.equal(_run(model, images), _run(plain, images))
+
+
+@pytest.mark.parametrize("family", ["hf_vit", "openclip"])
+def test_cost_tables_are_measured_on_hf_and_openclip(family: str, tmp_path, monkeypatch, images) -> None:
+    """The measurement runs each adapter's own branches; with a table that makes merging costly, the
+    schedule moves as on timm."""
+    monkeypatch.setenv("TOKENBUDGET_COST_CACHE", str(tmp_path))
+    if family == "hf_vit":
+        pytest.importorskip("transformers")
+        from hf_models import make_hf
+
+        model, run = make_hf("vit"), None
+    else:
+        pytest.importorskip("open_clip")
+        from openclip_models import make_openclip
+
+        model = make_openclip("avg")
+        run = model.encode_image
+    tb.apply(model, tb.ToMe(r=3, cost_model="auto"))
+    forward = run or model
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        forward(images)
+    (measured,) = tb.cost_model(model).tables.values()
+    assert measured.token_counts[-1] == 65 and all(v > 0 for v in measured.attention_s + measured.reduce_s)
+    tb.set_cost_table(model, table(0.5e-3, batch_size=images.shape[0]), 65)
+    with torch.no_grad():
+        forward(images)
+    assert tb.last_state(model).merged_per_layer == [6, 6, 0, 0]
