@@ -14,10 +14,11 @@ device (measured, see :func:`tokenbudget.adapters.calibrate.measure_costs`, or g
    schedule keeps its shape), with merges moved earlier where a block cannot take its share
    (a bipartite step removes at most half of its mergeable tokens), so the final token count
    stays the plan's;
-3. repeat until every merging block pays, and keep the fastest schedule seen (the plan itself
-   included). If no schedule with the planned total is faster than no reduction at all, the
-   losing merges are dropped instead (all of them if need be), and :attr:`CostPlan.met` says
-   the budget was not met.
+3. repeat until every merging block pays, and keep the fastest schedule seen; it replaces the
+   plan only if it saves at least :data:`MIN_GAIN` (1 %) of the unreduced time, since smaller
+   differences are within a measured table's noise. If no schedule with the planned total is
+   faster than no reduction at all (by more than that margin), the losing merges are dropped
+   instead (all of them if need be), and :attr:`CostPlan.met` says the budget was not met.
 
 The whole decision is a pure function of the table: a fixed table gives a fixed schedule.
 """
@@ -232,8 +233,18 @@ def _spread(
     return None
 
 
+#: a schedule other than the plan is taken only when the table says it saves at least this
+#: fraction of the unreduced time (smaller differences are within the timing noise of a table)
+MIN_GAIN = 0.01
+
+
 def plan_with_costs(
-    planned: Sequence[int], num_tokens: int, num_prefix: int, table: CostTable, prop_attn: bool = True
+    planned: Sequence[int],
+    num_tokens: int,
+    num_prefix: int,
+    table: CostTable,
+    prop_attn: bool = True,
+    min_gain: float = MIN_GAIN,
 ) -> CostPlan:
     """The schedule that merges ``sum(planned)`` tokens only in blocks where merging pays.
 
@@ -243,6 +254,8 @@ def plan_with_costs(
         num_prefix: leading tokens that are never merged.
         table: the measured costs (:class:`CostTable`).
         prop_attn: whether merged blocks run attention with the proportional-attention bias.
+        min_gain: the fraction of the unreduced time another schedule must save over the plan
+            (or merging less over merging the planned total) to be taken instead.
 
     Returns:
         A :class:`CostPlan`: ``planned`` itself when every merging block pays; otherwise the
@@ -296,6 +309,9 @@ def plan_with_costs(
         seconds = schedule_time(table, num_tokens, merged, prop_attn)
         if seconds < best_seconds:
             best, best_seconds = merged, seconds
+    margin = min_gain * t_none
+    if t_plan - best_seconds < margin:
+        best, best_seconds = planned, t_plan  # not worth leaving the plan
     if best_seconds < t_none:
         return result(best, True)
     # 2. No schedule with the planned total beats no reduction: drop the losing merges instead.
@@ -306,8 +322,11 @@ def plan_with_costs(
             break
         worst = min(lose, key=lambda layer: (lose[layer], -layer))
         dropped = [0 if layer == worst else m for layer, m in enumerate(dropped)]
-    if sum(dropped) and schedule_time(table, num_tokens, dropped, prop_attn) < t_none:
+    t_dropped = schedule_time(table, num_tokens, dropped, prop_attn)
+    if sum(dropped) and t_dropped < t_none and t_dropped <= best_seconds - margin:
         return result(dropped, False)
+    if best_seconds - t_none < margin:  # slower than no reduction only within the noise
+        return result(best, True)
     return result(none, False)
 
 

@@ -42,7 +42,7 @@ def _token_counts(num_tokens: int, num_prefix: int, points: int) -> list[int]:
     return sorted(counts | {num_tokens})
 
 
-def measure_costs(ctx: PatchContext, x: Tensor, *, repeats: int = 5, points: int = 6) -> CostTable:
+def measure_costs(ctx: PatchContext, x: Tensor, *, repeats: int = 7, points: int = 6) -> CostTable:
     """A :class:`~tokenbudget.cost.CostTable` for tokens like ``x`` [B, N, C] entering the first block.
 
     Block 0 stands for every block (a ViT's blocks share one shape). At about ``points`` + 3 token
@@ -121,12 +121,14 @@ def measure_costs(ctx: PatchContext, x: Tensor, *, repeats: int = 5, points: int
         # processes slows one repetition of each, and the minimum discards it.
         for rep in range(repeats + 1):
             for key, fn in parts.items():
-                _sync(device)
-                start = time.perf_counter()
-                fn()
-                _sync(device)
-                if rep:  # the first sweep warms up
-                    best[key] = min(best[key], time.perf_counter() - start)
+                # The merge step is short and decides everything: three calls a sweep.
+                for _ in range(3 if key[0] == "reduce" else 1):
+                    _sync(device)
+                    start = time.perf_counter()
+                    fn()
+                    _sync(device)
+                    if rep:  # the first sweep warms up
+                        best[key] = min(best[key], time.perf_counter() - start)
     local.want_keys, local.keys = saved
     times = {name: [best[(name, n)] for n in counts] for name in names}
     attention = [t * scale for t in times["attention"]]

@@ -101,13 +101,14 @@ def _match(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Tensor, Ten
     constants = _cached(_step_constants, batch, num_tokens, num_prefix, r, metric.device)
     prefix_pos, b_pos, a0 = constants[:3]
     a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
-    metric = metric.detach()  # the choice is not differentiated (ToMe: under no_grad)
+    if metric.requires_grad:
+        metric = metric.detach()  # the choice is not differentiated (ToMe: under no_grad)
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = torch.bmm(metric[:, a_start::2], metric[:, b_start::2].transpose(1, 2))  # [B, Na, Nb]
     best_score, best_b = scores.max(dim=-1)  # [B, Na] each A token's best B partner
     order = best_score.argsort(dim=-1, descending=True)  # [B, Na] most similar first
-    src_rows = order[:, :r]  # [B, r] A rows merged away
-    unm_rows = order[:, r:].sort(dim=-1).values  # [B, Na - r] A rows kept, in input order
+    src_rows, unm_rows = order.split([r, order.shape[1] - r], dim=1)  # [B, r], [B, Na - r]
+    unm_rows = unm_rows.sort(dim=-1).values  # A rows kept, in input order
     # A row i sits at input position a_start + 2 i: one add instead of a lookup.
     kept = torch.cat([prefix_pos, torch.add(a0, unm_rows, alpha=2), b_pos], dim=1)  # [B, N - r]
     src_idx = torch.add(a0, src_rows, alpha=2)  # [B, r]
