@@ -24,7 +24,9 @@ from ..ops.serial import SmallWork
 from ..state import TokenState
 
 #: images a block is timed on at most; larger batches scale the times (compute-bound there)
-TIMED_BATCH = 8
+TIMED_BATCH = 4
+#: seconds the measurement aims at after its warm-up sweep (it sweeps at least 3 times)
+BUDGET_S = 2.0
 
 
 def _sync(device: torch.device) -> None:
@@ -50,7 +52,8 @@ def measure_costs(ctx: PatchContext, x: Tensor, *, repeats: int = 7, points: int
     a proportional-attention bias), the MLP branch, and the merge step: the key capture plus the
     strategy's ``reduce`` merging a quarter of what one step can merge there. Blocks are
     timed on at most :data:`TIMED_BATCH` images and scaled to the batch; the merge step on the
-    whole batch.
+    whole batch. Up to ``repeats`` sweeps (at least 3), fewer when a sweep is long (the whole
+    measurement aims at :data:`BUDGET_S` seconds after the warm-up sweep).
     """
     wrapper = ctx.blocks.get(0)
     if wrapper is None:
@@ -119,7 +122,9 @@ def measure_costs(ctx: PatchContext, x: Tensor, *, repeats: int = 7, points: int
             )
         # Every repetition sweeps every part at every size, so a burst of load from other
         # processes slows one repetition of each, and the minimum discards it.
-        for rep in range(repeats + 1):
+        sweeps, rep = repeats, 0
+        while rep <= sweeps:
+            sweep_start = time.perf_counter()
             for key, fn in parts.items():
                 # The merge step is short and decides everything: three calls a sweep.
                 for _ in range(3 if key[0] == "reduce" else 1):
@@ -129,6 +134,9 @@ def measure_costs(ctx: PatchContext, x: Tensor, *, repeats: int = 7, points: int
                     _sync(device)
                     if rep:  # the first sweep warms up
                         best[key] = min(best[key], time.perf_counter() - start)
+            if rep == 0:  # large batches: fewer sweeps, within about BUDGET_S
+                sweeps = max(3, min(repeats, int(BUDGET_S / (time.perf_counter() - sweep_start))))
+            rep += 1
     local.want_keys, local.keys = saved
     times = {name: [best[(name, n)] for n in counts] for name in names}
     attention = [t * scale for t in times["attention"]]
