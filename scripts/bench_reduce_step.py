@@ -8,6 +8,7 @@ thread's CPU time (robust on a busy machine), more threads wall time. Usage:
 
     PYTHONPATH=src python scripts/bench_reduce_step.py --threads 1 --r 16 --batch-size 1
     PYTHONPATH=src python scripts/bench_reduce_step.py --compile dynamic   # + torch.compile
+    PYTHONPATH=src python scripts/bench_reduce_step.py --other /tmp/old/src/tokenbudget  # + another version
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,6 +51,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200, help="calls per timed sample")
     parser.add_argument("--samples", type=int, default=9)
     parser.add_argument("--compile", choices=["off", "static", "dynamic"], default="off")
+    parser.add_argument(
+        "--other", type=Path, default=None, help="another version's src/tokenbudget: its matching + merge too"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
@@ -62,6 +67,17 @@ def main() -> None:
         shapes.append((keys, x, size, r))
         n -= r
     fns = {"two-step": two_step, "fused": fused, "fused+serial": fused_serial}
+    if args.other is not None:
+        from bench_ab import import_other  # scripts/ is on the path when this file runs
+
+        other = import_other(args.other)
+        other_match = other.ops.match.bipartite_soft_matching
+        other_merge = other.ops.merge.merge_weighted
+
+        def other_two_step(keys: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int) -> torch.Tensor:
+            return other_merge(x, size, other_match(keys.sum(dim=1), r, 1))[0]
+
+        fns = {"other": other_two_step, **fns}
     notes = []
     if args.compile != "off":
         compiled = torch.compile(fused, dynamic=args.compile == "dynamic")
@@ -91,8 +107,9 @@ def main() -> None:
         f"{args.blocks} blocks from {args.tokens} tokens, r={args.r}, batch {args.batch_size}, "
         f"{args.threads} thread(s), {args.samples} samples of {args.repeats} calls"
     )
-    print(f"{'path':<14} {'us/block min':>12} {'median':>8} {'vs two-step':>11}")
-    base = statistics.median(totals["two-step"])
+    reference = next(iter(fns))
+    print(f"{'path':<14} {'us/block min':>12} {'median':>8} {'vs ' + reference:>11}")
+    base = statistics.median(totals[reference])
     for name, series in totals.items():
         per_block = [t / args.blocks * 1e6 for t in series]
         print(
