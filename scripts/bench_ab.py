@@ -4,7 +4,8 @@ The other version is imported under another package name from a copy of its ``sr
 (e.g. ``git archive <commit> src/tokenbudget | tar x -C /tmp/old``). Models: the unpatched model,
 ToMe of the other version, ToMe of this one (cost model off and on), and the free-reduction
 ceiling of this one. On one thread the clock is the thread's CPU time, which other processes on a
-busy machine inflate far less than wall time. Usage:
+busy machine inflate far less than wall time. ``--parts`` adds the ceiling with the
+proportional-attention bias and with the key capture, to split what a merge costs. Usage:
 
     git archive 1944647 src/tokenbudget | tar x -C /tmp/old
     PYTHONPATH=src python scripts/bench_ab.py --other /tmp/old/src/tokenbudget --threads 1 --r 16
@@ -25,7 +26,8 @@ import torch
 
 import tokenbudget as tb
 from tokenbudget.bench import load_model
-from tokenbudget.bench.ceiling import free_reduction_copy
+from tokenbudget.bench.ceiling import FreeReduction, free_reduction_copy
+from tokenbudget.patch import _context
 
 
 def import_other(path: Path, name: str = "tokenbudget_other") -> object:
@@ -39,6 +41,29 @@ def import_other(path: Path, name: str = "tokenbudget_other") -> object:
     return module
 
 
+class BiasedFreeReduction(FreeReduction):
+    """The free slice, with sizes of 1 so every later block runs the proportional-attention bias."""
+
+    prop_attn = True
+
+    def reduce(self, x: torch.Tensor, keys: object, state: object, layer: int) -> torch.Tensor:
+        x = super().reduce(x, keys, state, layer)
+        state.size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device)
+        return x
+
+
+class KeyedFreeReduction(FreeReduction):
+    """The free slice, with the attention keys captured and summed over heads as ToMe's are."""
+
+    needs_keys = True
+
+
+def _with_strategy(model: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """``model`` (a free-reduction copy) with its strategy's class swapped for ``cls``."""
+    _context(model).strategy.__class__ = cls
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -49,6 +74,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also the ceiling with the proportional-attention bias, and with the key capture on",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
@@ -62,6 +92,9 @@ def main() -> None:
         "this cost=auto": tb.apply(copy.deepcopy(model), tb.ToMe(r=args.r, cost_model="auto")),
         "ceiling": free_reduction_copy(model, this),
     }
+    if args.parts:
+        models["ceiling+bias"] = _with_strategy(free_reduction_copy(model, this), BiasedFreeReduction)
+        models["ceiling+keys"] = _with_strategy(free_reduction_copy(model, this), KeyedFreeReduction)
     height, width = model.patch_embed.img_size
     x = torch.randn(args.batch_size, 3, height, width)
     times: dict[str, list[float]] = {name: [] for name in models}
