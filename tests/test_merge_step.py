@@ -11,7 +11,8 @@ from hypothesis import given, settings
 
 import tokenbudget as tb
 from conftest import make_tiny, matching_shapes
-from tokenbudget.ops import bipartite_soft_matching, merge_weighted
+from tokenbudget.ops.match import bipartite_soft_matching
+from tokenbudget.ops.merge import merge_weighted
 from tokenbudget.ops.merge_step import greedy_matching, greedy_merge_step
 from tokenbudget.ops.serial import SmallWork
 

@@ -55,7 +55,7 @@ def measure_costs(ctx: PatchContext, x: Tensor, *, repeats: int = 7, points: int
     whole batch. Up to ``repeats`` sweeps (at least 3), fewer when a sweep is long (the whole
     measurement aims at :data:`BUDGET_S` seconds after the warm-up sweep).
     """
-    wrapper = ctx.blocks.get(0)
+    wrapper = ctx.block_forwards.get(0)
     if wrapper is None:
         raise RuntimeError("the cost model needs the patched blocks; apply a config first")
     strategy = ctx.strategy
