@@ -8,10 +8,14 @@ quiet machine; on a shared one, give more samples and compare only rows of one r
     PYTHONPATH=src python scripts/bench_batch1.py --threads 2 --samples 20            # everything
     PYTHONPATH=src python scripts/bench_batch1.py --only small-r --models vit_small_patch16_224
     PYTHONPATH=src python scripts/bench_batch1.py --device cuda --dtype bf16 --big-batch 256
+    PYTHONPATH=src python scripts/bench_batch1.py --smoke       # a minute or two: does it all run?
 
 Sections (``--only``, comma list): ``r16`` (ViT-S and ViT-B r=16 at batch 1, cost model off and
 auto), ``small-r`` (r = 1..16 at batch 1 on ViT-S and the embedded DINOv2, cost model off and
 auto), ``big`` (r=16 at the throughput batch), ``compiled`` (ViT-S r=16 compiled vs compiled).
+
+``~SE`` is the standard error of the median ratio estimated from its spread (IQR / 1.349 as the
+standard deviation, times 1.2533 / sqrt(samples)); ``--smoke`` rows are not measurements.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +33,8 @@ from pathlib import Path
 import torch
 
 import tokenbudget as tb
-from tokenbudget.bench import bench, load_model
+from tokenbudget.bench import bench
+from tokenbudget.models import load_model
 
 TARGETS = {
     ("r16", "vit_small_patch16_224"): ("efficiency", 0.80),
@@ -65,21 +71,32 @@ def _target(section: str, model: str) -> tuple[str, float] | None:
     return TARGETS.get((section, model)) or TARGETS.get((section, "*"))
 
 
-def _line(section: str, row) -> str:  # noqa: ANN001 - a BenchRow
+def _se(row, samples: int) -> float:  # noqa: ANN001 - a BenchRow
+    """Standard error of the median speedup, from the quartiles of the paired ratios."""
+    return 1.2533 * (row.speedup_q3 - row.speedup_q1) / 1.349 / math.sqrt(samples)
+
+
+def _verdict(section: str, row) -> tuple[str, bool | None]:  # noqa: ANN001 - a BenchRow
+    """The target's verdict for ``row`` and whether it is met (``None``: no target for the row)."""
+    target = _target(section, row.model)
+    if target is None or (section == "small-r" and row.config.get("cost_model") != "auto"):
+        return "", None
+    kind, bound = target
+    value = row.efficiency if kind == "efficiency" else row.speedup
+    met = value >= bound
+    return f"{kind} {value:.2f} {'>=' if met else '<'} {bound:.2f}", met
+
+
+def _line(section: str, row, samples: int) -> str:  # noqa: ANN001 - a BenchRow
     cfg = row.config
     label = f"r={cfg['r']}" + (" cost=auto" if cfg.get("cost_model") == "auto" else "")
     ceiling = "-" if row.ceiling_speedup is None else f"{row.ceiling_speedup:.2f}x"
     overhead = "-" if row.overhead_ms is None or math.isnan(row.overhead_ms) else f"{row.overhead_ms:.3f}"
     entering = [row.input_tokens, *row.tokens_per_layer[:-1]]
     merging = sum(1 for n_in, n_out in zip(entering, row.tokens_per_layer, strict=True) if n_out < n_in)
-    target = _target(section, row.model)
-    verdict = ""
-    if target is not None and (cfg.get("cost_model") == "auto" or section != "small-r"):
-        kind, bound = target
-        value = row.efficiency if kind == "efficiency" else row.speedup
-        verdict = f"{kind} {value:.2f} {'>=' if value >= bound else '<'} {bound:.2f}"
+    verdict, _ = _verdict(section, row)
     return (
-        f"{section:<8} {row.model:<22} {row.batch_size:>5} {label:<15} {row.speedup:>6.2f}x "
+        f"{section:<8} {row.model:<22} {row.batch_size:>5} {label:<15} {row.speedup:>6.2f}x {_se(row, samples):>5.3f} "
         f"{f'{row.speedup_q1:.2f}-{row.speedup_q3:.2f}':>11} {row.ideal_speedup:>5.2f}x {row.efficiency:>5.2f} "
         f"{ceiling:>7} {overhead:>7} {merging:>5} {row.final_tokens:>6}  {verdict}"
     )
@@ -102,7 +119,26 @@ def main() -> None:
         action="store_true",
         help="use cost tables measured by earlier runs (default: measure afresh, in a temporary directory)",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check that every section runs (2 samples, r=1,16, ViT-S and DINOv2, batch 4 as the big batch, "
+        "no compiled section unless --only names it); its numbers are not measurements",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        given = {a.split("=")[0] for a in sys.argv[1:]}
+        smoke = {
+            "--samples": ("samples", 2),
+            "--warmup": ("warmup", 1),
+            "--r": ("r", "1,16"),
+            "--big-batch": ("big_batch", 4),
+            "--models": ("models", "vit_small_patch16_224,dinov2_small"),
+            "--only": ("only", "r16,small-r,big"),
+        }
+        for flag, (name, value) in smoke.items():
+            if flag not in given:
+                setattr(args, name, value)
     if not args.reuse_costs:
         os.environ["TOKENBUDGET_COST_CACHE"] = tempfile.mkdtemp(prefix="tokenbudget-costs-")
     torch.set_num_threads(args.threads)
@@ -115,6 +151,7 @@ def main() -> None:
         f"{args.samples} samples",
         flush=True,
     )
+    started = time.perf_counter()
     results: list[tuple[str, object]] = []
     if "r16" in sections:
         for name in [m for m in models if m != "dinov2_small"]:
@@ -136,17 +173,23 @@ def main() -> None:
                 f"  compile + first call: {row.baseline_compile_s:.1f} s unpatched, {row.patched_compile_s:.1f} s patched"
             )
     header = (
-        f"{'section':<8} {'model':<22} {'batch':>5} {'config':<15} {'speedup':>7} {'(IQR)':>11} {'ideal':>6} "
+        f"{'section':<8} {'model':<22} {'batch':>5} {'config':<15} {'speedup':>7} {'~SE':>5} {'(IQR)':>11} {'ideal':>6} "
         f"{'eff':>5} {'ceiling':>7} {'ovh ms':>7} {'merge':>5} {'tokens':>6}  target"
     )
     print(header)
     print("-" * len(header))
     for section, row in results:
-        print(_line(section, row))
+        print(_line(section, row, args.samples))
     print(
-        "speedup: median of paired per-sample ratios to the unpatched model (IQR: quartiles); eff = speedup / "
-        "FLOPs-ideal; ceiling: the same token counts reduced by a free slice; ovh ms: (patched - ceiling) time "
-        "per merging block; merge: blocks that merge; cost=auto: tb.ToMe(..., cost_model='auto')"
+        "speedup: median of paired per-sample ratios to the unpatched model (~SE: its standard error from the "
+        "IQR, the quartiles); eff = speedup / FLOPs-ideal; ceiling: the same token counts reduced by a free "
+        "slice; ovh ms: (patched - ceiling) time per merging block; merge: blocks that merge; cost=auto: "
+        "tb.ToMe(..., cost_model='auto'); target: the row's goal (small-r: cost=auto rows, speedup >= 0.99)"
+    )
+    verdicts = [met for section, row in results if (met := _verdict(section, row)[1]) is not None]
+    print(
+        f"targets met: {sum(verdicts)} of {len(verdicts)}; {time.perf_counter() - started:.0f} s in all, "
+        f"load {os.getloadavg()[0]:.1f} at the end" + (" (smoke run: not measurements)" if args.smoke else "")
     )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
