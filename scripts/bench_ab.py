@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import tokenbudget as tb
-from tokenbudget.bench import load_model
 from tokenbudget.bench.ceiling import FreeReduction, free_reduction_copy
+from tokenbudget.models import load_model
 from tokenbudget.patch import _context
 
 
