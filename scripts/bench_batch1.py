@@ -84,7 +84,7 @@ def _verdict(section: str, row) -> tuple[str, bool | None]:  # noqa: ANN001 - a 
     kind, bound = target
     value = row.efficiency if kind == "efficiency" else row.speedup
     met = value >= bound
-    return f"{kind} {value:.2f} {'>=' if met else '<'} {bound:.2f}", met
+    return f"{kind} {value:.3f} {'>=' if met else '<'} {bound:.2f}", met
 
 
 def _line(section: str, row, samples: int) -> str:  # noqa: ANN001 - a BenchRow
