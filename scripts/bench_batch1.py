@@ -152,23 +152,30 @@ def main() -> None:
         flush=True,
     )
     started = time.perf_counter()
-    results: list[tuple[str, object]] = []
+    jobs: list[tuple[str, str, list, int, bool]] = []  # (section, model, configs, batch, compiled)
     if "r16" in sections:
         for name in [m for m in models if m != "dinov2_small"]:
-            configs = [tb.ToMe(r=16), tb.ToMe(r=16, cost_model="auto")]
-            results += [("r16", row) for row in _rows(name, configs, 1, args)]
+            jobs.append(("r16", name, [tb.ToMe(r=16), tb.ToMe(r=16, cost_model="auto")], 1, False))
     if "small-r" in sections:
         for name in [m for m in models if m in ("vit_small_patch16_224", "dinov2_small")]:
             configs = [tb.ToMe(r=r, cost_model=c) for r in budgets for c in ("off", "auto")]
-            results += [("small-r", row) for row in _rows(name, configs, 1, args)]
+            jobs.append(("small-r", name, configs, 1, False))
     if "big" in sections:
-        name = "vit_small_patch16_224"
         configs = [tb.ToMe(r=16), tb.ToMe(r=16, cost_model="auto")]
-        results += [("big", row) for row in _rows(name, configs, args.big_batch, args)]
+        jobs.append(("big", "vit_small_patch16_224", configs, args.big_batch, False))
     if "compiled" in sections:
-        rows = _rows("vit_small_patch16_224", [tb.ToMe(r=16)], 1, args, compile=True)
-        results += [("compiled", row) for row in rows]
-        for row in rows:
+        jobs.append(("compiled", "vit_small_patch16_224", [tb.ToMe(r=16)], 1, True))
+    results: list[tuple[str, object]] = []
+    failed: list[str] = []
+    for section, name, configs, batch, compiled in jobs:
+        try:  # one failing section (e.g. torch.compile on this machine) leaves the others' rows
+            rows = _rows(name, configs, batch, args, compile=compiled)
+        except Exception as error:  # noqa: BLE001 - reported and counted, the run goes on
+            failed.append(f"{section} {name}: {type(error).__name__}: {error}")
+            print(f"  FAILED {failed[-1]}", flush=True)
+            continue
+        results += [(section, row) for row in rows]
+        for row in rows if compiled else []:
             print(
                 f"  compile + first call: {row.baseline_compile_s:.1f} s unpatched, {row.patched_compile_s:.1f} s patched"
             )
@@ -194,6 +201,9 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps([{"section": s, **r.to_dict()} for s, r in results], indent=1))
+    if failed:
+        print("failed sections:\n  " + "\n  ".join(failed))
+        sys.exit(1)
 
 
 if __name__ == "__main__":
