@@ -24,7 +24,8 @@ LAYERS: list[set[str]] = [
         "parts",
         "schedule",
         "state",
-    },  # FLOPs arithmetic, trained-part files, budgets, per-forward state
+        "cost",
+    },  # FLOPs arithmetic, trained-part files, budgets, per-forward state, the cost model's logic
     {"config"},  # one dataclass per method
     {"context"},  # what a patched model carries
     {"strategies"},  # one file per method: plan + reduce

@@ -30,6 +30,10 @@ _EXPORTS: dict[str, str] = {
     "last_state": ".patch",
     "patched_config": ".patch",
     "TokenState": ".state",
+    # the cost model (cost_model="auto")
+    "CostTable": ".cost",
+    "cost_model": ".patch",
+    "set_cost_table": ".patch",
     # configs, one per method
     "ReductionConfig": ".config.base",
     "BudgetConfig": ".config.base",

@@ -33,6 +33,8 @@ class PatchContext:
         self.grid = grid  # the model's default patch grid
         self._local = threading.local()
         self.latest: TokenState | None = None  # latest finished forward, any thread
+        self.block_forwards: dict[int, Any] = {}  # layer -> the block's reducing forward (set at install)
+        self.costs: Any = None  # a tokenbudget.cost.CostModel with cost_model="auto"
         #: callbacks ``observe(layer, tokens [B, N', C], state)`` each block calls after its reduction
         #: and before its MLP (measurements such as the entropy profile; empty by default)
         self.observers: list[Callable[[int, Tensor, TokenState], None]] = []
@@ -47,6 +49,12 @@ class PatchContext:
         """A fresh state for tokens ``x`` [B, N, C] entering the first block."""
         batch, num_tokens = x.shape[0], x.shape[1]
         requested, merged = self.strategy.plan(num_tokens, self.num_prefix)
+        skipped: list[int] = []
+        if self.costs is not None and not compiling():
+            # Merge only where it pays (measured once per shape; a compiled graph keeps the plan).
+            plan = self.costs.plan(x, merged, self.num_prefix)
+            if plan is not None:
+                merged, skipped = plan.merged, plan.skipped
         state = TokenState(
             batch_size=batch,
             input_tokens=num_tokens,
@@ -55,6 +63,7 @@ class PatchContext:
             requested_per_layer=requested,
             merged_per_layer=merged,
             device=x.device,
+            skipped_layers=skipped,
         )
         if self.strategy.trace_source:
             state.token_map = torch.arange(num_tokens, device=x.device).expand(batch, -1).clone()

@@ -17,6 +17,7 @@ from torch import nn
 from .adapters import prepare
 from .config import ReductionConfig
 from .context import PatchContext
+from .cost import CostModel, CostTable
 from .state import TokenState
 
 _ATTR = "_tokenbudget"  # where a patched model keeps its (adapter, context); not in state_dict
@@ -192,3 +193,21 @@ def last_state(model: nn.Module) -> TokenState:
     if state is None:
         raise ValueError("the patched model has not run a forward yet; call it on a batch first")
     return state
+
+
+def cost_model(model: nn.Module) -> CostModel:
+    """The cost model of a model patched with ``cost_model="auto"``: its measured tables
+    (``.tables``) and the schedules they gave (``.plans``)."""
+    costs = _context(model).costs
+    if costs is None:
+        raise ValueError(
+            "the model was patched without a cost model; use e.g. tb.ToMe(r=4, cost_model='auto')"
+        )
+    return costs
+
+
+def set_cost_table(model: nn.Module, table: CostTable, num_tokens: int) -> None:
+    """Use a fixed :class:`~tokenbudget.cost.CostTable` (instead of measuring) for inputs of
+    ``num_tokens`` tokens at the table's batch size, device, dtype and thread count: the schedule
+    is then a pure function of the table (reproducible, e.g. in tests)."""
+    cost_model(model).set_table(table, num_tokens)

@@ -39,6 +39,9 @@ class TokenState:
         guard_layers: per block where the entropy guard ran, ``(merged [B], withheld [B],
             padding [B])``: real merges of each image, merges the guard withheld from the plan,
             and padding tokens after the block.
+        skipped_layers: blocks the budget had merge that the cost model (``cost_model="auto"``)
+            left unmerged because merging there cost more than it saved; their merges moved into
+            the blocks that pay (``merged_per_layer`` is the schedule that ran).
     """
 
     batch_size: int
@@ -55,6 +58,7 @@ class TokenState:
     decision: Tensor | None = None
     padding: Tensor | None = None
     guard_layers: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    skipped_layers: list[int] = field(default_factory=list)
     _bias: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -156,6 +160,7 @@ class TokenState:
             "tokens_per_layer": list(self.tokens_per_layer),
             "clamped_layers": self.clamped_layers,
             **({"real_tokens_per_layer": self.real_tokens_per_layer.tolist()} if self.guard_layers else {}),
+            **({"skipped_layers": list(self.skipped_layers)} if self.skipped_layers else {}),
         }
 
 

@@ -77,7 +77,12 @@ def prepare_blocks(model: nn.Module, config: ReductionConfig) -> tuple[Adapter, 
     if adapter.default_num_tokens is not None:
         # Fail at apply time, not at the first forward, for budgets the default input cannot meet.
         strategy.plan(adapter.default_num_tokens, adapter.num_prefix)
-    return adapter, PatchContext(strategy, adapter.num_prefix, adapter.num_layers, adapter.grid)
+    ctx = PatchContext(strategy, adapter.num_prefix, adapter.num_layers, adapter.grid)
+    if getattr(config, "cost_model", "off") == "auto":
+        from .calibrate import cost_model_for  # measures on the blocks once they are installed
+
+        ctx.costs = cost_model_for(model, ctx)
+    return adapter, ctx
 
 
 def prepare(model: nn.Module, config: ReductionConfig) -> tuple[Any, Any]:

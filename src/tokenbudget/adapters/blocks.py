@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..context import PatchContext, compiling
+from ..ops.serial import SmallWork
 
 
 class ReducingBlockForward:
@@ -36,6 +37,7 @@ class ReducingBlockForward:
         self.layer = layer
         self.ctx = ctx
         self.is_last = layer == ctx.num_layers - 1
+        ctx.block_forwards[layer] = self  # the cost model times the block's branches through it
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if compiling():
@@ -142,7 +144,8 @@ class ReducingBlockForward:
                     raise RuntimeError(f"block {layer}: the attention keys were not captured")
                 local.keys = None
             local.want_keys = False
-            x = strategy.reduce(x, metric, state, layer)  # [B, N - r, C]
+            with SmallWork(x):  # a dozen small ops: no thread-pool fork and join for each
+                x = strategy.reduce(x, metric, state, layer)  # [B, N - r, C]
         else:
             local.want_keys = False
         for observe in ctx.observers:  # e.g. the entropy profile: tokens entering the MLP
@@ -179,7 +182,8 @@ class KeyCapture:
     def __call__(self, module: nn.Module, args: Any, output: Tensor) -> None:
         local = self.ctx.local
         if getattr(local, "want_keys", False):
-            local.keys = self.to_metric(output)
+            with SmallWork(output):
+                local.keys = self.to_metric(output)
 
 
 def merged_sizes(ctx: PatchContext, x: Tensor) -> Tensor | None:

@@ -10,12 +10,14 @@ ceiling sits below the FLOPs-ideal speedup. The bench reports both.
 from __future__ import annotations
 
 import copy
+import statistics
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
 from ..adapters import find_adapter
 from ..context import PatchContext
-from ..patch import install_strategy, patched_config
+from ..patch import _context, install_strategy, patched_config
 from ..state import TokenState
 
 
@@ -46,5 +48,20 @@ def free_reduction_copy(model: nn.Module, patched: nn.Module) -> nn.Module:
     adapter = find_adapter(clone)
     planner = make_strategy(patched_config(patched), adapter.num_layers)
     ctx = PatchContext(FreeReduction(planner), adapter.num_prefix, adapter.num_layers, adapter.grid)
+    ctx.costs = _context(patched).costs  # the cost model's schedule, when the patched model has one
     install_strategy(clone, adapter, ctx)
     return clone
+
+
+def merge_overhead_ms(
+    patched_s: Sequence[float], free_s: Sequence[float], merged_per_layer: Sequence[int]
+) -> float:
+    """Fixed cost of one merging block, in milliseconds: the median over interleaved samples of the
+    patched model's time minus its free-reduction ceiling's (same token counts, reduction by a
+    slice), divided by the number of blocks that merge. It holds everything a merge costs beyond
+    running fewer tokens: the key capture, matching, merging and the proportional-attention bias.
+    ``nan`` when no block merges."""
+    merging = sum(1 for m in merged_per_layer if m > 0)
+    if merging == 0:
+        return float("nan")
+    return statistics.median(p - f for p, f in zip(patched_s, free_s, strict=True)) / merging * 1e3

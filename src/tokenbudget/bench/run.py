@@ -14,7 +14,7 @@ from ..adapters import find_adapter
 from ..config import ReductionConfig, config_class
 from ..flops import ideal_speedup, model_flops
 from ..patch import apply, last_state
-from .ceiling import free_reduction_copy
+from .ceiling import free_reduction_copy, merge_overhead_ms
 from .memory import peak_forward_memory
 from .throughput import measure_interleaved, paired_ratio_quartiles, time_once
 
@@ -49,6 +49,8 @@ class BenchRow:
     compiled: bool = False  # both models run through torch.compile
     baseline_compile_s: float | None = None  # first call (compile + run) of the compiled baseline
     patched_compile_s: float | None = None
+    #: fixed cost of one merging block in ms: patched minus ceiling time over the merging blocks
+    overhead_ms: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +157,11 @@ def bench(
             ceiling_speedup = (
                 paired_ratio_quartiles(times["baseline"], times[f"free{i}"])[1] if ceiling else None
             )
+            overhead = (
+                merge_overhead_ms(times[f"config{i}"], times[f"free{i}"], state.merged_per_layer)
+                if ceiling
+                else None
+            )
             rows.append(
                 BenchRow(
                     model=model_name,
@@ -181,6 +188,7 @@ def bench(
                     compiled=compile,
                     baseline_compile_s=compile_s.get("baseline"),
                     patched_compile_s=compile_s.get(f"config{i}"),
+                    overhead_ms=overhead,
                 )
             )
     return rows
@@ -190,7 +198,7 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     """Plain-text table of bench rows."""
     header = (
         f"{'config':<28} {'batch':>5} {'base img/s':>10} {'tb img/s':>9} {'speedup':>7} {'(IQR)':>11} "
-        f"{'ideal':>6} {'eff':>5} {'ceiling':>7} {'c-eff':>5} {'tokens':>9} {'base MB':>8} {'tb MB':>7}"
+        f"{'ideal':>6} {'eff':>5} {'ceiling':>7} {'c-eff':>5} {'ovh ms':>6} {'tokens':>9} {'base MB':>8} {'tb MB':>7}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -217,9 +225,10 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             if row.ceiling_speedup is not None and row.ceiling_efficiency is not None
             else f"{'-':>7} {'-':>5}"
         )
+        overhead = f"{row.overhead_ms:>6.3f}" if row.overhead_ms is not None else f"{'-':>6}"
         lines.append(
             f"{label:<28} {row.batch_size:>5} {row.baseline_img_s:>10.1f} {row.patched_img_s:>9.1f} "
             f"{row.speedup:>6.2f}x {f'{row.speedup_q1:.2f}-{row.speedup_q3:.2f}':>11} {row.ideal_speedup:>5.2f}x {row.efficiency:>5.2f} {ceil} "
-            f"{row.input_tokens:>4}->{row.final_tokens:<4} {mem}"
+            f"{overhead} {row.input_tokens:>4}->{row.final_tokens:<4} {mem}"
         )
     return "\n".join(lines)

@@ -77,6 +77,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "ceiling: speedup of the same token counts with free reduction; c-eff = speedup/ceiling; "
         "MB: peak forward memory"
     )
+    print("ovh ms: fixed cost of one merging block (patched minus ceiling time, per merging block)")
     return 0
 
 

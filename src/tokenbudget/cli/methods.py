@@ -1,8 +1,8 @@
 """The method/budget options of the commands that reduce tokens (``bench``, ``visualize``, ``eval``,
 ``entropy``), declared once: :func:`add_budget_options` (``--methods`` and one of ``--r``, ``--keep``,
 ``--tokens``, ``--config``), :func:`add_methods`, :func:`add_stage_options` (``--layers``,
-``--predictor``), :func:`add_entropy_floor`; and what turns them into configs: :func:`configs`,
-:func:`method_options`.
+``--predictor``), :func:`add_entropy_floor`, :func:`add_cost_model`; and what turns them into
+configs: :func:`configs`, :func:`method_options`.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def add_budget_options(parser: argparse.ArgumentParser, default_r: str) -> None:
     group.add_argument("--config", default=None, help='a JSON config, e.g. \'{"method": "tome", "r": 16}\'')
     group.add_argument("--no-prop-attn", action="store_true", help="turn off proportional attention")
     add_entropy_floor(group)
+    add_cost_model(group)
     add_stage_options(group)
     parser.set_defaults(default_r=default_r)
 
@@ -81,6 +82,18 @@ def add_entropy_floor(group: Any) -> None:
         default=None,
         help="entropy guard for the methods that take it (tome, tome-detail, tome-optimal, tofu, pool): "
         "merge less where token entropy would fall below this fraction of its maximum (tome-guard: 0.2734)",
+    )
+
+
+def add_cost_model(group: Any) -> None:
+    """``--cost-model`` of the methods that take it (:func:`cost_options`)."""
+    group.add_argument(
+        "--cost-model",
+        choices=("off", "auto"),
+        default=None,
+        help="for the methods that take it (tome, tome-detail, tome-optimal, tome-guard): 'auto' measures "
+        "what a merge costs on this machine and merges only in blocks where it pays, so small budgets "
+        "at batch 1 are not slower than the unpatched model; 'off' (the default) merges as the budget says",
     )
 
 
@@ -105,6 +118,14 @@ def guard_options(cls: type, args: argparse.Namespace) -> dict:
     return {"entropy_floor": floor}
 
 
+def cost_options(cls: type, args: argparse.Namespace) -> dict:
+    """``cost_model`` for configs that take it, from ``--cost-model``."""
+    choice = getattr(args, "cost_model", None)
+    if choice is None or "cost_model" not in {f.name for f in dataclasses.fields(cls)}:
+        return {}
+    return {"cost_model": choice}
+
+
 def stage_options(cls: type, args: argparse.Namespace) -> dict:
     """Keyword options for a pruning config (per-stage keep) from ``--layers`` / ``--predictor``."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -117,9 +138,10 @@ def stage_options(cls: type, args: argparse.Namespace) -> dict:
 
 
 def method_options(method: str, args: argparse.Namespace) -> dict:
-    """Every per-method option (pruning stages, entropy floor) the command line gives ``method``."""
+    """Every per-method option (pruning stages, entropy floor, cost model) the command line gives
+    ``method``."""
     cls = config_class(method)
-    return stage_options(cls, args) | guard_options(cls, args)
+    return stage_options(cls, args) | guard_options(cls, args) | cost_options(cls, args)
 
 
 def scheduled_methods() -> list[str]:
@@ -141,7 +163,7 @@ def _method_configs(method: str, args: argparse.Namespace) -> list[ReductionConf
     cls = config_class(method)
     names = {f.name for f in dataclasses.fields(cls)}
     extra = {"prop_attn": not args.no_prop_attn} if "prop_attn" in names else {}
-    extra |= guard_options(cls, args)
+    extra |= guard_options(cls, args) | cost_options(cls, args)
     if "r" not in names:  # pruning methods: --keep is the per-stage keep ratio
         extra |= stage_options(cls, args)
         if args.r is not None or args.tokens is not None:

@@ -30,6 +30,12 @@ class ToMe(BudgetConfig):
             (:func:`tokenbudget.token_entropy`) would otherwise fall below this fraction of its
             maximum, as few fewer as needed; :data:`DEFAULT_ENTROPY_FLOOR` = 0.2734 is the
             default floor (method ``tome-guard``). See :mod:`tokenbudget.strategies.guard`.
+        cost_model: ``"off"`` (the default: merge exactly as the budget says, as ToMe does) or
+            ``"auto"``: measure once per input size, batch size, device and dtype what a merging
+            block costs and saves, and merge only in the blocks where merging pays, moving the
+            merges of the others into them (see :mod:`tokenbudget.cost`). At batch 1 on a CPU this
+            keeps a small budget from running slower than the unpatched model; at large batches
+            it changes nothing. ``last_state(model).skipped_layers`` names the blocks it skipped.
     """
 
     method: ClassVar[str] = "tome"
@@ -42,10 +48,16 @@ class ToMe(BudgetConfig):
     preserve_detail: bool = False
     detail_fraction: float = 0.05
     entropy_floor: float | None = None
+    cost_model: str = "off"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_entropy_floor(type(self).__name__, self.entropy_floor)
+        if self.cost_model not in ("off", "auto"):
+            raise ValueError(
+                f"cost_model must be 'off' (merge as the budget says) or 'auto' (merge only where it "
+                f"pays, measured), got {self.cost_model!r}"
+            )
         if self.matching not in self._matchings:
             raise ValueError(
                 f"matching must be one of {', '.join(map(repr, self._matchings))} "

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .match import Matching
+from .merge_step import merge_rows
 
 
 def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
@@ -20,24 +21,8 @@ def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[
     """
     batch, num_tokens, channels = x.shape
     num_out = num_tokens - matching.r
-    kept, src, dst = matching.flat_indices
-    rows = x.reshape(batch * num_tokens, channels)
-    # Select first and weight the selected rows in place: no full-size x * size temporary.
-    out = rows.index_select(0, kept)  # [B * (N - r), C]
-    moved = rows.index_select(0, src)  # [B * r, C]
-    if size is None:
-        moved_size = torch.ones(matching.r * batch, 1, device=x.device)
-        new_size = torch.ones(batch * num_out, 1, device=x.device).index_add_(0, dst, moved_size)
-    else:
-        size_rows = size.reshape(batch * num_tokens, 1)
-        kept_size = size_rows.index_select(0, kept)
-        moved_size = size_rows.index_select(0, src)
-        out.mul_(kept_size)
-        moved = (moved * moved_size).to(x.dtype)
-        # Out of place: autograd keeps kept_size for the mul_ above.
-        new_size = kept_size.index_add(0, dst, moved_size)
-    out.index_add_(0, dst, moved)
-    out.div_(new_size)
+    # Only the destination rows are computed; every other token is copied exactly.
+    out, new_size = merge_rows(x, size, *matching.flat_indices)
     return out.view(batch, num_out, channels), new_size.view(batch, num_out, 1)
 
 

@@ -9,6 +9,7 @@ from torch import Tensor
 from ..config import ToMe
 from ..ops.match import Matching, bipartite_soft_matching, detail_preserving_matching
 from ..ops.merge import merge_weighted, update_token_map
+from ..ops.merge_step import greedy_merge_step
 from ..state import TokenState
 from .base import ScheduledStrategy, register
 from .guard import EntropyGuard
@@ -30,6 +31,8 @@ class ToMeStrategy(ScheduledStrategy):
             require_scipy()  # fail at apply time, naming the extra, not at the first forward
         floor = config.entropy_floor
         self.guard = EntropyGuard(floor) if floor is not None else None
+        # Greedy matching, size-weighted merge, nothing set aside: the fused step applies.
+        self.fused = not self.optimal and not config.preserve_detail and self.guard is None
 
     def match(self, keys: Tensor, r: int, num_prefix: int, padding: Tensor | None = None) -> Matching:
         """The matching of this block: ToMe's greedy one or the optimal one-to-one assignment.
@@ -45,6 +48,12 @@ class ToMeStrategy(ScheduledStrategy):
         """Merge tokens ``x`` [B, N, C] using ``keys`` [B, N, d] (head-averaged attention keys, any
         positive scale); updates ``state`` in place."""
         r = state.merged_per_layer[layer]
+        if self.fused and state.padding is None:
+            # ToMe as published: matching and merge in one step with half the tensor operations.
+            x, state.size, matching = greedy_merge_step(x, state.size, keys, r, state.num_prefix)
+            if state.token_map is not None:
+                state.token_map = update_token_map(state.token_map, matching)
+            return x
         pad_kw = {} if state.padding is None else {"padding": state.padding}
         if self.config.preserve_detail:
             protect = math.ceil(self.config.detail_fraction * (x.shape[1] - state.num_prefix))
