@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .adapters import find_adapter
-from .config import AdaptivePatch, ReductionConfig
+from .config import AdaptivePatch, PerImage, ReductionConfig
 from .context import PatchContext
 from .state import TokenState
 from .strategies import make_strategy
@@ -25,6 +25,12 @@ def apply(model: nn.Module, config: ReductionConfig) -> nn.Module:
         from .adapters.timm_adaptive import prepare
 
         install_strategy(model, *prepare(model, config))
+        return model
+    if isinstance(config, PerImage):
+        # Not one per-block reduction: each image's budget level is chosen by a glance (tb.PerImage).
+        from .adapters.timm_per_image import prepare as prepare_per_image
+
+        install_strategy(model, *prepare_per_image(model, config))
         return model
     if not isinstance(config, ReductionConfig):
         raise ValueError(
@@ -87,7 +93,8 @@ def last_state(model: nn.Module) -> TokenState:
     """The :class:`TokenState` of the latest finished forward of a patched model (this thread's if
     it ran one): ``tokens_per_layer``, ``sizes``, ``source`` (with ``trace_source=True``), ...
     Under ``tb.AdaptivePatch``: an :class:`~tokenbudget.adaptive.AdaptivePatchState` (per-image
-    ``patch_sizes``, ``scores``, ``tokens``)."""
+    ``patch_sizes``, ``scores``, ``tokens``); under ``tb.PerImage``: a
+    :class:`~tokenbudget.adaptive.per_image.PerImageState` (per-image ``speedups``, ``levels``, ``flops``)."""
     state = _context(model).last_state()
     if state is None:
         raise ValueError("the patched model has not run a forward yet; call it on a batch first")

@@ -42,6 +42,7 @@ from .patching import (
     group_spec,
     resize_images,
 )
+from .per_image import PerImageState, calibrate_per_image
 from .state import AdaptivePatchState
 from .thresholds import calibrate_thresholds, check_thresholds, size_index
 
@@ -137,6 +138,8 @@ __all__ = [
     "DETAIL_EPS",
     "SCORES",
     "AdaptivePatchState",
+    "PerImageState",
+    "calibrate_per_image",
     "GroupSpec",
     "calibrate",
     "calibrate_thresholds",
