@@ -12,6 +12,7 @@ import tokenbudget as tb
 from conftest import assert_concurrent_forwards_match, make_tiny
 from tokenbudget.adaptive.per_image import (
     calibrate_per_image,
+    fit_staircase,
     model_level_plan,
     profile_shares,
     rate_for_speedup,
@@ -144,17 +145,41 @@ def test_profile_shares_meet_the_target() -> None:
         profile_shares(0.2, flops)
 
 
+def test_fit_staircase_spends_tokens_where_quality_drops() -> None:
+    # 40 images; the 10 with the highest scores lose a lot at the cheap levels, the rest nothing.
+    scores = torch.linspace(0, 1, 40, dtype=torch.float64)
+    flops = [1.0, 0.5, 0.25]
+    quality = torch.ones(40, 3, dtype=torch.float64)
+    quality[30:, 1:] = torch.tensor([0.5, 0.2], dtype=torch.float64)
+    target = (10 * 1.0 + 30 * 0.25) / 40  # exactly: needy images at full, the rest at the cheapest
+    thresholds = fit_staircase(scores, quality, flops, target)
+    index = level_index(scores, torch.tensor(thresholds, dtype=torch.float64), 3)
+    assert index[30:].tolist() == [0] * 10
+    assert index[:30].tolist() == [2] * 30
+    # A tighter budget: the mean FLOPs never exceeds it, and the needy images keep the most.
+    thresholds = fit_staircase(scores, quality, flops, 0.35)
+    index = level_index(scores, torch.tensor(thresholds, dtype=torch.float64), 3)
+    assert torch.tensor(flops, dtype=torch.float64)[index].mean() <= 0.35 + 1e-9
+    assert index[30:].float().mean() < index[:30].float().mean()
+    with pytest.raises(ValueError, match="out of reach"):
+        fit_staircase(scores, quality, flops, 0.1)
+
+
 def test_calibration_meets_the_target_on_its_images(model: torch.nn.Module) -> None:
     images = _images(40, seed=3)
-    cfg = calibrate_per_image(model, images, flops_speedup=1.6, levels=LEVELS)
-    assert cfg.target_flops == pytest.approx(1 / 1.6)
-    # Achieved on the calibration images: within one image's worth of the target.
-    assert abs(cfg.calibrated_flops - cfg.target_flops) < 1.0 / len(images)
-    tb.apply(model, cfg)
-    model(images)
-    assert tb.last_state(model).mean_flops == pytest.approx(cfg.calibrated_flops, abs=1e-6)
+    for rule in ("fit", "spread"):
+        cfg = calibrate_per_image(model, images, flops_speedup=1.6, levels=LEVELS, rule=rule)
+        assert cfg.target_flops == pytest.approx(1 / 1.6)
+        # Achieved on the calibration images: within one image's worth of the target.
+        assert abs(cfg.calibrated_flops - cfg.target_flops) < 1.0 / len(images)
+        if rule == "fit":
+            assert cfg.calibrated_flops <= cfg.target_flops + 1e-9
+        tb.apply(model, cfg)
+        model(images)
+        assert tb.last_state(model).mean_flops == pytest.approx(cfg.calibrated_flops, abs=1e-6)
+        tb.remove(model)
     # keep= targets the FLOPs of ToMe at that keep.
-    keep_cfg = calibrate_per_image(tb.remove(model), images, keep=0.5, levels=LEVELS)
+    keep_cfg = calibrate_per_image(model, images, keep=0.5, levels=LEVELS, rule="spread")
     tb.apply(model, tb.ToMe(keep=0.5))
     model(images[:1])
     state = tb.last_state(model)

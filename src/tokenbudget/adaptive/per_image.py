@@ -245,6 +245,104 @@ def bracket_shares(target: float, flops: Sequence[float]) -> list[float]:
     return shares
 
 
+def fit_staircase(
+    scores: Tensor, quality: Tensor, level_flops: Sequence[float], target: float
+) -> tuple[float, ...]:
+    """Thresholds that maximise the total ``quality`` [N, K] of images at their levels subject to a
+    mean FLOPs of at most ``target``, among assignments monotone in the score (higher score, a level
+    with at least as many tokens: what thresholds can express).
+
+    Lagrangian relaxation: for a price ``lam`` per unit FLOPs each image's value at level ``l`` is
+    ``quality[n, l] - lam * flops[l]``; the best monotone assignment is a dynamic programme over the
+    images sorted by score (O(N K)); ``lam`` is bisected to the smallest price whose mean FLOPs meets
+    the target. The relaxation's solutions jump between budgets, so the remaining budget is then
+    filled greedily (:func:`_fill_budget`). Levels are ordered from the most tokens (0) to the
+    fewest, as in ``tb.PerImage``.
+    """
+    n, k = quality.shape
+    if scores.shape != (n,) or len(level_flops) != k:
+        raise ValueError(
+            f"expected scores [N], quality [N, K] and K level FLOPs; got {tuple(scores.shape)}, "
+            f"{tuple(quality.shape)} and {len(level_flops)}"
+        )
+    flops = torch.tensor(level_flops, dtype=torch.float64)
+    if not float(flops.min()) <= target <= float(flops.max()):
+        raise ValueError(
+            f"a mean FLOPs fraction of {target:.3f} is out of reach of these levels "
+            f"({float(flops.min()):.3f} to {float(flops.max()):.3f})"
+        )
+    order = scores.double().argsort(descending=True)  # most need first: levels only get cheaper
+    q = quality.double()[order]
+
+    def assign(lam: float) -> Tensor:
+        value = q - lam * flops[None, :]  # [N, K]
+        best = torch.empty(n, k, dtype=torch.float64)
+        choice = torch.empty(n, k, dtype=torch.long)  # argmax over levels <= l of the previous row
+        best[0] = value[0]
+        for i in range(1, n):
+            prev_max, prev_arg = torch.cummax(best[i - 1], dim=0)
+            choice[i] = prev_arg
+            best[i] = prev_max + value[i]
+        levels = torch.empty(n, dtype=torch.long)
+        levels[-1] = int(best[-1].argmax())
+        for i in range(n - 1, 0, -1):
+            levels[i - 1] = int(choice[i, levels[i]])
+        return levels
+
+    lo, hi = 0.0, 1.0
+    while float(flops[assign(hi)].mean()) > target:  # find a price high enough
+        hi *= 2
+        if hi > 1e9:
+            break
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if float(flops[assign(mid)].mean()) > target:
+            lo = mid
+        else:
+            hi = mid
+    levels = _fill_budget(assign(hi), q, flops, target)
+    sorted_scores = scores.double()[order]
+    thresholds = []
+    for level in range(k - 1):  # threshold between level ``level`` (more tokens) and ``level + 1``
+        # images at level <= ``level`` are a prefix of the sorted order: cut below the last of them
+        count = int((levels <= level).sum())
+        if count == 0:
+            thresholds.append(float(sorted_scores[0]) + 1.0)
+        elif count == n:
+            thresholds.append(float(sorted_scores[-1]) - 1.0)
+        else:
+            thresholds.append(float((sorted_scores[count - 1] + sorted_scores[count]) / 2))
+    return tuple(reversed(thresholds))
+
+
+def _fill_budget(levels: Tensor, quality: Tensor, flops: Tensor, target: float) -> Tensor:
+    """Move images of a monotone assignment (``levels`` [N] non-decreasing, images sorted by need)
+    to dearer levels, one at a time, the move with the best quality gain per FLOPs first, while the
+    mean FLOPs stays within ``target``. A move gives the first image beyond the images at levels
+    ``<= l`` level ``l``, so the assignment stays monotone."""
+    levels = levels.clone()
+    n, k = quality.shape
+    budget = target * n - float(flops[levels].sum())
+    while True:
+        best = None
+        for level in range(k - 1):
+            position = int((levels <= level).sum())
+            if position >= n:
+                continue
+            old = int(levels[position])
+            cost = float(flops[level] - flops[old])
+            if cost <= 0 or cost > budget + 1e-12:
+                continue
+            ratio = float(quality[position, level] - quality[position, old]) / cost
+            if best is None or ratio > best[0]:
+                best = (ratio, position, level, cost)
+        if best is None:
+            return levels
+        _, position, level, cost = best
+        levels[position] = level
+        budget -= cost
+
+
 def calibrate_per_image(
     model: nn.Module,
     images: Tensor,
@@ -253,17 +351,23 @@ def calibrate_per_image(
     flops_speedup: float | None = None,
     policy: str = "redundancy",
     levels: Sequence[float] | None = None,
+    rule: str = "fit",
     shares: Sequence[float] | None = None,
     predictor: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = 32,
 ) -> PerImage:
     """A :class:`~tokenbudget.PerImage` whose thresholds give ``images`` (training images, normalised
     for the model, at the size it will see) a mean block FLOPs of the target.
 
-    ``shares`` (one per level, summing to 1) is the profile to spread the images over, the
-    highest-need ones on the first levels; it is scaled toward the cheapest or the dearest level
-    until the mean FLOPs meets the target (:func:`profile_shares`). ``None``: a flat profile (every
-    level equally likely), which spreads images as widely as the target allows.
+    Rules for where the thresholds go (both meet the target on ``images``):
+
+    * ``"fit"``: run ``images`` at every level and place the thresholds where the images' features
+      (class token and size-weighted mean token, as the quality harness reads them) stay closest to
+      their full-token ones on average (:func:`fit_staircase`): the levels' shares follow how much
+      the scored images really lose. Costs one forward of ``images`` per level.
+    * ``"spread"``: no extra forward; spread the images over the levels by the ``shares`` profile
+      (default flat) tilted to meet the target (:func:`profile_shares`), highest scores on the
+      levels with the most tokens.
     """
     base = PerImage(
         keep=keep,
@@ -272,6 +376,8 @@ def calibrate_per_image(
         predictor=predictor,
         **({} if levels is None else {"levels": tuple(levels)}),
     )
+    if rule not in ("fit", "spread"):
+        raise ValueError(f"rule must be 'fit' (run every level on the images) or 'spread', got {rule!r}")
     if not isinstance(images, Tensor) or images.dim() != 4 or len(images) == 0:
         raise ValueError("images must be a non-empty batch [N, 3, H, W] of calibration images")
     from ..patch import is_patched
@@ -282,11 +388,57 @@ def calibrate_per_image(
     plan = model_level_plan(model, base.levels, num_tokens)
     target = mean_flops_target(model, base)
     scores = glance_batches(model, images, base, batch_size)
-    profile = profile_shares(target, plan.flops, shares)
-    thresholds = thresholds_for_shares(scores, profile)
+    if rule == "fit":
+        quality = level_cosines(model, images, plan, batch_size)
+        thresholds = fit_staircase(scores, quality, plan.flops, target)
+    else:
+        thresholds = thresholds_for_shares(scores, profile_shares(target, plan.flops, shares))
     index = level_index(scores, torch.tensor(thresholds, dtype=torch.float64), len(plan.flops))
     achieved = mean_level_flops(index, plan.flops)
     return replace(base, thresholds=thresholds, target_flops=target, calibrated_flops=round(achieved, 6))
+
+
+def pooled_features(model: nn.Module, images: Tensor) -> Tensor:
+    """[B, 2C]: the class token and the size-weighted mean of the other output tokens of
+    ``model.forward_features(images)`` (sizes from ``tb.last_state`` when the model is patched)."""
+    from ..patch import is_patched, last_state
+
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    tokens = model.forward_features(images)
+    if is_patched(model):
+        sizes = last_state(model).sizes[:, prefix:, None].to(tokens.dtype)
+    else:
+        sizes = torch.ones_like(tokens[:, prefix:, :1])
+    mean = (tokens[:, prefix:] * sizes).sum(1) / sizes.sum(1)
+    return torch.cat([tokens[:, 0], mean], dim=1)
+
+
+def level_cosines(model: nn.Module, images: Tensor, plan: LevelPlan, batch_size: int = 32) -> Tensor:
+    """[N, K] cosine similarity of each image's :func:`pooled_features` at each level of ``plan`` to
+    its full-token ones (level 0 of a plan starting at 1.0 gives 1)."""
+    from ..patch import apply, remove
+
+    def features(config: ToMe | None) -> Tensor:
+        if config is not None:
+            apply(model, config)
+        try:
+            with torch.inference_mode():
+                return torch.cat(
+                    [
+                        pooled_features(model, images[i : i + batch_size])
+                        for i in range(0, len(images), batch_size)
+                    ]
+                )
+        finally:
+            if config is not None:
+                remove(model)
+
+    full = features(None).double()
+    columns = []
+    for rate, merged in zip(plan.rates, plan.merged, strict=True):
+        feats = full if rate == 0 else features(ToMe(r=list(merged), prop_attn=True)).double()
+        columns.append(torch.nn.functional.cosine_similarity(feats, full, dim=-1))
+    return torch.stack(columns, dim=1)
 
 
 def profile_shares(
@@ -583,6 +735,9 @@ __all__ = [
     "PerImageStrategy",
     "bracket_shares",
     "calibrate_per_image",
+    "fit_staircase",
+    "level_cosines",
+    "pooled_features",
     "glance_batches",
     "level_groups",
     "mean_flops_target",

@@ -1,29 +1,36 @@
-"""A heterogeneous development set: simple items, textures, photo crops and multi-object scenes in one
-labelled set, so that how many tokens an image needs differs from image to image.
+"""A heterogeneous development set: simple items, textures, photo crops, multi-object scenes and
+surface-inspection images in one labelled set, so that how many tokens an image needs differs from
+image to image.
 
-Real inputs are mixed: a plain item on a blank background next to a busy photo. A per-image token
-budget can only pay where the need differs; a set of one kind (Fashion-MNIST alone) cannot show it.
+Real inputs are mixed: a plain item on a blank background next to a busy photo or a surface whose
+class is one small flaw. A per-image token budget can only pay where the need differs; a set of one
+kind (Fashion-MNIST alone) cannot show it.
 
-Four sources, each with its own classes (the ids are disjoint, :data:`MIX_CLASSES` names them):
+Five sources, each with its own classes (the ids are disjoint, :data:`MIX_CLASSES` names them):
 
 ==========  ======  =========================================================================
 source      ids     images
 ==========  ======  =========================================================================
 fashion     0-9     one Fashion-MNIST item on its black background, upscaled (class = item class)
-texture     10-16   crops of scikit-image's brick, grass and gravel photographs, and procedural
-                    gratings, checks, blobs and pink noise (class = texture)
+texture     10-16   procedural textures: gratings, checks, blobs, pink noise, dots, warped waves
+                    and Voronoi cells, randomly tinted (class = texture). Natural texture photos
+                    (brick, grass, gravel) are left to the inspection source, whose surfaces
+                    they are: one surface under two label spaces would make the set ill-posed
 photo       17-26   crops of ten scikit-image photos (class = the photo the crop comes from)
 scene       27-34   three Fashion-MNIST items on one black canvas; the class is the scene type,
                     a fixed set of three item classes (:data:`SCENE_TYPES`), so it takes every
                     item to tell e.g. ``sport`` (t-shirt, trouser, sneaker) from ``summer``
                     (t-shirt, trouser, sandal)
+inspection  35-38   textured or plain surfaces, clean or with one small spot, scratch or
+                    washed-out flaw (:mod:`tokenbudget.data.anomaly`; class = the flaw): the
+                    class sits in one to four of a ViT's patches
 ==========  ======  =========================================================================
 
 Train and test never share a base image or a crop: Fashion-MNIST items (alone or in scenes) come
-from Fashion-MNIST's own train or test split; texture photographs are cropped from their top half
-for train and their bottom half for test; photos are cut into a 3 x 3 grid whose cells alternate
+from Fashion-MNIST's own train or test split; photos are cut into a 3 x 3 grid whose cells alternate
 between train and test like a checkerboard and every crop lies inside one cell; procedural textures
-are drawn from different random streams per split.
+are drawn from different random streams per split; inspection images of train and test come from
+disjoint base crops.
 
 Generation is seeded and deterministic; the arrays are cached as ``.npz`` under
 ``~/.cache/tokenbudget`` (``TOKENBUDGET_CACHE`` overrides), keyed by every parameter.
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,12 +48,11 @@ import torch
 import torch.nn.functional as F
 
 from ..models.dinov2 import default_cache_dir
+from .anomaly import ANOMALY_CLASSES
 from .fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_subset, load_fashion_mnist
 
-SOURCES = ("fashion", "texture", "photo", "scene")
-TEXTURE_PHOTOS = ("brick", "grass", "gravel")
-PROCEDURAL_TEXTURES = ("gratings", "checks", "blobs", "pink-noise")
-TEXTURES = TEXTURE_PHOTOS + PROCEDURAL_TEXTURES
+SOURCES = ("fashion", "texture", "photo", "scene", "inspection")
+TEXTURES = ("gratings", "checks", "blobs", "pink-noise", "dots", "waves", "cells")
 PHOTOS = (
     "astronaut",
     "coffee",
@@ -75,10 +82,12 @@ MIX_CLASSES: tuple[str, ...] = (
     + tuple(f"texture:{name}" for name in TEXTURES)
     + tuple(f"photo:{name}" for name in PHOTOS)
     + tuple(f"scene:{name}" for name in SCENE_TYPES)
+    + tuple(f"inspection:{name}" for name in ANOMALY_CLASSES)
 )
-_FIRST_ID = {"fashion": 0, "texture": 10, "photo": 17, "scene": 27}
+_FIRST_ID = {"fashion": 0, "texture": 10, "photo": 17, "scene": 27, "inspection": 35}
 _PHOTO_GRID = 3
-_VERSION = 1  # bump when the generator changes, so stale caches are not reused
+#: generator version of each source: bump one when its images change, so stale caches are not reused
+SOURCE_VERSIONS = {"fashion": 1, "texture": 2, "photo": 1, "scene": 1, "inspection": 1}
 
 
 @dataclass(frozen=True)
@@ -116,12 +125,6 @@ def _resize(array: np.ndarray, side: int) -> np.ndarray:
     return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def _augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random rotation by a multiple of 90 degrees and a random flip."""
-    crop = np.rot90(crop, int(rng.integers(4)))
-    return crop[:, ::-1] if rng.random() < 0.5 else crop
-
-
 def _fashion(split: str, count: int, size: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
     per_class = _split_counts(count, len(FASHION_MNIST_CLASSES))
     items, labels = fashion_mnist_subset(split, max(per_class), seed)
@@ -133,17 +136,10 @@ def _fashion(split: str, count: int, size: int, seed: int) -> tuple[list[np.ndar
     return images, out_labels
 
 
-def _texture_photo(name: str, split: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    import skimage.data
-
-    photo = getattr(skimage.data, name)()  # [512, 512] gray
-    half = photo.shape[0] // 2
-    region = photo[:half] if split == "train" else photo[half:]
-    side = int(rng.integers(half // 2, half + 1))
-    top = int(rng.integers(0, region.shape[0] - side + 1))
-    left = int(rng.integers(0, region.shape[1] - side + 1))
-    crop = _augment(region[top : top + side, left : left + side], rng)
-    return _resize(crop * rng.uniform(0.8, 1.2), size)
+def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """[S, S] smooth random field in [0, 1]: ``cells x cells`` noise upsampled bicubically."""
+    coarse = torch.from_numpy(rng.uniform(0, 1, size=(1, 1, cells, cells)))
+    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0, 0].numpy()
 
 
 def _tint(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -186,8 +182,23 @@ def _procedural(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
         ) / radius ** rng.uniform(1.2, 2.0)
         gray = np.real(np.fft.ifft2(spectrum))
         gray = (gray - gray.min()) / (np.ptp(gray) + 1e-9)
+    elif name == "dots":
+        gray = np.zeros((size, size))
+        radius = rng.uniform(0.015, 0.05) * size
+        for cy, cx in rng.uniform(0, size, size=(int(rng.integers(20, 80)), 2)):
+            gray[(ys * size - cy) ** 2 + (xs * size - cx) ** 2 <= radius**2] = 1.0
+    elif name == "waves":
+        warp = _smooth_field(rng, size, cells=4) * rng.uniform(1.5, 4.0)
+        angle, cycles = rng.uniform(0, np.pi), rng.uniform(5, 14)
+        gray = 0.5 + 0.5 * np.sin(2 * np.pi * (cycles * (xs * np.cos(angle) + ys * np.sin(angle)) + warp))
+    elif name == "cells":
+        seeds = rng.uniform(0, 1, size=(int(rng.integers(15, 60)), 2))
+        points = np.stack([ys.ravel(), xs.ravel()], axis=1)
+        nearest = np.sqrt(((points[:, None, :] - seeds[None]) ** 2).sum(-1)).min(axis=1)
+        gray = nearest.reshape(size, size)
+        gray = (gray - gray.min()) / (np.ptp(gray) + 1e-9)
     else:
-        raise ValueError(f"unknown procedural texture {name!r}; choose from {PROCEDURAL_TEXTURES}")
+        raise ValueError(f"unknown procedural texture {name!r}; choose from {TEXTURES}")
     noisy = np.clip(gray + rng.normal(0, 0.03, gray.shape), 0, 1)
     return _resize(_tint(noisy, rng), size)
 
@@ -198,10 +209,7 @@ def _textures(
     images, labels = [], []
     for t, (name, n) in enumerate(zip(TEXTURES, _split_counts(count, len(TEXTURES)), strict=True)):
         for _ in range(n):
-            if name in TEXTURE_PHOTOS:
-                images.append(_texture_photo(name, split, rng, size))
-            else:
-                images.append(_procedural(name, rng, size))
+            images.append(_procedural(name, rng, size))
             labels.append(_FIRST_ID["texture"] + t)
     return images, labels
 
@@ -265,45 +273,79 @@ def _scenes(
     return images, labels
 
 
-def generate_mix(split: str = "test", n_per_source: int = 300, *, size: int = 224, seed: int = 0) -> MixSet:
-    """Build one split of the mix: ``n_per_source`` images from each of the four :data:`SOURCES`,
-    spread evenly over each source's classes. See the module docstring."""
+def _inspection(split: str, count: int, size: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
+    """Surface inspection: :mod:`tokenbudget.data.anomaly` images (clean, spot, scratch, flaw); train
+    and test from disjoint base crops (one generated set, split by base crop)."""
+    from .anomaly import anomaly_set
+
+    per_split = -(-count // 4)  # base crops per split; each gives one image of every class
+    data = anomaly_set(2 * per_split, size, seed=seed + 7919)
+    chosen = data.base_ids < per_split if split == "train" else data.base_ids >= per_split
+    index = np.flatnonzero(chosen)[:count]
+    return list(data.images[index]), [_FIRST_ID["inspection"] + int(v) for v in data.labels[index]]
+
+
+def generate_source(
+    source: str, split: str = "test", count: int = 300, *, size: int = 224, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` images of one source: (uint8 [count, S, S, 3], labels int64 [count]), spread evenly
+    over the source's classes. A source's images depend only on these arguments."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if n_per_source < len(FASHION_MNIST_CLASSES):
-        raise ValueError(f"n_per_source must be at least 10 (one image per class), got {n_per_source}")
+    if count < len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"count must be at least 10 (one image per class), got {count}")
     if size < 64 or size % 2:
         raise ValueError(f"size must be an even number of px >= 64, got {size}")
     # One generator per source and split: a source's images do not change when another's count does.
-    streams = {
-        source: np.random.default_rng([seed, i, 0 if split == "train" else 1])
-        for i, source in enumerate(SOURCES)
-    }
-    parts = [
-        _fashion(split, n_per_source, size, seed),
-        _textures(split, n_per_source, size, streams["texture"]),
-        _photos(split, n_per_source, size, streams["photo"]),
-        _scenes(split, n_per_source, size, streams["scene"]),
-    ]
-    images = np.stack([image for part, _ in parts for image in part])
-    labels = np.array([label for _, part in parts for label in part], dtype=np.int64)
-    sources = np.repeat(np.arange(len(SOURCES)), [len(part) for _, part in parts])
-    return MixSet(images, labels, sources.astype(np.int64))
+    rng = np.random.default_rng([seed, SOURCES.index(source), 0 if split == "train" else 1])
+    if source == "fashion":
+        images, labels = _fashion(split, count, size, seed)
+    elif source == "texture":
+        images, labels = _textures(split, count, size, rng)
+    elif source == "photo":
+        images, labels = _photos(split, count, size, rng)
+    elif source == "scene":
+        images, labels = _scenes(split, count, size, rng)
+    else:
+        images, labels = _inspection(split, count, size, seed)
+    return np.stack(images), np.array(labels, dtype=np.int64)
 
 
-def dev_mix(
-    split: str = "test", n_per_source: int = 300, *, size: int = 224, seed: int = 0, cache: bool = True
-) -> MixSet:
-    """:func:`generate_mix`, cached on disk as ``.npz`` keyed by every parameter."""
-    text = f"mix-v{_VERSION}-{split}-{n_per_source}-{size}-{seed}"
+def source_set(
+    source: str, split: str = "test", count: int = 300, *, size: int = 224, seed: int = 0, cache: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`generate_source`, cached on disk as ``.npz`` keyed by every parameter."""
+    text = f"mix-v{SOURCE_VERSIONS.get(source, 0)}-{source}-{split}-{count}-{size}-{seed}"
     path = default_cache_dir() / f"mix-{hashlib.sha256(text.encode()).hexdigest()[:16]}.npz"
     if cache and path.exists():
         with np.load(path) as f:
-            return MixSet(f["images"], f["labels"], f["sources"])
-    data = generate_mix(split, n_per_source, size=size, seed=seed)
+            return f["images"], f["labels"]
+    images, labels = generate_source(source, split, count, size=size, seed=seed)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez_compressed(tmp, images=data.images, labels=data.labels, sources=data.sources)
+        np.savez_compressed(tmp, images=images, labels=labels)
         os.replace(tmp, path)
-    return data
+    return images, labels
+
+
+def dev_mix(
+    split: str = "test",
+    n_per_source: int = 300,
+    *,
+    size: int = 224,
+    seed: int = 0,
+    sources: Sequence[str] = SOURCES,
+    cache: bool = True,
+) -> MixSet:
+    """One split of the mix: ``n_per_source`` images of each of ``sources`` (default all of
+    :data:`SOURCES`), in that order; each source cached on its own (:func:`source_set`)."""
+    parts = [source_set(s, split, n_per_source, size=size, seed=seed, cache=cache) for s in sources]
+    source_ids = [SOURCES.index(s) for s in sources]
+    return MixSet(
+        np.concatenate([images for images, _ in parts]),
+        np.concatenate([labels for _, labels in parts]),
+        np.repeat(np.array(source_ids, dtype=np.int64), [len(labels) for _, labels in parts]),
+    )

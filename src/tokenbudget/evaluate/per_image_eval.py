@@ -10,11 +10,14 @@ per-image allocation is scored by picking each image's row; a real grouped run o
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ReductionConfig
@@ -22,6 +25,7 @@ from ..data.images import model_normalization, rgb_uint8_to_model_input
 from ..models.dinov2 import default_cache_dir
 from ..patch import apply, remove
 from .harness import extract_features
+from .metrics import LinearProbe, cosine_fidelity, fit_linear_probe, knn_predictions
 
 
 def embed_features(
@@ -89,3 +93,309 @@ def level_features(
             )
         )
     return torch.stack(out, dim=1)
+
+
+# -- scoring allocations -------------------------------------------------------------------------
+@dataclass
+class AllocationRow:
+    """One allocation of budgets to test images, scored against full tokens and a reference row.
+
+    Accuracies are fractions with their standard error (binomial, ``sqrt(p (1 - p) / n)``); the
+    ``*_gain`` columns are this row minus the reference row in points, with the standard error of the
+    paired difference (the same test images under both rows).
+    """
+
+    condition: str
+    mean_flops: float
+    speedup: float
+    knn_acc: float
+    knn_se: float
+    linear_acc: float
+    linear_se: float
+    cosine: float
+    knn_gain: float
+    knn_gain_se: float
+    linear_gain: float
+    linear_gain_se: float
+    level_counts: list[int] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Judges:
+    """The classifiers every allocation is scored by, fit once on full-token train features."""
+
+    train_feats: Tensor
+    train_labels: Tensor
+    test_labels: Tensor
+    test_full: Tensor
+    probe: LinearProbe
+    k: int = 20
+
+    @classmethod
+    def fit(
+        cls, train_feats: Tensor, train_labels: Tensor, test_full: Tensor, test_labels: Tensor, k: int = 20
+    ) -> Judges:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+        probe = fit_linear_probe(train_feats, train_labels, num_classes=num_classes)
+        return cls(train_feats, train_labels, test_labels, test_full, probe, min(k, len(train_labels)))
+
+    def correct(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """Per test image (k-NN correct [N], linear probe correct [N]) as floats."""
+        knn = knn_predictions(self.train_feats, self.train_labels, feats, self.test_labels, k=self.k)
+        lin = self.probe.predict(feats)
+        return (knn == self.test_labels).double(), (lin == self.test_labels).double()
+
+    def knn_full_predictions(self) -> Tensor:
+        return knn_predictions(
+            self.train_feats, self.train_labels, self.test_full, self.test_labels, k=self.k
+        )
+
+
+def _se(correct: Tensor) -> float:
+    p = float(correct.mean())
+    return math.sqrt(max(p * (1 - p), 0.0) / len(correct))
+
+
+def _paired_se(a: Tensor, b: Tensor) -> float:
+    diff = a - b
+    return float(diff.std(unbiased=True) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+
+
+def score_rows(
+    judges: Judges,
+    conditions: Sequence[tuple[str, Tensor, Tensor]],
+    reference: str,
+    num_levels: int | None = None,
+) -> list[AllocationRow]:
+    """Score each ``(name, features [N, F], per-image FLOPs [N])`` (and per-image level, when the
+    name's flops come with ``levels``) against the row named ``reference``."""
+    scored = {}
+    for name, feats, flops in conditions:
+        knn, lin = judges.correct(feats)
+        scored[name] = (feats, flops, knn, lin)
+    ref = scored[reference]
+    rows = []
+    for name, (feats, flops, knn, lin) in scored.items():
+        mean_flops = float(flops.double().mean())
+        rows.append(
+            AllocationRow(
+                condition=name,
+                mean_flops=mean_flops,
+                speedup=1.0 / mean_flops,
+                knn_acc=float(knn.mean()),
+                knn_se=_se(knn),
+                linear_acc=float(lin.mean()),
+                linear_se=_se(lin),
+                cosine=cosine_fidelity(feats, judges.test_full),
+                knn_gain=100 * float((knn - ref[2]).mean()),
+                knn_gain_se=100 * _paired_se(knn, ref[2]),
+                linear_gain=100 * float((lin - ref[3]).mean()),
+                linear_gain_se=100 * _paired_se(lin, ref[3]),
+            )
+        )
+    return rows
+
+
+def select_levels(level_feats: Tensor, index: Tensor) -> Tensor:
+    """Row ``index[n]`` of each image's level features [N, K, F] -> [N, F]."""
+    return level_feats[torch.arange(len(index)), index]
+
+
+def cosine_to_full(level_feats: Tensor, full: Tensor) -> Tensor:
+    """[N, K] cosine similarity of each image's features under each level to its full-token ones."""
+    return F.cosine_similarity(level_feats.double(), full.double()[:, None], dim=-1)
+
+
+def oracle_levels(ok: Tensor, level_flops: Sequence[float]) -> Tensor:
+    """[N] the cheapest level each image is ``ok`` at ([N, K] bool; levels ordered from the most
+    tokens to the fewest, level 0 always counts as ok)."""
+    ok = ok.clone()
+    ok[:, 0] = True
+    flops = torch.tensor(level_flops, dtype=torch.float64)
+    cost = torch.where(ok, flops[None, :], torch.full_like(ok, float("inf"), dtype=torch.float64))
+    return cost.argmin(dim=1)
+
+
+def oracle_for_target(
+    cosine: Tensor, level_flops: Sequence[float], target: float, extra_ok: Tensor | None = None
+) -> tuple[Tensor, float]:
+    """(levels [N], cosine floor t): each image at the cheapest level whose cosine to its full
+    features is ``>= t`` (and ``extra_ok`` [N, K], if given), ``t`` the lowest floor whose mean FLOPs
+    does not exceed ``target`` (bisection). Knows every image's full features: not deployable, an
+    upper bound for a policy that picks one of these levels per image."""
+    flops = torch.tensor(level_flops, dtype=torch.float64)
+
+    def levels_at(t: float) -> Tensor:
+        ok = cosine >= t
+        if extra_ok is not None:
+            ok = ok & extra_ok
+        return oracle_levels(ok, level_flops)
+
+    lo, hi = -1.0, 1.0 + 1e-9  # mean FLOPs rises with t
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if float(flops[levels_at(mid)].mean()) > target:
+            hi = mid
+        else:
+            lo = mid
+    return levels_at(lo), lo
+
+
+# -- real runs: speed and achieved FLOPs ---------------------------------------------------------
+@dataclass
+class SpeedRow:
+    """Wall-clock of one config on real images, interleaved with the others in one process."""
+
+    condition: str
+    mean_flops: float  # block FLOPs per image over the full model's, measured on these images
+    img_s: float  # images per second (median over samples)
+    ratio: float  # median of the per-sample time ratios reference / this (> 1: faster)
+    ratio_q1: float
+    ratio_q3: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _measured_flops(model: nn.Module, input_tokens: int) -> float:
+    """Mean block FLOPs fraction of the latest forward of a patched model."""
+    from ..bench.flops import block_dims, model_flops
+    from ..patch import last_state
+
+    state = last_state(model)
+    flops = getattr(state, "flops", None)
+    if flops is not None:  # a PerImageState: per image
+        return float(flops.double().mean())
+    dims = [block_dims(b) for b in model.blocks]
+    full = model_flops(input_tokens, [input_tokens] * len(dims), dims)
+    return model_flops(state.input_tokens, state.tokens_per_layer, dims) / full
+
+
+def bench_on_images(
+    model: nn.Module,
+    images: Tensor,
+    configs: dict[str, ReductionConfig | None],
+    reference: str,
+    *,
+    batch_size: int = 32,
+    samples: int = 7,
+    warmup: int = 1,
+) -> list[SpeedRow]:
+    """Time each config (``None``: the unpatched model) on the same real ``images`` [N, 3, H, W]
+    (model-ready), one patched copy each, interleaved (:func:`tokenbudget.bench.throughput.
+    measure_interleaved`); every call embeds all of ``images`` in batches of ``batch_size``, so a
+    per-image config meets the same mix of images as a fixed one. Ratios are against ``reference``."""
+    import copy
+    import statistics
+
+    from ..bench.throughput import measure_interleaved, paired_ratio_quartiles
+
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    input_tokens = int(model.patch_embed.num_patches) + prefix
+    models = {}
+    for name, config in configs.items():
+        copy_ = copy.deepcopy(model).eval()
+        models[name] = copy_ if config is None else apply(copy_, config)
+    batches = [images[s : s + batch_size] for s in range(0, len(images), batch_size)]
+
+    def runner(m: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                for batch in batches:
+                    m(batch)
+
+        return run
+
+    flops = {}
+    for name, m in models.items():
+        if configs[name] is None:
+            flops[name] = 1.0
+            continue
+        per_batch = []
+        with torch.inference_mode():
+            for batch in batches:
+                m(batch)
+                per_batch.append(_measured_flops(m, input_tokens) * len(batch))
+        flops[name] = sum(per_batch) / len(images)
+    times = measure_interleaved(
+        {name: runner(m) for name, m in models.items()},
+        torch.device("cpu"),
+        warmup=warmup,
+        samples=samples,
+        min_sample_seconds=0.0,
+    )
+    rows = []
+    for name in models:
+        q1, median, q3 = paired_ratio_quartiles(times[reference], times[name])
+        rows.append(SpeedRow(name, flops[name], len(images) / statistics.median(times[name]), median, q1, q3))
+    return rows
+
+
+def per_image_features(
+    model: nn.Module, images: np.ndarray, config: ReductionConfig, *, batch_size: int = 32
+) -> tuple[Tensor, Tensor]:
+    """(harness features [N, 2C], per-image block FLOPs fraction [N]) of uint8 ``images`` under a
+    real grouped run of ``config`` (a calibrated ``tb.PerImage``)."""
+    from ..patch import last_state
+
+    mean, std = model_normalization(model)
+    apply(model, config)
+    feats, flops = [], []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = rgb_uint8_to_model_input(images[start : start + batch_size], mean, std)
+            feats.append(extract_features(model, x, batch_size).float())
+            flops.append(last_state(model).flops.float())
+    finally:
+        remove(model)
+    return torch.cat(feats), torch.cat(flops)
+
+
+def mix_level_features(
+    model: nn.Module,
+    model_key: str,
+    split: str,
+    configs: Sequence[ReductionConfig | None],
+    *,
+    n_per_source: int = 300,
+    sources: Sequence[str] | None = None,
+    seed: int = 0,
+    stride: int = 1,
+    batch_size: int = 32,
+    cache: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(features [N, K, 2C] of the dev mix's ``split`` under each config, labels [N], source ids [N]),
+    cached per source (``model_key`` names the model), so adding a source or a config embeds only
+    what is new. ``stride > 1`` takes every ``stride``-th image of each source (a subset, e.g. to
+    calibrate on)."""
+    from ..data.mix import SOURCE_VERSIONS, SOURCES, dev_mix, source_set
+
+    sources = tuple(sources or SOURCES)
+    size = int(model.patch_embed.img_size[0])
+    feats = []
+    for source in sources:
+        images, _ = source_set(source, split, n_per_source, size=size, seed=seed, cache=cache)
+        key = f"{model_key}|mix-v{SOURCE_VERSIONS[source]}-{source}-{split}-{n_per_source}-{size}-{seed}"
+        if stride > 1:
+            images, key = images[::stride], f"{key}-stride{stride}"
+        feats.append(
+            level_features(
+                model,
+                images,
+                configs,
+                key,
+                batch_size=batch_size,
+                cache=cache,
+                progress=None if progress is None else lambda name, s=source: progress(f"{s}: {name}"),
+            )
+        )
+    data = dev_mix(split, n_per_source, size=size, seed=seed, sources=sources, cache=cache)
+    labels, source_ids = torch.from_numpy(data.labels), torch.from_numpy(data.sources)
+    if stride > 1:
+        keep = torch.cat([torch.nonzero(source_ids == SOURCES.index(s)).flatten()[::stride] for s in sources])
+        labels, source_ids = labels[keep], source_ids[keep]
+    return torch.cat(feats), labels, source_ids

@@ -6,6 +6,8 @@ policy (:mod:`tokenbudget.adaptive.per_image`) turns them into budget levels by 
 
 * :func:`redundancy_need`: one minus the mean similarity of the edges ToMe's bipartite matching
   would merge first: an image whose tokens have many near-duplicates loses little when merged;
+* :func:`distinct_need`: one minus the similarity of the tokens that match worst, the ones ToMe
+  would merge last (a small odd detail: a spot, a scratch, a small object);
 * :func:`spread_need`: how far the tokens' directions spread around their mean direction;
 * the token entropy (:func:`tokenbudget.ops.entropy.token_entropy`), the entropy guard's measure.
 """
@@ -59,6 +61,23 @@ def redundancy_need(metric: Tensor, num_prefix: int = 0, fraction: float = 0.5) 
     best = best_match_similarity(metric, num_prefix)  # [B, Na]
     count = max(1, round(fraction * best.shape[1]))
     return 1.0 - best[:, :count].mean(dim=1)
+
+
+def distinct_need(metric: Tensor, num_prefix: int = 0, share: float = 0.05) -> Tensor:
+    """[B] one minus the mean best-match cosine similarity of the ``share`` of set-A tokens that
+    match worst: how unlike everything else an image's most distinctive tokens are (a spot, a
+    scratch, a small object), the tokens ToMe would merge last. In [0, 2].
+
+    Args:
+        metric: [B, N, D] tokens or attention keys (prefix first).
+        num_prefix: leading tokens that are never merged.
+        share: share of the A tokens averaged, from the worst-matched end, in (0, 1].
+    """
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share!r}")
+    best = best_match_similarity(metric, num_prefix)  # [B, Na], most similar first
+    count = max(1, round(share * best.shape[1]))
+    return 1.0 - best[:, -count:].mean(dim=1)
 
 
 def spread_need(x: Tensor, num_prefix: int = 0) -> Tensor:

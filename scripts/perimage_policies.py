@@ -1,0 +1,169 @@
+"""Per-image policies on the dev mix: which glance score, calibrated on train only, beats one fixed
+budget at the same mean FLOPs on the held-out test split.
+
+    PYTHONPATH=src python scripts/perimage_policies.py [--calib-stride 3] [--threads 2]
+
+Each policy scores every image (:mod:`tokenbudget.ops.glance` and friends); thresholds are calibrated
+on the *train* split (rule ``fit``: on a subset of train images embedded at every level, where
+their features stay closest to their full-token ones; rule ``spread``: a flat profile over the
+levels tilted to the target, no extra forward). The test images are then assigned levels by those
+thresholds and scored by picking each image's row of its level's features (cached; ToMe reduces
+each image on its own, so this equals a grouped run, which ``perimage_eval.py`` checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import tokenbudget as tb
+from tokenbudget.adaptive.budget_eval import tome_cost
+from tokenbudget.adaptive.per_image import (
+    fit_staircase,
+    model_level_plan,
+    need_scores,
+    patch_tokens_of,
+    profile_shares,
+    thresholds_for_shares,
+)
+from tokenbudget.data.images import model_normalization, rgb_uint8_to_model_input
+from tokenbudget.data.mix import SOURCES, dev_mix
+from tokenbudget.evaluate.harness import keep_for_flops_speedup
+from tokenbudget.evaluate.per_image_eval import (
+    Judges,
+    cosine_to_full,
+    mix_level_features,
+    score_rows,
+    select_levels,
+)
+from tokenbudget.ops.glance import distinct_need, level_index, redundancy_need
+
+LEVELS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
+POLICIES = ("redundancy", "entropy", "detail", "spread", "distinct-k0", "redundancy-k0")
+
+
+def glance(model: torch.nn.Module, images, policies, batch_size: int = 50) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """[N] scores of every policy for uint8 ``images``, and the patch embeddings (key ``"tokens"``)."""
+    mean, std = model_normalization(model)
+    out: dict[str, list] = {p: [] for p in policies}
+    tokens = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = rgb_uint8_to_model_input(images[start : start + batch_size], mean, std)
+            raw = model.patch_embed(x)
+            pt = patch_tokens_of(raw)
+            tokens.append(pt.half())
+            keys = None
+            for policy in policies:
+                if policy.endswith("-k0"):
+                    if keys is None:  # the first block's keys, summed over heads (ToMe's metric)
+                        block = model.blocks[0]
+                        h = block.norm1(model.norm_pre(model._pos_embed(raw)))
+                        qkv = block.attn.qkv(h).reshape(h.shape[0], h.shape[1], 3, block.attn.num_heads, -1)
+                        keys = block.attn.k_norm(qkv[:, :, 1].transpose(1, 2)).sum(1)
+                    score = (distinct_need if policy.startswith("distinct") else redundancy_need)(keys, 1)
+                elif policy in ("redundancy", "entropy", "detail", "spread"):
+                    score = need_scores(policy, pt, x, int(model.patch_embed.patch_size[0]))
+                else:
+                    continue
+                out[policy].append(score.double())
+    result = {p: torch.cat(v) for p, v in out.items() if v}
+    result["tokens"] = torch.cat(tokens)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-per-source", type=int, default=300)
+    parser.add_argument(
+        "--calib-stride", type=int, default=3, help="every n-th train image is embedded at every level"
+    )
+    parser.add_argument("--speedups", default="1.5,2")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    model = tb.models.dinov2_small().eval()
+    plan = model_level_plan(model, LEVELS)
+    level_configs = [None] + [tb.ToMe(r=list(m)) for m in plan.merged[1:]]
+    speedups = [float(s) for s in args.speedups.split(",")]
+    fixed = {s: keep_for_flops_speedup(model, s) for s in speedups}
+
+    def log(name: str) -> None:
+        print(f"  [{time.time() - start:6.0f} s] {name[:100]}", file=sys.stderr, flush=True)
+
+    common = dict(n_per_source=args.n_per_source, progress=log)
+    train, y_train, _ = mix_level_features(model, "dinov2_small", "train", [None], **common)
+    calib, _, _ = mix_level_features(
+        model, "dinov2_small", "train", level_configs, stride=args.calib_stride, **common
+    )
+    test, y_test, src = mix_level_features(
+        model, "dinov2_small", "test", level_configs + [tb.ToMe(keep=k) for k in fixed.values()], **common
+    )
+    levels, fixed_feats = test[:, : len(LEVELS)], test[:, len(LEVELS) :]
+    judges = Judges.fit(train[:, 0], y_train, levels[:, 0], y_test)
+    calib_quality = cosine_to_full(calib, calib[:, 0])
+    log("glance")
+    train_images = dev_mix("train", args.n_per_source).images
+    test_images = dev_mix("test", args.n_per_source).images
+    train_scores = glance(model, train_images, POLICIES)
+    test_scores = glance(model, test_images, POLICIES)
+    calib_index = torch.cat(
+        [
+            torch.nonzero(torch.from_numpy(dev_mix("train", args.n_per_source).sources) == s).flatten()[
+                :: args.calib_stride
+            ]
+            for s in range(len(SOURCES))
+        ]
+    )
+    flops = torch.tensor(plan.flops, dtype=torch.float64)
+    n = len(y_test)
+    header = f"{'policy':<22} {'FLOPs':>6} {'speedup':>7} {'k-NN':>6} {'gain':>6} {'+-':>4} {'linear':>6} {'gain':>6} {'+-':>4}  images per level {list(LEVELS)}"
+    for i, speedup in enumerate(speedups):
+        keep = fixed[speedup]
+        target = tome_cost(model, keep)[1]
+        conditions = [(f"fixed keep={keep:g}", fixed_feats[:, i], torch.full((n,), target))]
+        counts = {}
+        for policy in POLICIES:
+            for rule in ("fit", "spread"):
+                if rule == "fit":
+                    thresholds = fit_staircase(
+                        train_scores[policy][calib_index], calib_quality, plan.flops, target
+                    )
+                else:
+                    thresholds = thresholds_for_shares(
+                        train_scores[policy], profile_shares(target, plan.flops)
+                    )
+                index = level_index(
+                    test_scores[policy], torch.tensor(thresholds, dtype=torch.float64), len(LEVELS)
+                )
+                name = f"{policy} ({rule})"
+                conditions.append((name, select_levels(levels, index), flops[index]))
+                counts[name] = [
+                    torch.bincount(index[src == s], minlength=len(LEVELS)).tolist()
+                    for s in range(len(SOURCES))
+                ]
+        rows = score_rows(judges, conditions, reference=f"fixed keep={keep:g}")
+        print(
+            f"\nFLOPs-ideal {speedup:g}x: thresholds calibrated on train; test FLOPs are what the test images got"
+        )
+        print(header)
+        print("-" * len(header))
+        for r in rows:
+            print(
+                f"{r.condition:<22} {r.mean_flops:>6.4f} {r.speedup:>6.3f}x {r.knn_acc:>6.3f} {r.knn_gain:>+6.1f} "
+                f"{r.knn_gain_se:>4.1f} {r.linear_acc:>6.3f} {r.linear_gain:>+6.1f} {r.linear_gain_se:>4.1f}  "
+                + (
+                    " ".join(f"{SOURCES[s][:4]}{c}" for s, c in enumerate(counts[r.condition]))
+                    if r.condition in counts
+                    else ""
+                )
+            )
+    print(f"\n{time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
