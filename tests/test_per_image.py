@@ -304,3 +304,39 @@ def test_per_image_refuses_other_frameworks_and_bad_input(
     with pytest.raises(NotImplementedError):
         model.get_intermediate_layers(_images(2))
     tb.remove(model)
+
+
+# -- evaluation helpers --------------------------------------------------------------------------
+
+
+def test_oracle_picks_the_cheapest_good_level_within_the_target() -> None:
+    from tokenbudget.evaluate.per_image_eval import oracle_for_target, oracle_levels
+
+    flops = [1.0, 0.5, 0.25]
+    cosine = torch.tensor([[1.0, 0.99, 0.98], [1.0, 0.90, 0.80], [1.0, 0.999, 0.995]], dtype=torch.float64)
+    ok = cosine >= 0.95
+    assert oracle_levels(ok, flops).tolist() == [2, 0, 2]
+    index, floor = oracle_for_target(cosine, flops, target=0.5)
+    assert torch.tensor(flops)[index].mean() <= 0.5 + 1e-9
+    assert index[1] == 0  # the image that loses most keeps its tokens
+    assert index[2] == 2
+
+
+def test_evaluate_per_image_runs_end_to_end_on_a_tiny_model(model: torch.nn.Module) -> None:
+    from tokenbudget.evaluate.per_image_eval import evaluate_per_image, format_per_image_runs
+
+    g = torch.Generator().manual_seed(4)
+    train, test = _images(24, seed=11), _images(12, seed=12)
+    y_train, y_test = torch.randint(0, 3, (24,), generator=g), torch.randint(0, 3, (12,), generator=g)
+    runs = evaluate_per_image(
+        model, train, y_train, test, y_test, speedups=(1.5,), policy="redundancy", levels=LEVELS, calibration_images=16
+    )
+    (run,) = runs
+    names = [r.condition for r in run.rows]
+    assert names == ["full", f"fixed keep={run.fixed_keep:g}", "per-image"]
+    fixed, per_image = run.rows[1], run.rows[2]
+    assert fixed.knn_gain == 0.0 and fixed.knn_gain_se == 0.0
+    assert abs(fixed.speedup - 1.5) < 0.1
+    assert per_image.mean_flops < 1.0 and sum(run.level_counts.values()) == 12
+    assert run.config["thresholds"] is not None
+    assert "per-image" in format_per_image_runs(runs, "tiny")

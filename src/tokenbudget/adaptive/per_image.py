@@ -398,6 +398,57 @@ def calibrate_per_image(
     return replace(base, thresholds=thresholds, target_flops=target, calibrated_flops=round(achieved, 6))
 
 
+def quality_floor_targets(quality: Tensor, level_flops: Sequence[float], target: float) -> Tensor:
+    """[N] each image's cheapest level whose ``quality`` [N, K] reaches a floor, the floor set so that
+    the mean FLOPs of those levels is ``target`` (bisection): the per-image budget the calibration
+    images ask for, as training targets of a budget predictor."""
+    flops = torch.tensor(level_flops, dtype=torch.float64)
+
+    def at(floor: float) -> Tensor:
+        ok = quality >= floor
+        ok[:, 0] = True
+        cost = torch.where(ok, flops[None, :], torch.full(ok.shape, float("inf"), dtype=torch.float64))
+        return cost.argmin(dim=1)
+
+    lo, hi = float(quality.min()) - 1.0, float(quality.max()) + 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(flops[at(mid)].mean()) <= target else (lo, mid)
+    return at(lo)
+
+
+def train_need_predictor(
+    glance: Tensor,
+    quality: Tensor,
+    level_flops: Sequence[float],
+    target: float,
+    *,
+    hidden: int = 128,
+    epochs: int = 30,
+    seed: int = 0,
+    info: dict | None = None,
+) -> Any:
+    """A :class:`~tokenbudget.adaptive.BudgetPredictor` that predicts each image's level from its
+    patch embeddings ``glance`` [N, P, C]: trained on the levels :func:`quality_floor_targets` asks
+    for at a mean FLOPs of ``target``. Its budgets are the levels' FLOPs fractions, cheapest first, so
+    its :meth:`~tokenbudget.adaptive.BudgetPredictor.need` is the expected FLOPs of an image."""
+    from .budget_predictor import train_budget_predictor
+
+    k = len(level_flops)
+    levels = quality_floor_targets(quality, level_flops, target)
+    budgets = [float(level_flops[k - 1 - j]) for j in range(k)]  # cheapest first
+    predictor, _ = train_budget_predictor(
+        glance.float(),
+        (k - 1 - levels).long(),
+        budgets,
+        hidden=hidden,
+        epochs=epochs,
+        seed=seed,
+        info={"kind": "per-image need", **(info or {})},
+    )
+    return predictor
+
+
 def pooled_features(model: nn.Module, images: Tensor) -> Tensor:
     """[B, 2C]: the class token and the size-weighted mean of the other output tokens of
     ``model.forward_features(images)`` (sizes from ``tb.last_state`` when the model is patched)."""
@@ -738,6 +789,8 @@ __all__ = [
     "fit_staircase",
     "level_cosines",
     "pooled_features",
+    "quality_floor_targets",
+    "train_need_predictor",
     "glance_batches",
     "level_groups",
     "mean_flops_target",

@@ -334,26 +334,6 @@ def bench_on_images(
     return rows
 
 
-def per_image_features(
-    model: nn.Module, images: np.ndarray, config: ReductionConfig, *, batch_size: int = 32
-) -> tuple[Tensor, Tensor]:
-    """(harness features [N, 2C], per-image block FLOPs fraction [N]) of uint8 ``images`` under a
-    real grouped run of ``config`` (a calibrated ``tb.PerImage``)."""
-    from ..patch import last_state
-
-    mean, std = model_normalization(model)
-    apply(model, config)
-    feats, flops = [], []
-    try:
-        for start in range(0, len(images), batch_size):
-            x = rgb_uint8_to_model_input(images[start : start + batch_size], mean, std)
-            feats.append(extract_features(model, x, batch_size).float())
-            flops.append(last_state(model).flops.float())
-    finally:
-        remove(model)
-    return torch.cat(feats), torch.cat(flops)
-
-
 def mix_level_features(
     model: nn.Module,
     model_key: str,
@@ -399,3 +379,144 @@ def mix_level_features(
         keep = torch.cat([torch.nonzero(source_ids == SOURCES.index(s)).flatten()[::stride] for s in sources])
         labels, source_ids = labels[keep], source_ids[keep]
     return torch.cat(feats), labels, source_ids
+
+
+# -- the harness path: calibrate on train inside the run, score the held-out test split ----------
+@dataclass
+class PerImageRun:
+    """One target of :func:`evaluate_per_image`: the calibrated config and the scored rows."""
+
+    speedup: float
+    fixed_keep: float
+    config: dict
+    rows: list[AllocationRow]
+    level_counts: dict[float, int]
+
+
+def evaluate_per_image(
+    model: nn.Module,
+    train_images: Tensor,
+    train_labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    speedups: Sequence[float] = (1.5, 2.0),
+    *,
+    policy: str = "detail",
+    rule: str = "fit",
+    levels: Sequence[float] | None = None,
+    calibration_images: int = 300,
+    batch_size: int = 32,
+    seed: int = 0,
+    train_full: Tensor | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[PerImageRun]:
+    """``tb.PerImage`` against ToMe at the same mean FLOPs on model-ready images [N, 3, H, W].
+
+    For each FLOPs-ideal ``speedup``: ToMe's ``keep`` for it (the harness's
+    :func:`~tokenbudget.evaluate.harness.keep_for_flops_speedup`), then ``tb.PerImage(keep=keep)``
+    calibrated on ``calibration_images`` train images (a seeded random subset), so both aim at the
+    same mean FLOPs; the test images run through both for real (the per-image model grouped by
+    level), and k-NN / linear probe fit on full-token train features score them. Rows: full, fixed,
+    per-image; gains are against fixed with paired standard errors.
+    """
+    from ..adaptive.per_image import calibrate_per_image
+    from ..config import ToMe
+    from .harness import keep_for_flops_speedup
+
+    def say(text: str) -> None:
+        if progress is not None:
+            progress(text)
+
+    model = model.eval()
+    say("full-token features")
+    if train_full is None:
+        train_full = extract_features(model, train_images, batch_size)
+    test_full = extract_features(model, test_images, batch_size)
+    judges = Judges.fit(train_full, train_labels, test_full, test_labels)
+    generator = torch.Generator().manual_seed(seed)
+    subset = torch.randperm(len(train_images), generator=generator)[:calibration_images].sort().values
+    runs = []
+    n = len(test_labels)
+    for speedup in speedups:
+        keep = keep_for_flops_speedup(model, speedup)
+        say(f"{speedup:g}x: fixed ToMe keep={keep:g}")
+        fixed_feats, fixed_flops = _real_run(model, test_images, ToMe(keep=keep), batch_size)
+        say(f"{speedup:g}x: calibrating per-image ({policy}, {rule}) on {len(subset)} train images")
+        config = calibrate_per_image(
+            model,
+            train_images[subset],
+            keep=keep,
+            policy=policy,
+            rule=rule,
+            batch_size=batch_size,
+            **({} if levels is None else {"levels": tuple(levels)}),
+        )
+        say(f"{speedup:g}x: per-image test run")
+        feats, flops = _real_run(model, test_images, config, batch_size)
+        rows = score_rows(
+            judges,
+            [
+                ("full", test_full, torch.ones(n)),
+                (f"fixed keep={keep:g}", fixed_feats, fixed_flops),
+                ("per-image", feats, flops),
+            ],
+            reference=f"fixed keep={keep:g}",
+        )
+        counts = _level_counts(config, flops)
+        runs.append(PerImageRun(speedup, keep, config.to_dict(), rows, counts))
+    return runs
+
+
+def _real_run(
+    model: nn.Module, images: Tensor, config: ReductionConfig, batch_size: int
+) -> tuple[Tensor, Tensor]:
+    """(harness features [N, 2C], per-image block FLOPs fraction [N]) of a real run under ``config``."""
+    from ..patch import last_state
+
+    input_tokens = int(model.patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
+    apply(model, config)
+    feats, flops = [], []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size]
+            feats.append(extract_features(model, x, batch_size).float())
+            per_image = getattr(last_state(model), "flops", None)
+            if per_image is None:
+                per_image = torch.full((len(x),), _measured_flops(model, input_tokens), dtype=torch.float64)
+            flops.append(per_image.double())
+    finally:
+        remove(model)
+    return torch.cat(feats), torch.cat(flops)
+
+
+def _level_counts(config: ReductionConfig, flops: Tensor) -> dict[float, int]:
+    """Images per level speedup, read back from each image's FLOPs (levels have distinct FLOPs)."""
+    counts: dict[float, int] = {}
+    for value in (1.0 / flops).tolist():
+        nearest = min(config.levels, key=lambda s: abs(s - value))
+        counts[nearest] = counts.get(nearest, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def format_per_image_runs(runs: Sequence[PerImageRun], name: str) -> str:
+    """Plain-text table of :func:`evaluate_per_image` results."""
+    lines = []
+    for run in runs:
+        cfg = run.config
+        lines.append(
+            f"{name}, FLOPs-ideal {run.speedup:g}x: fixed ToMe keep={run.fixed_keep:g}; per-image policy "
+            f"{cfg['policy']}, levels {cfg['levels']}, calibrated target FLOPs {cfg['target_flops']:.4f} "
+            f"(train: {cfg['calibrated_flops']:.4f}); test images per level {run.level_counts}"
+        )
+        header = (
+            f"  {'condition':<18} {'FLOPs':>6} {'speedup':>7} {'k-NN':>6} {'+-':>5} {'gain':>6} {'+-':>4} "
+            f"{'linear':>6} {'+-':>5} {'gain':>6} {'+-':>4} {'cosine':>7}"
+        )
+        lines += [header, "  " + "-" * (len(header) - 2)]
+        for r in run.rows:
+            lines.append(
+                f"  {r.condition:<18} {r.mean_flops:>6.4f} {r.speedup:>6.3f}x {r.knn_acc:>6.3f} {r.knn_se:>5.3f} "
+                f"{r.knn_gain:>+6.1f} {r.knn_gain_se:>4.1f} {r.linear_acc:>6.3f} {r.linear_se:>5.3f} "
+                f"{r.linear_gain:>+6.1f} {r.linear_gain_se:>4.1f} {r.cosine:>7.4f}"
+            )
+    return "\n".join(lines)
