@@ -24,18 +24,18 @@ import time
 import torch
 
 import tokenbudget as tb
-from tokenbudget.adaptive.budget_eval import tome_cost
 from tokenbudget.adaptive.per_image import model_level_plan
 from tokenbudget.data.mix import SOURCES
-from tokenbudget.evaluate.harness import keep_for_flops_speedup
+from tokenbudget.evaluate.budget_predictor import tome_cost
+from tokenbudget.evaluate.budgets import keep_for_flops_speedup
 from tokenbudget.evaluate.per_image_eval import (
     Judges,
     cosine_to_full,
-    mix_level_features,
     oracle_for_target,
     score_rows,
     select_levels,
 )
+from tokenbudget.evaluate.per_image_features import mix_level_features
 
 LEVELS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 

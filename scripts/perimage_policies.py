@@ -20,27 +20,21 @@ import time
 import torch
 
 import tokenbudget as tb
-from tokenbudget.adaptive.budget_eval import tome_cost
-from tokenbudget.adaptive.per_image import (
-    fit_staircase,
-    model_level_plan,
-    need_scores,
-    patch_tokens_of,
-    profile_shares,
-    thresholds_for_shares,
-    train_need_predictor,
-)
+from tokenbudget.adaptive.per_image import model_level_plan, train_need_predictor
 from tokenbudget.data.images import model_normalization, rgb_uint8_to_model_input
 from tokenbudget.data.mix import SOURCES, dev_mix
-from tokenbudget.evaluate.harness import keep_for_flops_speedup
+from tokenbudget.evaluate.budget_predictor import tome_cost
+from tokenbudget.evaluate.budgets import keep_for_flops_speedup
 from tokenbudget.evaluate.per_image_eval import (
     Judges,
     cosine_to_full,
-    mix_level_features,
     score_rows,
     select_levels,
 )
+from tokenbudget.evaluate.per_image_features import mix_level_features
+from tokenbudget.ops.budget_fit import fit_staircase, profile_shares, thresholds_for_shares
 from tokenbudget.ops.glance import distinct_need, level_index, redundancy_need
+from tokenbudget.strategies.per_image import need_scores
 
 LEVELS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 POLICIES = ("redundancy", "entropy", "detail", "spread", "distinct-k0", "redundancy-k0")
@@ -55,7 +49,7 @@ def glance(model: torch.nn.Module, images, policies, batch_size: int = 50) -> di
         for start in range(0, len(images), batch_size):
             x = rgb_uint8_to_model_input(images[start : start + batch_size], mean, std)
             raw = model.patch_embed(x)
-            pt = patch_tokens_of(raw)
+            pt = raw.flatten(1, 2) if raw.ndim == 4 else raw
             tokens.append(pt.half())
             keys = None
             for policy in policies:

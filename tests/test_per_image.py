@@ -10,19 +10,11 @@ import torch
 
 import tokenbudget as tb
 from conftest import assert_concurrent_forwards_match, make_tiny
-from tokenbudget.adaptive.per_image import (
-    calibrate_per_image,
-    fit_staircase,
-    model_level_plan,
-    profile_shares,
-    rate_for_speedup,
-    rate_schedule,
-    resolve_levels,
-    schedule_flops,
-    thresholds_for_shares,
-)
-from tokenbudget.bench.flops import block_dims
+from tokenbudget.adapters import find_adapter
+from tokenbudget.adaptive.per_image import calibrate_per_image, model_level_plan
+from tokenbudget.ops.budget_fit import fit_staircase, profile_shares, thresholds_for_shares
 from tokenbudget.ops.glance import best_match_similarity, level_index, redundancy_need, spread_need
+from tokenbudget.strategies.per_image import rate_for_speedup, rate_schedule, resolve_levels, schedule_flops
 
 LEVELS = (1.0, 1.5, 2.0, 3.0)
 
@@ -42,7 +34,7 @@ def model() -> torch.nn.Module:
 
 @pytest.fixture
 def config(model: torch.nn.Module) -> tb.PerImage:
-    return tb.PerImage.calibrate(model, _images(24, seed=5), flops_speedup=2, levels=LEVELS)
+    return calibrate_per_image(model, _images(24, seed=5), flops_speedup=2, levels=LEVELS)
 
 
 # -- glance scores -----------------------------------------------------------------------------
@@ -112,7 +104,7 @@ def test_rate_schedule_is_geometric_and_respects_the_bipartite_limit() -> None:
 
 
 def test_levels_meet_their_speedups(model: torch.nn.Module) -> None:
-    dims = [block_dims(b) for b in model.blocks]
+    dims = find_adapter(model).block_dims()
     plan = resolve_levels(LEVELS, 65, 1, dims)
     assert plan.flops[0] == 1.0 and plan.rates[0] == 0.0
     for speedup, flops, merged in zip(plan.speedups, plan.flops, plan.merged, strict=True):
@@ -185,7 +177,7 @@ def test_calibration_meets_the_target_on_its_images(model: torch.nn.Module) -> N
     state = tb.last_state(model)
     tb.remove(model)
     per_layer = state.tokens_per_layer
-    dims = [block_dims(b) for b in model.blocks]
+    dims = find_adapter(model).block_dims()
     merged = [a - b for a, b in zip([state.input_tokens, *per_layer], per_layer, strict=False)]
     assert keep_cfg.target_flops == pytest.approx(schedule_flops(state.input_tokens, merged, dims))
 
@@ -213,7 +205,7 @@ def test_config_round_trips_and_validates(config: tb.PerImage) -> None:
 
 
 def test_apply_without_thresholds_says_how_to_calibrate(model: torch.nn.Module) -> None:
-    with pytest.raises(ValueError, match="PerImage.calibrate"):
+    with pytest.raises(ValueError, match="calibrate_per_image"):
         tb.apply(model, tb.PerImage(flops_speedup=2))
     assert not tb.is_patched(model)
 
@@ -329,7 +321,15 @@ def test_evaluate_per_image_runs_end_to_end_on_a_tiny_model(model: torch.nn.Modu
     train, test = _images(24, seed=11), _images(12, seed=12)
     y_train, y_test = torch.randint(0, 3, (24,), generator=g), torch.randint(0, 3, (12,), generator=g)
     runs = evaluate_per_image(
-        model, train, y_train, test, y_test, speedups=(1.5,), policy="redundancy", levels=LEVELS, calibration_images=16
+        model,
+        train,
+        y_train,
+        test,
+        y_test,
+        speedups=(1.5,),
+        policy="redundancy",
+        levels=LEVELS,
+        calibration_images=16,
     )
     (run,) = runs
     names = [r.condition for r in run.rows]

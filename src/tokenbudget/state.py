@@ -1,4 +1,4 @@
-"""TokenState: what one forward pass did to the tokens. A fresh state is made by every forward."""
+"""TokenState (what one forward did to the tokens) and AdaptivePatchState (what it did to each image's patch size). A fresh state is made by every forward."""
 
 from __future__ import annotations
 
@@ -156,4 +156,107 @@ class TokenState:
             "tokens_per_layer": list(self.tokens_per_layer),
             "clamped_layers": self.clamped_layers,
             **({"real_tokens_per_layer": self.real_tokens_per_layer.tolist()} if self.guard_layers else {}),
+        }
+
+
+@dataclass
+class AdaptivePatchState:
+    """Per-image record of one forward under :class:`tokenbudget.AdaptivePatch` (input order).
+
+    Attributes:
+        scores: [B] complexity scores.
+        patch_sizes: [B] patch side in px each image ran at (``mode="resolution"``: the patch size
+            it stands in for; the image was resized to ``grid * native_patch`` px instead).
+        grids: per image, (rows, cols) of its patch grid.
+        num_prefix: class / distillation / register tokens in front of every sequence.
+        num_layers: blocks of the model.
+        mode: ``"patch"`` (resampled patch embedding) or ``"resolution"`` (resized input).
+    """
+
+    scores: Tensor
+    patch_sizes: Tensor
+    grids: list[tuple[int, int]]
+    num_prefix: int
+    num_layers: int
+    mode: str
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.grids)
+
+    @property
+    def patch_tokens(self) -> list[int]:
+        """Patch tokens of each image (prefix excluded): 64 / 256 / 1024 for DINOv2 at 28 / 14 / 7 px."""
+        return [rows * cols for rows, cols in self.grids]
+
+    @property
+    def tokens(self) -> list[int]:
+        """Tokens of each image entering the first block, prefix included."""
+        return [n + self.num_prefix for n in self.patch_tokens]
+
+    @property
+    def mean_tokens(self) -> float:
+        """Mean tokens per image (prefix included) through every block."""
+        return sum(self.tokens) / max(self.batch_size, 1)
+
+    @property
+    def tokens_per_layer(self) -> list[float]:
+        """Mean tokens per image after each block: blocks do not reduce, so it is constant."""
+        return [self.mean_tokens] * self.num_layers
+
+    def summary(self) -> dict:
+        """JSON-friendly description (no tensors)."""
+        return {
+            "batch_size": self.batch_size,
+            "mode": self.mode,
+            "scores": [round(float(s), 6) for s in self.scores],
+            "patch_sizes": [int(p) for p in self.patch_sizes],
+            "tokens": self.tokens,
+            "mean_tokens": self.mean_tokens,
+        }
+
+
+@dataclass
+class PerImageState(TokenState):
+    """What one forward of a ``tb.PerImage`` model did, per image (input order).
+
+    The :class:`TokenState` fields describe the batch as ``forward_features`` returns it: as wide as
+    its widest image, shorter images padded with size-0 tokens (``padding``, ``sizes``).
+
+    Attributes:
+        levels: [B] level index of each image (into ``level_speedups``).
+        level_speedups: the levels, as FLOPs-ideal speedups.
+        scores: [B] glance scores (need).
+        speedups: [B] each image's budget: the FLOPs-ideal speedup of its level.
+        flops: [B] each image's block FLOPs over the unreduced model's.
+        image_tokens_per_layer: [B, L] each image's tokens after each block.
+        group_sizes: level speedup -> images run at it.
+    """
+
+    levels: Tensor | None = None
+    level_speedups: tuple[float, ...] = ()
+    scores: Tensor | None = None
+    speedups: Tensor | None = None
+    flops: Tensor | None = None
+    image_tokens_per_layer: Tensor | None = None
+    group_sizes: dict[float, int] = field(default_factory=dict)
+
+    @property
+    def real_tokens_per_layer(self) -> Tensor:
+        """[B, L] each image's token count after each block."""
+        return self.image_tokens_per_layer
+
+    @property
+    def mean_flops(self) -> float:
+        """Mean block FLOPs fraction of the batch."""
+        return float(self.flops.double().mean())
+
+    def summary(self) -> dict:
+        return {
+            **super().summary(),
+            "levels": [int(v) for v in self.levels],
+            "speedups": [float(v) for v in self.speedups],
+            "scores": [round(float(v), 6) for v in self.scores],
+            "mean_flops": self.mean_flops,
+            "group_sizes": {str(k): v for k, v in self.group_sizes.items()},
         }

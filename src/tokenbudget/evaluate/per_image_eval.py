@@ -1,98 +1,24 @@
-"""Per-image budgets in the quality harness: features of the dev mix under each budget, cached.
-
-ToMe reduces every image on its own (no guard: nothing depends on the batch), so an image's
-features under a budget do not depend on which other images share its batch. The features of
-every test image under every budget level are computed once (:func:`level_features`) and any
-per-image allocation is scored by picking each image's row; a real grouped run of
-``tb.PerImage`` checks that shortcut (:func:`tokenbudget.evaluate.per_image_eval`).
+"""Per-image budgets in the quality harness: scoring allocations against a fixed budget (paired
+standard errors), oracles, interleaved speed on real images, and the calibrate-on-train path
+(:func:`evaluate_per_image`). Features come from :mod:`.per_image_features`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapters import find_adapter
 from ..config import ReductionConfig
-from ..data.images import model_normalization, rgb_uint8_to_model_input
-from ..models.dinov2 import default_cache_dir
-from ..patch import apply, remove
-from .harness import extract_features
+from ..patch import apply
+from .features import extract_features
 from .metrics import LinearProbe, cosine_fidelity, fit_linear_probe, knn_predictions
-
-
-def embed_features(
-    model: nn.Module,
-    images: np.ndarray,
-    config: ReductionConfig | None = None,
-    *,
-    batch_size: int = 32,
-    progress: Callable[[int], None] | None = None,
-) -> Tensor:
-    """Harness features [N, 2C] of uint8 RGB ``images`` [N, H, W, 3] under ``config`` (``None``: all
-    tokens), converted to model input one batch at a time (bounded memory)."""
-    mean, std = model_normalization(model)
-    if config is not None:
-        apply(model, config)
-    try:
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            x = rgb_uint8_to_model_input(images[start : start + batch_size], mean, std)
-            chunks.append(extract_features(model, x, batch_size).float())
-            if progress is not None:
-                progress(len(x))
-    finally:
-        if config is not None:
-            remove(model)
-    return torch.cat(chunks)
-
-
-def cached_features(key: str, compute: Callable[[], Tensor], *, cache: bool = True) -> Tensor:
-    """``compute()`` once per ``key`` (float32 on disk under ``<cache>/features``); later calls load it."""
-    path = default_cache_dir() / "features" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
-    if cache and path.exists():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    feats = compute()
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(feats.float().contiguous(), tmp)
-        os.replace(tmp, path)
-    return feats.float()
-
-
-def level_features(
-    model: nn.Module,
-    images: np.ndarray,
-    configs: Sequence[ReductionConfig | None],
-    key: str,
-    *,
-    batch_size: int = 32,
-    cache: bool = True,
-    progress: Callable[[str], None] | None = None,
-) -> Tensor:
-    """[N, K, 2C]: features of ``images`` under each of ``configs`` (``None``: all tokens), each cached
-    under ``key`` (what identifies the model and the images) and the config's JSON."""
-    out = []
-    for config in configs:
-        name = "full" if config is None else config.to_json(sort_keys=True)
-        if progress is not None:
-            progress(name)
-        out.append(
-            cached_features(
-                f"{key}|{name}",
-                lambda config=config: embed_features(model, images, config, batch_size=batch_size),
-                cache=cache,
-            )
-        )
-    return torch.stack(out, dim=1)
+from .per_image_features import measured_flops, real_run
 
 
 # -- scoring allocations -------------------------------------------------------------------------
@@ -260,20 +186,6 @@ class SpeedRow:
         return asdict(self)
 
 
-def _measured_flops(model: nn.Module, input_tokens: int) -> float:
-    """Mean block FLOPs fraction of the latest forward of a patched model."""
-    from ..bench.flops import block_dims, model_flops
-    from ..patch import last_state
-
-    state = last_state(model)
-    flops = getattr(state, "flops", None)
-    if flops is not None:  # a PerImageState: per image
-        return float(flops.double().mean())
-    dims = [block_dims(b) for b in model.blocks]
-    full = model_flops(input_tokens, [input_tokens] * len(dims), dims)
-    return model_flops(state.input_tokens, state.tokens_per_layer, dims) / full
-
-
 def bench_on_images(
     model: nn.Module,
     images: Tensor,
@@ -293,8 +205,7 @@ def bench_on_images(
 
     from ..bench.throughput import measure_interleaved, paired_ratio_quartiles
 
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    input_tokens = int(model.patch_embed.num_patches) + prefix
+    input_tokens = find_adapter(model).default_num_tokens
     models = {}
     for name, config in configs.items():
         copy_ = copy.deepcopy(model).eval()
@@ -318,7 +229,7 @@ def bench_on_images(
         with torch.inference_mode():
             for batch in batches:
                 m(batch)
-                per_batch.append(_measured_flops(m, input_tokens) * len(batch))
+                per_batch.append(measured_flops(m, input_tokens) * len(batch))
         flops[name] = sum(per_batch) / len(images)
     times = measure_interleaved(
         {name: runner(m) for name, m in models.items()},
@@ -332,53 +243,6 @@ def bench_on_images(
         q1, median, q3 = paired_ratio_quartiles(times[reference], times[name])
         rows.append(SpeedRow(name, flops[name], len(images) / statistics.median(times[name]), median, q1, q3))
     return rows
-
-
-def mix_level_features(
-    model: nn.Module,
-    model_key: str,
-    split: str,
-    configs: Sequence[ReductionConfig | None],
-    *,
-    n_per_source: int = 300,
-    sources: Sequence[str] | None = None,
-    seed: int = 0,
-    stride: int = 1,
-    batch_size: int = 32,
-    cache: bool = True,
-    progress: Callable[[str], None] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(features [N, K, 2C] of the dev mix's ``split`` under each config, labels [N], source ids [N]),
-    cached per source (``model_key`` names the model), so adding a source or a config embeds only
-    what is new. ``stride > 1`` takes every ``stride``-th image of each source (a subset, e.g. to
-    calibrate on)."""
-    from ..data.mix import SOURCE_VERSIONS, SOURCES, dev_mix, source_set
-
-    sources = tuple(sources or SOURCES)
-    size = int(model.patch_embed.img_size[0])
-    feats = []
-    for source in sources:
-        images, _ = source_set(source, split, n_per_source, size=size, seed=seed, cache=cache)
-        key = f"{model_key}|mix-v{SOURCE_VERSIONS[source]}-{source}-{split}-{n_per_source}-{size}-{seed}"
-        if stride > 1:
-            images, key = images[::stride], f"{key}-stride{stride}"
-        feats.append(
-            level_features(
-                model,
-                images,
-                configs,
-                key,
-                batch_size=batch_size,
-                cache=cache,
-                progress=None if progress is None else lambda name, s=source: progress(f"{s}: {name}"),
-            )
-        )
-    data = dev_mix(split, n_per_source, size=size, seed=seed, sources=sources, cache=cache)
-    labels, source_ids = torch.from_numpy(data.labels), torch.from_numpy(data.sources)
-    if stride > 1:
-        keep = torch.cat([torch.nonzero(source_ids == SOURCES.index(s)).flatten()[::stride] for s in sources])
-        labels, source_ids = labels[keep], source_ids[keep]
-    return torch.cat(feats), labels, source_ids
 
 
 # -- the harness path: calibrate on train inside the run, score the held-out test split ----------
@@ -413,7 +277,7 @@ def evaluate_per_image(
     """``tb.PerImage`` against ToMe at the same mean FLOPs on model-ready images [N, 3, H, W].
 
     For each FLOPs-ideal ``speedup``: ToMe's ``keep`` for it (the harness's
-    :func:`~tokenbudget.evaluate.harness.keep_for_flops_speedup`), then ``tb.PerImage(keep=keep)``
+    :func:`~tokenbudget.evaluate.keep_for_flops_speedup`), then ``tb.PerImage(keep=keep)``
     calibrated on ``calibration_images`` train images (a seeded random subset), so both aim at the
     same mean FLOPs; the test images run through both for real (the per-image model grouped by
     level), and k-NN / linear probe fit on full-token train features score them. Rows: full, fixed,
@@ -421,7 +285,7 @@ def evaluate_per_image(
     """
     from ..adaptive.per_image import calibrate_per_image
     from ..config import ToMe
-    from .harness import keep_for_flops_speedup
+    from .budgets import keep_for_flops_speedup
 
     def say(text: str) -> None:
         if progress is not None:
@@ -440,7 +304,7 @@ def evaluate_per_image(
     for speedup in speedups:
         keep = keep_for_flops_speedup(model, speedup)
         say(f"{speedup:g}x: fixed ToMe keep={keep:g}")
-        fixed_feats, fixed_flops = _real_run(model, test_images, ToMe(keep=keep), batch_size)
+        fixed_feats, fixed_flops = real_run(model, test_images, ToMe(keep=keep), batch_size)
         say(f"{speedup:g}x: calibrating per-image ({policy}, {rule}) on {len(subset)} train images")
         config = calibrate_per_image(
             model,
@@ -452,7 +316,7 @@ def evaluate_per_image(
             **({} if levels is None else {"levels": tuple(levels)}),
         )
         say(f"{speedup:g}x: per-image test run")
-        feats, flops = _real_run(model, test_images, config, batch_size)
+        feats, flops = real_run(model, test_images, config, batch_size)
         rows = score_rows(
             judges,
             [
@@ -465,28 +329,6 @@ def evaluate_per_image(
         counts = _level_counts(config, flops)
         runs.append(PerImageRun(speedup, keep, config.to_dict(), rows, counts))
     return runs
-
-
-def _real_run(
-    model: nn.Module, images: Tensor, config: ReductionConfig, batch_size: int
-) -> tuple[Tensor, Tensor]:
-    """(harness features [N, 2C], per-image block FLOPs fraction [N]) of a real run under ``config``."""
-    from ..patch import last_state
-
-    input_tokens = int(model.patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
-    apply(model, config)
-    feats, flops = [], []
-    try:
-        for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size]
-            feats.append(extract_features(model, x, batch_size).float())
-            per_image = getattr(last_state(model), "flops", None)
-            if per_image is None:
-                per_image = torch.full((len(x),), _measured_flops(model, input_tokens), dtype=torch.float64)
-            flops.append(per_image.double())
-    finally:
-        remove(model)
-    return torch.cat(feats), torch.cat(flops)
 
 
 def _level_counts(config: ReductionConfig, flops: Tensor) -> dict[float, int]:
