@@ -13,6 +13,7 @@ forward) and ``tokenbudget.adapters.timm_per_image``; the pure threshold fitting
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from ..adapters import Adapter, find_adapter
 from ..config import PerImage, ToMe
+from ..config.per_image import DEFAULT_PER_IMAGE_LEVELS
 from ..ops.budget_fit import (
     fit_staircase,
     mean_level_flops,
@@ -31,7 +33,15 @@ from ..ops.budget_fit import (
 )
 from ..ops.glance import level_index
 from ..patch import apply, install_strategy, is_patched, last_state, remove
-from ..strategies.per_image import LevelPlan, mean_flops_target, need_scores, resolve_levels
+from ..strategies.per_image import (
+    MAX_RATE,
+    LevelPlan,
+    mean_flops_target,
+    need_scores,
+    rate_schedule,
+    resolve_levels,
+    schedule_flops,
+)
 
 #: how :func:`calibrate_per_image` places the thresholds
 RULES = ("fit", "spread")
@@ -52,6 +62,26 @@ def model_level_plan(model: nn.Module, speedups: Sequence[float], num_tokens: in
     if num_tokens is None:
         raise ValueError("the model takes any input size; give num_tokens")
     return resolve_levels(speedups, num_tokens, adapter.num_prefix, adapter.block_dims())
+
+
+def reachable_levels(
+    model: nn.Module, speedups: Sequence[float], num_tokens: int | None = None
+) -> tuple[float, ...]:
+    """The ``speedups`` the model reaches at ``num_tokens`` tokens (its default input when ``None``)
+    with the fastest level schedule, and that fastest speedup itself when some are cut off."""
+    adapter = find_adapter(model)
+    tokens = num_tokens if num_tokens is not None else adapter.default_num_tokens
+    dims = adapter.block_dims()
+    merged = rate_schedule(tokens, adapter.num_prefix, len(dims), MAX_RATE)
+    fastest = 1.0 / schedule_flops(tokens, merged, dims)
+    kept = tuple(s for s in speedups if s <= fastest + 1e-9)
+    if len(kept) < len(speedups) and fastest - kept[-1] > 0.05:
+        kept = (*kept, math.floor(fastest * 100) / 100)  # rounded down: reachable
+    if len(kept) < 2:
+        raise ValueError(
+            f"the model reaches a FLOPs-ideal speedup of at most {fastest:.2f}: too little for levels"
+        )
+    return kept
 
 
 def flops_target(model: nn.Module, config: PerImage, num_tokens: int | None = None) -> float:
@@ -157,6 +187,10 @@ def calibrate_per_image(
     """A :class:`~tokenbudget.PerImage` whose thresholds give ``images`` (training images, normalised
     for the model, at the size it will see) a mean block FLOPs of the target.
 
+    ``levels``: the FLOPs-ideal speedups images may run at; ``None``: the default ladder
+    (1, 1.25, 1.5, 2, 3, 4) up to what the model reaches (a small model on small inputs merges out
+    of tokens sooner), stored in the returned config.
+
     Rules for where the thresholds go (both meet the target on ``images``):
 
     * ``"fit"``: run ``images`` at every level and place the thresholds where the images' features
@@ -168,17 +202,15 @@ def calibrate_per_image(
       (default flat) tilted to meet the target (:func:`~tokenbudget.ops.budget_fit.profile_shares`),
       highest scores on the levels with the most tokens.
     """
+    if not isinstance(images, Tensor) or images.dim() != 4 or len(images) == 0:
+        raise ValueError("images must be a non-empty batch [N, 3, H, W] of calibration images")
+    if levels is None:
+        levels = reachable_levels(model, DEFAULT_PER_IMAGE_LEVELS, input_tokens(find_adapter(model), images))
     base = PerImage(
-        keep=keep,
-        flops_speedup=flops_speedup,
-        policy=policy,
-        predictor=predictor,
-        **({} if levels is None else {"levels": tuple(levels)}),
+        keep=keep, flops_speedup=flops_speedup, policy=policy, predictor=predictor, levels=tuple(levels)
     )
     if rule not in RULES:
         raise ValueError(f"rule must be 'fit' (run every level on the images) or 'spread', got {rule!r}")
-    if not isinstance(images, Tensor) or images.dim() != 4 or len(images) == 0:
-        raise ValueError("images must be a non-empty batch [N, 3, H, W] of calibration images")
     if is_patched(model):
         raise ValueError("calibrate on the unpatched model; call tb.remove(model) first")
     num_tokens = input_tokens(find_adapter(model), images)
@@ -238,6 +270,7 @@ __all__ = [
     "level_cosines",
     "load_policy_predictor",
     "model_level_plan",
+    "reachable_levels",
     "pooled_features",
     "train_need_predictor",
 ]

@@ -362,3 +362,54 @@ def format_per_image_runs(runs: Sequence[PerImageRun], name: str) -> str:
                 f"{r.linear_gain:>+6.1f} {r.linear_gain_se:>4.1f} {r.cosine:>7.4f}"
             )
     return "\n".join(lines)
+
+
+# -- inside the quality harness (``tokenbudget eval --methods per-image``) ------------------------
+def calibrate_in_run(
+    model: nn.Module,
+    config: ReductionConfig,
+    train_images: Tensor,
+    *,
+    calibration_images: int = 300,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> ReductionConfig:
+    """``config`` itself, or for a ``tb.PerImage`` without thresholds its calibration
+    (:func:`~tokenbudget.adaptive.calibrate_per_image`) on a seeded subset of ``calibration_images``
+    of the *train* images [N, 3, H, W], at the same mean budget."""
+    from ..adaptive.per_image import calibrate_per_image
+    from ..config import PerImage
+    from ..config.per_image import DEFAULT_PER_IMAGE_LEVELS
+
+    if not isinstance(config, PerImage) or config.thresholds is not None:
+        return config
+    if len(train_images) == 0:
+        raise ValueError("per-image budgets are calibrated on the train split; it holds no images")
+    generator = torch.Generator().manual_seed(seed)
+    subset = torch.randperm(len(train_images), generator=generator)[:calibration_images].sort().values
+    return calibrate_per_image(
+        model,
+        train_images[subset],
+        keep=config.keep,
+        flops_speedup=config.flops_speedup,
+        policy=config.policy,
+        # the default ladder is cut to what the model reaches; other levels are the user's
+        levels=None if config.levels == DEFAULT_PER_IMAGE_LEVELS else config.levels,
+        predictor=config.predictor,
+        batch_size=batch_size,
+    )
+
+
+def per_image_mean_flops(
+    model: nn.Module, config: ReductionConfig, images: Tensor, batch_size: int = 64
+) -> float:
+    """Mean block FLOPs fraction ``images`` [N, 3, H, W] get under a calibrated ``tb.PerImage``: each
+    image's level from its glance (the patch embedding only), that level's FLOPs."""
+    from ..adaptive.per_image import glance_scores, input_tokens, model_level_plan
+    from ..ops.budget_fit import mean_level_flops
+    from ..ops.glance import level_index
+
+    plan = model_level_plan(model, config.levels, input_tokens(find_adapter(model), images))
+    scores = glance_scores(model, images, config, batch_size)
+    index = level_index(scores, torch.tensor(config.thresholds, dtype=torch.float64), len(plan.flops))
+    return mean_level_flops(index, plan.flops)
