@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument(
         "--keep", type=options.float_list, default=None, help="candidate keep fractions (default 0.9 ... 0.1)"
     )
+    methods.add_methods(pl, "tome", " (candidates: every method at every keep)")
+    methods.add_per_image_options(pl.add_argument_group("per-image budgets"))
     _add_batch_options(pl, speed_batch_size=8)
     options.add_out(pl, None, "write the chosen config JSON here")
     options.add_run_options(pl, quiet=None, json="print only the chosen config JSON")
@@ -195,6 +197,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         speed_batch_size=args.speed_batch_size,
         speed_samples=args.speed_samples,
+        methods=args.methods,
+        method_options={m: methods.method_options(m, args) for m in args.methods},
         **({"keeps": args.keep} if args.keep else {}),
     )
     if not is_main():

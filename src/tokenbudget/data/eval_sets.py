@@ -179,14 +179,17 @@ def mix_data(
 ) -> EvalData:
     """The heterogeneous dev mix (:mod:`tokenbudget.data.mix`: Fashion-MNIST items, textures, photo
     crops, multi-object scenes and inspection surfaces, 39 disjoint classes), ``n // 5`` images of
-    each source per split, train and test from disjoint base images. Generated once and cached."""
+    each source per split (at least 10), train and test from disjoint base images, at least 64 px.
+    Generated once and cached."""
     from .images import rgb_uint8_to_model_input
     from .mix import SOURCES, dev_mix
 
     parts = len(SOURCES)
-    if any(0 < n < parts for n in (n_train, n_test)):
+    least = 10 * parts  # each source spreads its images over up to 10 classes
+    if any(0 < n < least for n in (n_train, n_test)):
         raise ValueError(
-            f"the mix needs at least {parts} train and {parts} test images (one per source), or 0"
+            f"the mix needs at least {least} train and {least} test images (10 of each of its {parts} "
+            f"sources), or 0; got {n_train} and {n_test}"
         )
     splits = []
     for split, n in (("train", n_train), ("test", n_test)):
