@@ -106,7 +106,7 @@ def add_per_image_options(group: Any) -> None:
         "--policy",
         choices=PER_IMAGE_POLICIES,
         default=None,
-        help="per-image: the glance score that picks each image's budget (default spread); calibrated on "
+        help="per-image: the glance score that picks each image's budget (default redundancy); calibrated on "
         "the train split inside the run",
     )
 
