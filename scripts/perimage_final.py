@@ -113,6 +113,7 @@ def main() -> None:
         ]
     )
     calib_scores, calib_tokens = glance(model, train_data.images[calib_index.numpy()])
+    train_scores, train_tokens = glance(model, train_data.images)  # every train image: holds the budget
     test_scores, test_tokens = glance(model, test_data.images)
     flops = torch.tensor(plan.flops, dtype=torch.float64)
     load = os.getloadavg()
@@ -163,7 +164,7 @@ def main() -> None:
                 (reference, keep_feats[te, speedups.index(speedup)], torch.full((n,), target)),
             ]
             counts = {}
-            scores = {p: (calib_scores[p][ca], test_scores[p][te]) for p in POLICIES}
+            scores = {p: (calib_scores[p][ca], test_scores[p][te], train_scores[p][tr]) for p in POLICIES}
             if scope == "mix":
                 log(f"predictor at {speedup}x")
                 predictor = train_need_predictor(calib_tokens[ca], quality, plan.flops, target)

@@ -12,7 +12,12 @@ import tokenbudget as tb
 from conftest import assert_concurrent_forwards_match, make_tiny
 from tokenbudget.adapters import find_adapter
 from tokenbudget.adaptive.per_image import calibrate_per_image, model_level_plan
-from tokenbudget.ops.budget_fit import fit_staircase, profile_shares, thresholds_for_shares
+from tokenbudget.ops.budget_fit import (
+    fit_staircase,
+    fit_staircase_within,
+    profile_shares,
+    thresholds_for_shares,
+)
 from tokenbudget.ops.glance import best_match_similarity, level_index, redundancy_need, spread_need
 from tokenbudget.strategies.per_image import rate_for_speedup, rate_schedule, resolve_levels, schedule_flops
 
@@ -155,6 +160,29 @@ def test_fit_staircase_spends_tokens_where_quality_drops() -> None:
     assert index[30:].float().mean() < index[:30].float().mean()
     with pytest.raises(ValueError, match="out of reach"):
         fit_staircase(scores, quality, flops, 0.1)
+
+
+def test_fit_staircase_within_holds_the_budget_on_more_images() -> None:
+    # The calibration images are evenly spread; the other images crowd at high scores, so thresholds
+    # fit to the calibration images alone overspend on them.
+    scores = torch.linspace(0, 1, 40, dtype=torch.float64)
+    flops = [1.0, 0.5, 0.25]
+    quality = torch.ones(40, 3, dtype=torch.float64)
+    quality[20:, 1:] = torch.tensor([0.6, 0.3], dtype=torch.float64)
+    crowd = torch.cat([torch.linspace(0, 1, 100), torch.full((100,), 0.95)]).double()
+    target = 0.5
+
+    def spent(thresholds: tuple[float, ...], on: torch.Tensor) -> float:
+        index = level_index(on, torch.tensor(thresholds, dtype=torch.float64), 3)
+        return float(torch.tensor(flops, dtype=torch.float64)[index].mean())
+
+    alone = fit_staircase(scores, quality, flops, target)
+    assert spent(alone, scores) <= target + 1e-9 and spent(alone, crowd) > target + 0.05
+    within = fit_staircase_within(scores, quality, flops, target, crowd)
+    assert spent(within, crowd) <= target + 1e-9
+    assert spent(within, crowd) > target - 0.05  # lowered only as far as needed
+    # a budget the other images already meet leaves the fit as it was
+    assert fit_staircase_within(scores, quality, flops, target, scores) == alone
 
 
 def test_calibration_meets_the_target_on_its_images(model: torch.nn.Module) -> None:

@@ -26,6 +26,7 @@ from ..config import PerImage, ToMe
 from ..config.per_image import DEFAULT_PER_IMAGE_LEVELS
 from ..ops.budget_fit import (
     fit_staircase,
+    fit_staircase_within,
     mean_level_flops,
     profile_shares,
     quality_floor_targets,
@@ -182,10 +183,16 @@ def calibrate_per_image(
     rule: str = "fit",
     shares: Sequence[float] | None = None,
     predictor: str | None = None,
+    glance_images: Tensor | None = None,
     batch_size: int = 32,
 ) -> PerImage:
     """A :class:`~tokenbudget.PerImage` whose thresholds give ``images`` (training images, normalised
     for the model, at the size it will see) a mean block FLOPs of the target.
+
+    ``glance_images``: more training images [M, 3, H, W] (e.g. the whole train split) that only
+    the glance sees: with rule ``"fit"`` the thresholds then also keep *their* mean FLOPs within the
+    target (:func:`~tokenbudget.ops.budget_fit.fit_staircase_within`), so that the budget holds on
+    new images and not only on the few embedded at every level.
 
     ``levels``: the FLOPs-ideal speedups images may run at; ``None``: the default ladder
     (1, 1.25, 1.5, 2, 3, 4) up to what the model reaches (a small model on small inputs merges out
@@ -219,7 +226,11 @@ def calibrate_per_image(
     scores = glance_scores(model, images, base, batch_size)
     if rule == "fit":
         quality = level_cosines(model, images, plan, batch_size)
-        thresholds = fit_staircase(scores, quality, plan.flops, target)
+        if glance_images is None:
+            thresholds = fit_staircase(scores, quality, plan.flops, target)
+        else:
+            budget_scores = glance_scores(model, glance_images, base, batch_size)
+            thresholds = fit_staircase_within(scores, quality, plan.flops, target, budget_scores)
     else:
         thresholds = thresholds_for_shares(scores, profile_shares(target, plan.flops, shares))
     index = level_index(scores, torch.tensor(thresholds, dtype=torch.float64), len(plan.flops))

@@ -376,7 +376,8 @@ def calibrate_in_run(
 ) -> ReductionConfig:
     """``config`` itself, or for a ``tb.PerImage`` without thresholds its calibration
     (:func:`~tokenbudget.adaptive.calibrate_per_image`) on a seeded subset of ``calibration_images``
-    of the *train* images [N, 3, H, W], at the same mean budget."""
+    of the *train* images [N, 3, H, W], at the same mean budget, which every train image's glance
+    must meet."""
     from ..adaptive.per_image import calibrate_per_image
     from ..config import PerImage
     from ..config.per_image import DEFAULT_PER_IMAGE_LEVELS
@@ -396,6 +397,7 @@ def calibrate_in_run(
         # the default ladder is cut to what the model reaches; other levels are the user's
         levels=None if config.levels == DEFAULT_PER_IMAGE_LEVELS else config.levels,
         predictor=config.predictor,
+        glance_images=train_images,  # the whole train split holds the budget (glance only)
         batch_size=batch_size,
     )
 

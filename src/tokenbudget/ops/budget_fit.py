@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .glance import level_index
+
 
 def thresholds_for_shares(scores: Tensor, shares: Sequence[float]) -> tuple[float, ...]:
     """Thresholds that give ``shares[l]`` of ``scores`` (fractions summing to 1) level ``l``: the
@@ -215,9 +217,46 @@ def profile_shares(
     return shares_at((lo + hi) / 2).tolist()
 
 
+def fit_staircase_within(
+    scores: Tensor,
+    quality: Tensor,
+    level_flops: Sequence[float],
+    target: float,
+    budget_scores: Tensor,
+    *,
+    steps: int = 14,
+) -> tuple[float, ...]:
+    """:func:`fit_staircase` on the calibration images (``scores`` [N], ``quality`` [N, K]) with its
+    own target lowered just enough that the thresholds also keep the mean FLOPs of ``budget_scores``
+    [M] (more images, scored by the glance alone, e.g. the whole train split) within ``target``
+    (bisection on the inner target, ``steps`` halvings). A few hundred calibration images place the
+    thresholds; many cheap glances hold the budget, so it carries over to new images."""
+    flops = torch.tensor(level_flops, dtype=torch.float64)
+    k = len(level_flops)
+
+    def spent(thresholds: tuple[float, ...]) -> float:
+        index = level_index(budget_scores.double(), torch.tensor(thresholds, dtype=torch.float64), k)
+        return float(flops[index].mean())
+
+    best = fit_staircase(scores, quality, level_flops, target)
+    if spent(best) <= target:
+        return best
+    lo, hi = float(flops.min()), target
+    best = fit_staircase(scores, quality, level_flops, lo)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        thresholds = fit_staircase(scores, quality, level_flops, mid)
+        if spent(thresholds) <= target:
+            lo, best = mid, thresholds
+        else:
+            hi = mid
+    return best
+
+
 __all__ = [
     "bracket_shares",
     "fit_staircase",
+    "fit_staircase_within",
     "mean_level_flops",
     "profile_shares",
     "quality_floor_targets",
