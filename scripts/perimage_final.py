@@ -46,7 +46,7 @@ from tokenbudget.evaluate.per_image_eval import (
     select_levels,
 )
 from tokenbudget.evaluate.per_image_features import mix_level_features, real_run
-from tokenbudget.ops.budget_fit import fit_staircase
+from tokenbudget.ops.budget_fit import fit_staircase, fit_staircase_within
 from tokenbudget.ops.glance import level_index
 from tokenbudget.strategies.per_image import need_scores
 
@@ -173,11 +173,18 @@ def main() -> None:
                         torch.cat(
                             [predictor.need(t[j : j + 256].float()).double() for j in range(0, len(t), 256)]
                         )
-                        for t in (calib_tokens[ca], test_tokens[te])
+                        for t in (calib_tokens[ca], test_tokens[te], train_tokens[tr])
                     ]
-                scores["predictor"] = (need[0], need[1])
-            for policy, (cal, tst) in scores.items():
-                thresholds = fit_staircase(cal, quality, plan.flops, target)
+                scores["predictor"] = (need[0], need[1], need[2])
+            # the library's calibration (calibrate_per_image with glance_images = the train split);
+            # "calib-only": the budget held on the calibration images alone
+            cal, tst, _ = scores["redundancy"]
+            scores["redundancy calib-only"] = (cal, tst, None)
+            for policy, (cal, tst, everyone) in scores.items():
+                if everyone is None:
+                    thresholds = fit_staircase(cal, quality, plan.flops, target)
+                else:
+                    thresholds = fit_staircase_within(cal, quality, plan.flops, target, everyone)
                 if scope == "mix" and policy == "redundancy":
                     thresholds_of[speedup] = thresholds
                 index = level_index(tst, torch.tensor(thresholds, dtype=torch.float64), len(LEVELS))
