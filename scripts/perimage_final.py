@@ -1,7 +1,7 @@
 """Final held-out measurement of tb.PerImage: calibrated on train, reported on test, against one fixed
 ToMe budget at the same mean FLOPs, on the dev mix and on two homogeneous sets.
 
-    PYTHONPATH=src python scripts/perimage_final.py --threads 1 [--speed-samples 7]
+    PYTHONPATH=src python scripts/perimage_final.py --threads 1 [--speed-samples 7] [--no-anchor]
 
 * scopes: the dev mix (all five sources), and its ``fashion`` (Fashion-MNIST items) and
   ``inspection`` (the anomaly set's surfaces) sources alone, each with its own classifiers (k-NN and
@@ -31,7 +31,7 @@ import torch
 
 import tokenbudget as tb
 from tokenbudget.adapters import find_adapter
-from tokenbudget.adaptive.per_image import model_level_plan, train_need_predictor
+from tokenbudget.adaptive.per_image import config_level_plan, model_level_plan, train_need_predictor
 from tokenbudget.data.images import model_normalization, rgb_uint8_to_model_input
 from tokenbudget.data.mix import SOURCES, dev_mix
 from tokenbudget.evaluate.budget_predictor import tome_cost
@@ -82,6 +82,12 @@ def main() -> None:
     parser.add_argument("--speed-images", type=int, default=96)
     parser.add_argument("--speed-samples", type=int, default=7)
     parser.add_argument("--check-images", type=int, default=64)
+    parser.add_argument(
+        "--no-anchor",
+        dest="anchor",
+        action="store_false",
+        help="per-image levels all geometric (anchor=False)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -96,8 +102,9 @@ def main() -> None:
     fixed = {s: keep_for_flops_speedup(model, s) for s in speedups}
     common = dict(n_per_source=args.n_per_source, progress=log)
     train, y_train, src_train = mix_level_features(model, "dinov2_small", "train", [None], **common)
+    fixed_configs = [tb.ToMe(keep=k) for k in fixed.values()]
     calib, y_calib, src_calib = mix_level_features(
-        model, "dinov2_small", "train", level_configs, stride=args.calib_stride, **common
+        model, "dinov2_small", "train", level_configs + fixed_configs, stride=args.calib_stride, **common
     )
     test, y_test, src_test = mix_level_features(
         model, "dinov2_small", "test", level_configs + [tb.ToMe(keep=k) for k in fixed.values()], **common
@@ -149,7 +156,6 @@ def main() -> None:
             1,
         )
         lin_same = torch.stack([judges.probe.predict(lv[:, j]) == lin_full for j in range(len(LEVELS))], 1)
-        quality = cosine_to_full(calib[ca], calib[ca][:, 0])
         n = int(te.sum())
         print(
             f"\n== {scope} ({', '.join(sources)}): {int(tr.sum())} train / {n} test images, "
@@ -164,10 +170,20 @@ def main() -> None:
                 (reference, keep_feats[te, speedups.index(speedup)], torch.full((n,), target)),
             ]
             counts = {}
+            # the per-image levels as tb.PerImage runs them: anchored (the level nearest the target
+            # is the fixed budget itself, tb.PerImage(anchor=True), the default) or geometric
+            level_plan = config_level_plan(model, tb.PerImage(keep=keep, levels=LEVELS, anchor=args.anchor))
+            columns = [
+                len(LEVELS) + speedups.index(speedup) if j == level_plan.anchor else j
+                for j in range(len(LEVELS))
+            ]
+            lvp, calp = test[te][:, columns], calib[ca][:, columns]
+            quality = cosine_to_full(calp, calp[:, 0])
+            flops_p = torch.tensor(level_plan.flops, dtype=torch.float64)
             scores = {p: (calib_scores[p][ca], test_scores[p][te], train_scores[p][tr]) for p in POLICIES}
             if scope == "mix":
                 log(f"predictor at {speedup}x")
-                predictor = train_need_predictor(calib_tokens[ca], quality, plan.flops, target)
+                predictor = train_need_predictor(calib_tokens[ca], quality, level_plan.flops, target)
                 with torch.no_grad():
                     need = [
                         torch.cat(
@@ -182,22 +198,26 @@ def main() -> None:
             scores["redundancy calib-only"] = (cal, tst, None)
             for policy, (cal, tst, everyone) in scores.items():
                 if everyone is None:
-                    thresholds = fit_staircase(cal, quality, plan.flops, target)
+                    thresholds = fit_staircase(cal, quality, level_plan.flops, target)
                 else:
-                    thresholds = fit_staircase_within(cal, quality, plan.flops, target, everyone)
+                    thresholds = fit_staircase_within(cal, quality, level_plan.flops, target, everyone)
                 if scope == "mix" and policy == "redundancy":
                     thresholds_of[speedup] = thresholds
                 index = level_index(tst, torch.tensor(thresholds, dtype=torch.float64), len(LEVELS))
                 name = f"per-image {policy}"
-                conditions.append((name, select_levels(lv, index), flops[index]))
+                conditions.append((name, select_levels(lvp, index), flops_p[index]))
                 counts[name] = torch.bincount(index, minlength=len(LEVELS)).tolist()
             for name, extra in (("oracle cos+knn", knn_same), ("oracle cos+lin", lin_same)):
                 index, _ = oracle_for_target(cosine, plan.flops, target, extra)
                 conditions.append((name, select_levels(lv, index), flops[index]))
                 counts[name] = torch.bincount(index, minlength=len(LEVELS)).tolist()
             rows = score_rows(judges, conditions, reference=reference)
+            anchored = (
+                "none" if level_plan.anchor is None else f"level {level_plan.anchor} = the fixed budget"
+            )
             print(
-                f"\n {scope}, FLOPs-ideal {speedup:g}x: target mean FLOPs {target:.4f} (ToMe keep={keep:g})"
+                f"\n {scope}, FLOPs-ideal {speedup:g}x: target mean FLOPs {target:.4f} (ToMe keep={keep:g}); "
+                f"per-image anchor: {anchored}; oracles over the geometric levels"
             )
             print(header)
             print("  " + "-" * (len(header) - 2))
@@ -217,18 +237,27 @@ def main() -> None:
     print("\n== checks and speed (dev mix)")
     for speedup in speedups:
         config = tb.PerImage(
-            keep=fixed[speedup], policy="redundancy", levels=LEVELS, thresholds=thresholds_of[speedup]
+            keep=fixed[speedup],
+            policy="redundancy",
+            levels=LEVELS,
+            thresholds=thresholds_of[speedup],
+            anchor=args.anchor,
         )
+        check_plan = config_level_plan(model, config)
+        check_columns = [
+            len(LEVELS) + speedups.index(speedup) if j == check_plan.anchor else j for j in range(len(LEVELS))
+        ]
         log(f"real run {speedup}x")
         feats, image_flops = real_run(model, images, config, 32)
         index = level_index(
             test_scores["redundancy"][pick], torch.tensor(config.thresholds, dtype=torch.float64), len(LEVELS)
         )
-        cached = select_levels(levels[pick], index)
+        cached = select_levels(test[pick][:, check_columns], index)
         cos = torch.nn.functional.cosine_similarity(feats.double(), cached.double(), dim=-1)
         print(
             f"  {speedup:g}x real grouped run of {len(pick)} test images vs cached level rows: min cosine "
-            f"{float(cos.min()):.6f}; FLOPs real {float(image_flops.mean()):.4f} vs cached {float(flops[index].mean()):.4f}"
+            f"{float(cos.min()):.6f}; FLOPs real {float(image_flops.mean()):.4f} vs cached "
+            f"{float(torch.tensor(check_plan.flops, dtype=torch.float64)[index].mean()):.4f}"
         )
         speed_pick = torch.arange(0, len(y_test), max(1, len(y_test) // args.speed_images))[
             : args.speed_images

@@ -368,3 +368,28 @@ def test_evaluate_per_image_runs_end_to_end_on_a_tiny_model(model: torch.nn.Modu
     assert per_image.mean_flops < 1.0 and sum(run.level_counts.values()) == 12
     assert run.config["thresholds"] is not None
     assert "per-image" in format_per_image_runs(runs, "tiny")
+
+
+def test_the_anchored_level_is_the_fixed_budget_itself(model: torch.nn.Module) -> None:
+    from tokenbudget.adaptive.per_image import config_level_plan
+
+    keep = 0.5
+    x = _images(6, seed=3)
+    plan = config_level_plan(model, tb.PerImage(keep=keep, levels=LEVELS))
+    assert plan.anchor is not None and plan.anchor_keep == keep
+    geometric = config_level_plan(model, tb.PerImage(keep=keep, levels=LEVELS, anchor=False))
+    assert geometric.anchor is None and geometric.flops[plan.anchor] != plan.flops[plan.anchor]
+    # thresholds that send every image to the anchored level: i thresholds below every score
+    below = len(LEVELS) - 1 - plan.anchor
+    thresholds = (-1e9,) * below + (1e9,) * (len(LEVELS) - 1 - below)
+    config = tb.PerImage(keep=keep, levels=LEVELS, thresholds=thresholds)
+    with torch.inference_mode():
+        tb.apply(model, tb.ToMe(keep=keep))
+        fixed = model(x)
+        tb.apply(model, config)
+        per_image = model(x)
+        state = tb.last_state(model)
+        tb.remove(model)
+    assert state.levels.tolist() == [plan.anchor] * len(x)
+    assert torch.allclose(per_image, fixed, atol=1e-6)
+    assert state.mean_flops == pytest.approx(plan.flops[plan.anchor])

@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..config import PerImage
-from ..strategies.per_image import PerImageContext, mean_flops_target, resolve_levels, run_per_image
+from ..strategies.per_image import PerImageContext, config_levels, mean_flops_target, run_per_image
 from . import timm as timm_adapter
 from .base import register_installer
 
@@ -144,7 +144,7 @@ def build(
     """(adapter, context) of ``config`` with an already loaded need ``predictor`` (policy ``"predictor"``)."""
     adapter = TimmPerImageAdapter(model)
     dims = adapter.block_dims()
-    plan = resolve_levels(config.levels, adapter.default_num_tokens, adapter.num_prefix, dims)
+    plan = config_levels(config, adapter.default_num_tokens, adapter.num_prefix, dims)
     ctx = PerImageContext(config, plan, adapter.num_prefix, adapter.num_layers, adapter.grid, dims, predictor)
     ctx.target_flops = mean_flops_target(config, adapter.default_num_tokens, adapter.num_prefix, dims)
     return adapter, ctx

@@ -37,6 +37,7 @@ from ..patch import apply, install_strategy, is_patched, last_state, remove
 from ..strategies.per_image import (
     MAX_RATE,
     LevelPlan,
+    config_levels,
     mean_flops_target,
     need_scores,
     rate_schedule,
@@ -83,6 +84,14 @@ def reachable_levels(
             f"the model reaches a FLOPs-ideal speedup of at most {fastest:.2f}: too little for levels"
         )
     return kept
+
+
+def config_level_plan(model: nn.Module, config: PerImage, num_tokens: int | None = None) -> LevelPlan:
+    """The levels ``config`` runs on ``model`` (anchored as it says) at its default input or
+    ``num_tokens`` tokens."""
+    adapter = find_adapter(model)
+    tokens = num_tokens if num_tokens is not None else adapter.default_num_tokens
+    return config_levels(config, tokens, adapter.num_prefix, adapter.block_dims())
 
 
 def flops_target(model: nn.Module, config: PerImage, num_tokens: int | None = None) -> float:
@@ -220,8 +229,9 @@ def calibrate_per_image(
         raise ValueError(f"rule must be 'fit' (run every level on the images) or 'spread', got {rule!r}")
     if is_patched(model):
         raise ValueError("calibrate on the unpatched model; call tb.remove(model) first")
-    num_tokens = input_tokens(find_adapter(model), images)
-    plan = model_level_plan(model, base.levels, num_tokens)
+    adapter = find_adapter(model)
+    num_tokens = input_tokens(adapter, images)
+    plan = config_levels(base, num_tokens, adapter.num_prefix, adapter.block_dims())
     target = flops_target(model, base, num_tokens)
     scores = glance_scores(model, images, base, batch_size)
     if rule == "fit":
@@ -275,6 +285,7 @@ __all__ = [
     "RULES",
     "apply_per_image",
     "calibrate_per_image",
+    "config_level_plan",
     "flops_target",
     "glance_scores",
     "input_tokens",

@@ -50,6 +50,9 @@ class PerImage(ReductionConfig):
         target_flops: FLOPs fraction the thresholds were calibrated to (a record of calibration).
         calibrated_flops: mean FLOPs fraction the calibration images reached (a record).
         prop_attn: proportional attention in every level, as in :class:`ToMe`.
+        anchor: the level nearest the mean budget runs the fixed budget itself (ToMe's ``keep``
+            schedule at exactly the mean FLOPs) instead of the geometric schedule, so that images
+            that all get that level are exactly the fixed budget.
     """
 
     method: ClassVar[str] = "per-image"
@@ -63,6 +66,7 @@ class PerImage(ReductionConfig):
     target_flops: float | None = None
     calibrated_flops: float | None = None
     prop_attn: bool = True
+    anchor: bool = True
 
     def __post_init__(self) -> None:
         given = [name for name in ("keep", "flops_speedup") if getattr(self, name) is not None]
@@ -114,8 +118,9 @@ class PerImage(ReductionConfig):
             value = getattr(self, name)
             if value is not None:
                 _check_positive_number(name, value)
-        if not isinstance(self.prop_attn, bool):
-            raise ValueError(f"prop_attn must be True or False, got {self.prop_attn!r}")
+        for name in ("prop_attn", "anchor"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

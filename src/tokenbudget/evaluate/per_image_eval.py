@@ -407,11 +407,11 @@ def per_image_mean_flops(
 ) -> float:
     """Mean block FLOPs fraction ``images`` [N, 3, H, W] get under a calibrated ``tb.PerImage``: each
     image's level from its glance (the patch embedding only), that level's FLOPs."""
-    from ..adaptive.per_image import glance_scores, input_tokens, model_level_plan
+    from ..adaptive.per_image import config_level_plan, glance_scores, input_tokens
     from ..ops.budget_fit import mean_level_flops
     from ..ops.glance import level_index
 
-    plan = model_level_plan(model, config.levels, input_tokens(find_adapter(model), images))
+    plan = config_level_plan(model, config, input_tokens(find_adapter(model), images))
     scores = glance_scores(model, images, config, batch_size)
     index = level_index(scores, torch.tensor(config.thresholds, dtype=torch.float64), len(plan.flops))
     return mean_level_flops(index, plan.flops)

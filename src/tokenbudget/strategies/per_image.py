@@ -99,6 +99,8 @@ class LevelPlan:
         merged: per level, the tokens each block merges.
         flops: per level, block FLOPs over the unreduced model's (what the level really costs).
         final_tokens: per level, tokens after the last block (prefix included).
+        anchor: the level that runs the fixed budget itself (``ToMe(keep=anchor_keep)``), if any.
+        anchor_keep: that fixed budget's ``keep``.
     """
 
     speedups: tuple[float, ...]
@@ -106,12 +108,49 @@ class LevelPlan:
     merged: tuple[tuple[int, ...], ...]
     flops: tuple[float, ...]
     final_tokens: tuple[int, ...]
+    anchor: int | None = None
+    anchor_keep: float | None = None
+
+
+def keep_schedule(num_tokens: int, num_prefix: int, num_layers: int, keep: float) -> list[int]:
+    """Tokens merged by each block under ``tb.ToMe(keep=keep)`` (its even schedule)."""
+    return ScheduledStrategy(ToMe(keep=keep), num_layers).compute_plan(num_tokens, num_prefix)[1]
+
+
+def keep_for_flops(
+    num_tokens: int, num_prefix: int, dims: Sequence[BlockDims], target: float
+) -> float | None:
+    """The ``keep`` whose ToMe schedule costs at most ``target`` (a FLOPs fraction) and the closest
+    to it (bisection to 1e-4); ``None`` when no schedule gets that cheap."""
+
+    def cost(keep: float) -> float | None:
+        try:
+            return schedule_flops(num_tokens, keep_schedule(num_tokens, num_prefix, len(dims), keep), dims)
+        except ValueError:  # fewer tokens than the blocks can reach
+            return None
+
+    lo, hi = 1.0 / max(num_tokens - num_prefix, 1), 1.0
+    if (cost(lo) or float("inf")) > target:
+        return None
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        c = cost(mid)
+        lo, hi = (mid, hi) if c is not None and c <= target else (lo, mid)
+    return lo
 
 
 def resolve_levels(
-    speedups: Sequence[float], num_tokens: int, num_prefix: int, dims: Sequence[BlockDims]
+    speedups: Sequence[float],
+    num_tokens: int,
+    num_prefix: int,
+    dims: Sequence[BlockDims],
+    anchor_keep: float | None = None,
 ) -> LevelPlan:
-    """A :class:`LevelPlan` for ``num_tokens`` input tokens (prefix included) through blocks ``dims``."""
+    """A :class:`LevelPlan` for ``num_tokens`` input tokens (prefix included) through blocks ``dims``.
+
+    ``anchor_keep``: the level (not the first) whose FLOPs are nearest those of
+    ``tb.ToMe(keep=anchor_keep)`` runs that schedule instead, when it falls between its neighbours;
+    then images that all get that level are exactly the fixed budget."""
     rates, merged, flops, final = [], [], [], []
     for speedup in speedups:
         rate = rate_for_speedup(num_tokens, num_prefix, dims, speedup)
@@ -120,7 +159,42 @@ def resolve_levels(
         merged.append(tuple(counts))
         flops.append(schedule_flops(num_tokens, counts, dims))
         final.append(num_tokens - sum(counts))
-    return LevelPlan(tuple(speedups), tuple(rates), tuple(merged), tuple(flops), tuple(final))
+    speedups, anchor = list(speedups), None
+    if anchor_keep is not None and anchor_keep < 1.0:
+        counts = keep_schedule(num_tokens, num_prefix, len(dims), anchor_keep)
+        cost = schedule_flops(num_tokens, counts, dims)
+        j = min(range(1, len(flops)), key=lambda i: abs(flops[i] - cost))
+        if flops[j - 1] > cost and (j + 1 == len(flops) or cost > flops[j + 1]):
+            anchor = j
+            merged[j], flops[j], final[j] = tuple(counts), cost, num_tokens - sum(counts)
+            speedups[j], rates[j] = round(1.0 / cost, 4), float("nan")
+    return LevelPlan(
+        tuple(speedups),
+        tuple(rates),
+        tuple(merged),
+        tuple(flops),
+        tuple(final),
+        anchor,
+        None if anchor is None else anchor_keep,
+    )
+
+
+def anchor_keep_of(
+    config: PerImage, num_tokens: int, num_prefix: int, dims: Sequence[BlockDims]
+) -> float | None:
+    """The fixed budget ``config`` anchors a level at: its ``keep``, or the keep whose ToMe schedule
+    meets its ``flops_speedup``; ``None`` without ``anchor``."""
+    if not config.anchor:
+        return None
+    if config.keep is not None:
+        return config.keep
+    return keep_for_flops(num_tokens, num_prefix, dims, 1.0 / config.flops_speedup)
+
+
+def config_levels(config: PerImage, num_tokens: int, num_prefix: int, dims: Sequence[BlockDims]) -> LevelPlan:
+    """The :class:`LevelPlan` ``config`` runs at ``num_tokens`` input tokens (anchored as it says)."""
+    anchor = anchor_keep_of(config, num_tokens, num_prefix, dims)
+    return resolve_levels(config.levels, num_tokens, num_prefix, dims, anchor)
 
 
 def mean_flops_target(config: PerImage, num_tokens: int, num_prefix: int, dims: Sequence[BlockDims]) -> float:
@@ -182,14 +256,17 @@ class PerImageStrategy:
     needs_positions = False
     trace_source = False
 
-    def __init__(
-        self, config: PerImage, num_layers: int, local: threading.local, rates: Sequence[float]
-    ) -> None:
+    def __init__(self, config: PerImage, num_layers: int, local: threading.local, plan: LevelPlan) -> None:
         self.config = config
         self.num_layers = num_layers
         self._local = local
-        self.rates = tuple(rates)
-        self.levels = [_RateToMe(rate, num_layers, config.prop_attn) for rate in self.rates]
+        self.level_plan = plan
+        self.levels = [
+            ToMeStrategy(ToMe(keep=plan.anchor_keep, prop_attn=config.prop_attn), num_layers)
+            if j == plan.anchor
+            else _RateToMe(rate, num_layers, config.prop_attn)
+            for j, rate in enumerate(plan.rates)
+        ]
 
     @property
     def prop_attn(self) -> bool:
@@ -212,7 +289,7 @@ class PerImageStrategy:
 
     def __deepcopy__(self, memo: dict) -> PerImageStrategy:
         # threading.local cannot be copied; PerImageContext's copy links its own fresh slot.
-        return PerImageStrategy(self.config, self.num_layers, threading.local(), self.rates)
+        return PerImageStrategy(self.config, self.num_layers, threading.local(), self.level_plan)
 
 
 class PerImageContext(PatchContext):
@@ -231,9 +308,7 @@ class PerImageContext(PatchContext):
         predictor: Any = None,
     ) -> None:
         local = threading.local()
-        super().__init__(
-            PerImageStrategy(config, num_layers, local, plan.rates), num_prefix, num_layers, grid
-        )
+        super().__init__(PerImageStrategy(config, num_layers, local, plan), num_prefix, num_layers, grid)
         self._local = local
         self.plan = plan
         self.dims = list(dims)
@@ -256,7 +331,7 @@ class PerImageContext(PatchContext):
         self.__dict__.update(state)
         self._local = threading.local()
         self.latest = None
-        self.strategy = PerImageStrategy(config, self.num_layers, self._local, self.plan.rates)
+        self.strategy = PerImageStrategy(config, self.num_layers, self._local, self.plan)
 
     def __deepcopy__(self, memo: dict) -> PerImageContext:
         new = PerImageContext.__new__(PerImageContext)
@@ -395,7 +470,11 @@ __all__ = [
     "LevelPlan",
     "PerImageContext",
     "PerImageStrategy",
+    "anchor_keep_of",
     "assign_levels",
+    "config_levels",
+    "keep_for_flops",
+    "keep_schedule",
     "combined_state",
     "level_groups",
     "mean_flops_target",
