@@ -393,3 +393,30 @@ def test_the_anchored_level_is_the_fixed_budget_itself(model: torch.nn.Module) -
     assert state.levels.tolist() == [plan.anchor] * len(x)
     assert torch.allclose(per_image, fixed, atol=1e-6)
     assert state.mean_flops == pytest.approx(plan.flops[plan.anchor])
+
+
+@pytest.mark.slow
+def test_embedded_dinov2_runs_each_mix_image_at_its_own_level() -> None:
+    """On the real weights and real mixed images: calibrated thresholds meet the target on their
+    images, and each image's output under the grouped model is its level's ToMe output."""
+    from tokenbudget.adaptive.per_image import config_level_plan
+    from tokenbudget.data.images import model_normalization, rgb_uint8_to_model_input
+    from tokenbudget.data.mix import dev_mix
+
+    torch.set_num_threads(1)
+    model = tb.models.dinov2_small().eval()
+    mix = dev_mix("train", 10)  # 10 images of each of the five sources
+    x = rgb_uint8_to_model_input(mix.images[::2], *model_normalization(model))  # 25 images
+    config = calibrate_per_image(model, x, flops_speedup=1.5, rule="spread")
+    assert abs(config.calibrated_flops - config.target_flops) < 1.0 / len(x)  # shares of 25 images
+    plan = config_level_plan(model, config)
+    with torch.inference_mode():
+        tb.apply(model, config)
+        pooled = model(x[:8])
+        state = tb.last_state(model)
+        for level in state.levels.unique().tolist():
+            members = (state.levels == level).nonzero().flatten()
+            tb.apply(model, tb.ToMe(r=list(plan.merged[level])))
+            assert torch.allclose(pooled[members], model(x[members]), atol=1e-4)
+        tb.remove(model)
+    assert len(state.group_sizes) > 1  # real mixed images spread over levels
