@@ -183,7 +183,9 @@ def test_info_and_run_over_http(base_url: tuple[str, int]) -> None:
     info = json.loads(body)
     assert status == 200
     assert (
-        info["grid"] == list(GRID) and info["num_prefix"] == PREFIX and info["methods"] == merging_methods()
+        info["grid"] == list(GRID)
+        and info["num_prefix"] == PREFIX
+        and info["methods"] == [*merging_methods(), "per-image"]
     )
     status, result = run(base_url, method="pool", value=0.5)
     assert status == 200

@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "Prune": ".config.pruning",
     "DynamicViT": ".config.pruning",
     "AdaptivePatch": ".config.adaptive",
+    "PerImage": ".config.per_image",
     "DEFAULT_ENTROPY_FLOOR": ".config.base",
     "config_from_dict": ".config.base",
     "config_from_json": ".config.base",

@@ -188,7 +188,9 @@ def last_state(model: nn.Module) -> TokenState:
     """The :class:`TokenState` of the latest finished forward of a patched model (this thread's if
     it ran one): ``tokens_per_layer``, ``sizes``, ``source`` (with ``trace_source=True``), ...
     Under ``tb.AdaptivePatch``: an :class:`~tokenbudget.adaptive.AdaptivePatchState` (per-image
-    ``patch_sizes``, ``scores``, ``tokens``)."""
+    ``patch_sizes``, ``scores``, ``tokens``); under ``tb.PerImage``: an
+    :class:`~tokenbudget.adaptive.PerImageState` (each image's budget: ``speedups``, ``levels``,
+    ``flops``, ``scores``)."""
     state = _context(model).last_state()
     if state is None:
         raise ValueError("the patched model has not run a forward yet; call it on a batch first")

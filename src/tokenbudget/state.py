@@ -219,3 +219,49 @@ class AdaptivePatchState:
             "tokens": self.tokens,
             "mean_tokens": self.mean_tokens,
         }
+
+
+@dataclass
+class PerImageState(TokenState):
+    """What one forward of a ``tb.PerImage`` model did, per image (input order).
+
+    The :class:`TokenState` fields describe the batch as ``forward_features`` returns it: as wide as
+    its widest image, shorter images padded with size-0 tokens (``padding``, ``sizes``).
+
+    Attributes:
+        levels: [B] level index of each image (into ``level_speedups``).
+        level_speedups: the levels, as FLOPs-ideal speedups.
+        scores: [B] glance scores (need).
+        speedups: [B] each image's budget: the FLOPs-ideal speedup of its level.
+        flops: [B] each image's block FLOPs over the unreduced model's.
+        image_tokens_per_layer: [B, L] each image's tokens after each block.
+        group_sizes: level speedup -> images run at it.
+    """
+
+    levels: Tensor | None = None
+    level_speedups: tuple[float, ...] = ()
+    scores: Tensor | None = None
+    speedups: Tensor | None = None
+    flops: Tensor | None = None
+    image_tokens_per_layer: Tensor | None = None
+    group_sizes: dict[float, int] = field(default_factory=dict)
+
+    @property
+    def real_tokens_per_layer(self) -> Tensor:
+        """[B, L] each image's token count after each block."""
+        return self.image_tokens_per_layer
+
+    @property
+    def mean_flops(self) -> float:
+        """Mean block FLOPs fraction of the batch."""
+        return float(self.flops.double().mean())
+
+    def summary(self) -> dict:
+        return {
+            **super().summary(),
+            "levels": [int(v) for v in self.levels],
+            "speedups": [float(v) for v in self.speedups],
+            "scores": [round(float(v), 6) for v in self.scores],
+            "mean_flops": self.mean_flops,
+            "group_sizes": {str(k): v for k, v in self.group_sizes.items()},
+        }

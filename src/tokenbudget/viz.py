@@ -65,7 +65,7 @@ def render_merges(model: torch.nn.Module, image, config) -> tuple[np.ndarray, di
     from .data.images import center_crop_resize, preprocess
     from .patch import apply, last_state, remove
 
-    if not hasattr(config, "trace_source"):
+    if not hasattr(config, "trace_source") and getattr(config, "method", None) != "per-image":
         raise ValueError(
             f"{type(config).__name__} drops tokens instead of merging them; visualize a merging method (tome, pool)"
         )
@@ -74,6 +74,10 @@ def render_merges(model: torch.nn.Module, image, config) -> tuple[np.ndarray, di
         raise ValueError("the model has no default input size; cannot place tokens on the image")
     size = adapter.image_size[0]
     x = preprocess(image, size, *adapter.normalization()).unsqueeze(0)
+    budget = {}
+    if getattr(config, "method", None) == "per-image":
+        # The glance picks this image's level; its merges are those of the level's ToMe schedule.
+        config, budget = per_image_level(model, adapter, x, config)
     apply(model, dataclasses.replace(config, trace_source=True))
     try:
         with torch.inference_mode():
@@ -85,4 +89,28 @@ def render_merges(model: torch.nn.Module, image, config) -> tuple[np.ndarray, di
         raise ValueError("the model's patch grid is unknown; cannot place tokens on the image")
     crop = np.asarray(center_crop_resize(image, size))
     groups = merge_groups(state.token_map[0], state.num_prefix, state.grid)
-    return side_by_side(crop, draw_merge_groups(crop, groups)), state.summary()
+    return side_by_side(crop, draw_merge_groups(crop, groups)), state.summary() | budget
+
+
+def per_image_level(model: torch.nn.Module, adapter, x: torch.Tensor, config) -> tuple[object, dict]:  # noqa: ANN001
+    """(the ToMe config of the level a calibrated ``tb.PerImage`` gives image ``x`` [1, 3, H, W],
+    that budget as a dict: ``per_image_speedup``, ``per_image_level``, ``per_image_score``)."""
+    from .config import ToMe
+    from .patch import apply, installed, last_state, remove
+
+    apply(model, config)
+    try:
+        with torch.inference_mode():
+            adapter.features(x)
+        state = last_state(model)
+        plan = installed(model)[1].plan
+    finally:
+        remove(model)
+    level = int(state.levels[0])
+    budget = {
+        "per_image_level": level,
+        "per_image_speedup": float(state.speedups[0]),
+        "per_image_score": float(state.scores[0]),
+        "per_image_flops": float(state.flops[0]),
+    }
+    return ToMe(r=list(plan.merged[level]), prop_attn=config.prop_attn), budget

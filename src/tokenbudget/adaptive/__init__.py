@@ -13,6 +13,9 @@ Adaptive patching: a per-image patch size chosen by image complexity (``tb.Adapt
 * :mod:`.patching`: grouping a batch by size and running each group (framework-free);
 * ``tokenbudget.adapters.timm_adaptive``: the resampled patch and position embeddings of timm ViTs.
 
+Per-image budgets (``tb.PerImage``): a glance picks each image's ToMe budget level;
+:func:`calibrate_per_image` fits its thresholds on training images (:mod:`.per_image`).
+
 Early exit (:class:`EarlyExit`, :class:`ExitHeads`, :mod:`.early_exit`) and the budget predictor
 (:class:`BudgetPredictor`, :func:`forward_with_budgets`, :mod:`.budget_predictor`).
 """
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 from ..config import AdaptivePatch
 from ..ops.complexity import DETAIL_EPS, SCORES, complexity_score, detail_score
 from ..ops.thresholds import calibrate_thresholds, check_thresholds, size_index
-from ..state import AdaptivePatchState
+from ..state import AdaptivePatchState, PerImageState
 from ..strategies.adaptive_patch import (
     AdaptivePatchContext,
     GroupedRunner,
@@ -44,6 +47,7 @@ from .budget_predictor import (
 )
 from .early_exit import EarlyExit, ExitOutput
 from .exit_heads import ExitHeads, load_exit_heads, save_exit_heads, train_exit_heads
+from .per_image import apply_per_image, calibrate_per_image
 
 
 def native_patch_size(model: nn.Module) -> int:
@@ -136,6 +140,9 @@ __all__ = [
     "DETAIL_EPS",
     "SCORES",
     "AdaptivePatchState",
+    "PerImageState",
+    "apply_per_image",
+    "calibrate_per_image",
     "GroupSpec",
     "calibrate",
     "calibrate_thresholds",

@@ -105,6 +105,12 @@ class BudgetPredictor(nn.Module):
         """The budgets as a tensor [K]."""
         return torch.tensor(self.budgets)
 
+    def need(self, glance: Tensor) -> Tensor:
+        """[B] the expected budget ``sum_k p_k budget_k``: a need score (higher: more tokens), the
+        policy ``"predictor"`` of ``tb.PerImage``."""
+        probs = self.probabilities(glance)
+        return (probs * self.keep_values().to(probs)).sum(dim=-1)
+
     def config(self) -> dict[str, Any]:
         return {
             "format": FORMAT,

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..adapters import find_adapter
 from ..config import ReductionConfig, config_class
-from ..flops import ideal_speedup, model_flops
+from ..flops import model_flops
 from ..patch import apply, last_state
 from .ceiling import free_reduction_copy, merge_overhead_ms
 from .memory import peak_forward_memory
@@ -79,6 +79,7 @@ def bench(
     progress: Callable[[int], None] | None = None,
     compile: bool = False,
     seed: int = 0,
+    inputs: torch.Tensor | None = None,
 ) -> list[BenchRow]:
     """Measure each config against the unpatched ``model`` at each batch size.
 
@@ -89,6 +90,10 @@ def bench(
     interleaved runs. With ``ceiling``, each config's token schedule is also run with free
     reduction (a slice, see :mod:`.ceiling`): the speedup this machine allows for those token
     counts, so the method's own cost shows as ``ceiling_efficiency`` = speedup / ceiling speedup.
+
+    ``inputs`` [N, 3, H, W] (model-ready real images): time on the first ``batch_size`` of them
+    (cycled when fewer) instead of noise, as per-image budgets need (``tb.PerImage`` picks each image's level from its
+    content; its FLOPs are the batch's mean per-image FLOPs, and it has no ceiling run).
     """
     if any(getattr(cfg, "method", None) == "adaptive-patch" for cfg in configs):
         # Random input has no complexity to adapt to, and token counts differ per image.
@@ -109,7 +114,15 @@ def bench(
         raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     model = model.eval().to(device=device, dtype=torch_dtype)
+    per_image = [getattr(cfg, "method", None) == "per-image" for cfg in configs]
+    if any(per_image) and inputs is None:
+        raise ValueError(
+            "tb.PerImage picks each image's budget from its content, so noise would time a mix of levels "
+            "no real set has: pass real images as inputs= (the CLI: --data)"
+        )
     patched = [apply(copy.deepcopy(model), cfg) for cfg in configs]
+    # Free reduction replays one token schedule per batch; per-image budgets have one per level.
+    ceiling = ceiling and not any(per_image)
     free = [free_reduction_copy(model, m) for m in patched] if ceiling else []
     adapter = find_adapter(model)
     dims = adapter.block_dims()
@@ -130,8 +143,16 @@ def bench(
     for batch_size in batch_sizes:
         # Seeded noise: runs are reproducible (data-dependent methods such as the entropy guard take
         # the same path every time).
-        noise = torch.Generator().manual_seed(seed + batch_size)
-        x = torch.randn(batch_size, 3, height, width, generator=noise).to(device=device, dtype=torch_dtype)
+        if inputs is not None:
+            if len(inputs) == 0:
+                raise ValueError("inputs holds no images to time on")
+            index = torch.arange(batch_size) % len(inputs)  # cycles through fewer inputs than the batch
+            x = inputs[index].to(device=device, dtype=torch_dtype)
+        else:
+            noise = torch.Generator().manual_seed(seed + batch_size)
+            x = torch.randn(batch_size, 3, height, width, generator=noise).to(
+                device=device, dtype=torch_dtype
+            )
 
         runs = {"baseline": _forward(model, x)} | {
             f"config{i}": _forward(m, x) for i, m in enumerate(patched)
@@ -148,8 +169,15 @@ def bench(
         for i, (cfg, m) in enumerate(zip(configs, patched, strict=True)):
             runs[f"config{i}"]()
             state = last_state(m)
-            ideal = ideal_speedup(state.input_tokens, state.tokens_per_layer, dims)
             full = model_flops(state.input_tokens, [state.input_tokens] * len(dims), dims)
+            per_image_flops = getattr(state, "flops", None)  # PerImageState: each image's FLOPs fraction
+            if per_image_flops is not None:
+                flops_ratio = float(per_image_flops.double().mean())
+                tokens = [round(t) for t in state.image_tokens_per_layer.double().mean(0).tolist()]
+            else:
+                flops_ratio = model_flops(state.input_tokens, state.tokens_per_layer, dims) / full
+                tokens = list(state.tokens_per_layer)
+            ideal = 1.0 / flops_ratio
             mem = peak_forward_memory(runs[f"config{i}"], device) if measure_memory else None
             # Speedups are medians of paired per-sample ratios: samples taken side by side share
             # the machine's momentary speed, which drifts on shared hosts.
@@ -179,12 +207,12 @@ def bench(
                     efficiency=speedup / ideal,
                     ceiling_speedup=ceiling_speedup,
                     ceiling_efficiency=None if ceiling_speedup is None else speedup / ceiling_speedup,
-                    flops_ratio=model_flops(state.input_tokens, state.tokens_per_layer, dims) / full,
+                    flops_ratio=flops_ratio,
                     baseline_peak_mb=None if base_mem is None else base_mem / 2**20,
                     patched_peak_mb=None if mem is None else mem / 2**20,
                     input_tokens=state.input_tokens,
-                    final_tokens=state.tokens_per_layer[-1],
-                    tokens_per_layer=list(state.tokens_per_layer),
+                    final_tokens=tokens[-1],
+                    tokens_per_layer=tokens,
                     compiled=compile,
                     baseline_compile_s=compile_s.get("baseline"),
                     patched_compile_s=compile_s.get(f"config{i}"),

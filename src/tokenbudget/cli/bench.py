@@ -32,6 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     options.add_run_options(bench, json="print JSON rows instead of a table")
     methods.add_budget_options(bench, default_r="16")
+    options.add_data_options(
+        bench,
+        n_train=300,
+        n_test=64,
+        data_note="; read only with --methods per-image: its budgets are calibrated on the train images and "
+        "every config is timed on the test images (per-image budgets depend on the content)",
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -40,7 +47,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import bench, format_table
 
     configs = methods.configs(args)
-    model = options.load_model(args)
+    inputs = None
+    if any(cfg.method == "per-image" for cfg in configs):
+        from ..evaluate.per_image_eval import calibrate_in_run
+
+        model, data = options.model_and_data(args)
+        configs = [calibrate_in_run(model, cfg, data.train_images, seed=args.seed) for cfg in configs]
+        inputs = data.test_images
+    else:
+        model = options.load_model(args)
     bar = options.progress(len(args.batch_size) * args.samples, "bench", disable=args.json or args.quiet)
     rows = bench(
         model,
@@ -55,6 +70,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ceiling=not args.no_ceiling,
         progress=bar.update,
         compile=args.compile,
+        inputs=inputs,
     )
     bar.close()
     if args.json:
@@ -66,6 +82,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else ("pretrained" if args.pretrained else "random weights")
     )
     print(f"{args.model} ({weights}), device {args.device}, {args.dtype}, {torch.get_num_threads()} threads")
+    if inputs is not None:
+        print(
+            f"timed on {args.data} test images (cycled to the batch size); per-image: mean FLOPs of the batch"
+        )
     print(format_table(rows))
     if args.compile:
         print(_compile_note(rows))

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     methods.add_methods(ev, "tome,random,pool", " (prune/dynamicvit: --keep is per stage)")
     methods.add_stage_options(ev.add_argument_group("pruning methods"))
     methods.add_entropy_floor(ev.add_argument_group("entropy guard"))
+    methods.add_per_image_options(ev.add_argument_group("per-image budgets"))
     ev.add_argument("--keep", type=options.float_list, help="fractions of tokens left (default 1.0,0.5,0.25)")
     ev.add_argument(
         "--flops-speedup",
@@ -47,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument(
         "--keep", type=options.float_list, default=None, help="candidate keep fractions (default 0.9 ... 0.1)"
     )
+    methods.add_methods(pl, "tome", " (candidates: every method at every keep)")
+    methods.add_per_image_options(pl.add_argument_group("per-image budgets"))
     _add_batch_options(pl, speed_batch_size=8)
     options.add_out(pl, None, "write the chosen config JSON here")
     options.add_run_options(pl, quiet=None, json="print only the chosen config JSON")
@@ -85,7 +88,7 @@ def _add_batch_options(parser: argparse.ArgumentParser, *, speed_batch_size: int
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from ..config import BudgetConfig, config_class
+    from ..config import BudgetConfig, PerImage, config_class
     from ..evaluate import evaluate, format_eval_table, keep_for_flops_speedup, method_config, pareto_plot
     from ..evaluate.distributed import is_main
     from ..evaluate.tables import rows_to_csv
@@ -97,7 +100,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("give --keep or --flops-speedup, not both")
     keeps = args.keep if args.keep is not None else [1.0, 0.5, 0.25]
     for m in chosen:  # fail on a bad method or budget before any model or data is loaded
-        if args.flops_speedup is not None and not issubclass(config_class(m), BudgetConfig):
+        # per-image's keep is its mean budget: the FLOPs of ToMe at that keep
+        if args.flops_speedup is not None and not issubclass(config_class(m), (BudgetConfig, PerImage)):
             raise ValueError(
                 f"--flops-speedup needs methods with a per-layer schedule ({', '.join(methods.scheduled_methods())}); "
                 f"{m!r} keeps a fraction per stage: give it --keep"
@@ -110,7 +114,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for m in chosen:  # apply validates against this model (layers, predictor, class token): fail now,
         for keep in keeps:  # not after minutes of full-token feature extraction
             if keep < 1.0:
-                remove(apply(model, method_config(m, keep, method_options[m])))
+                remove(apply(model, _checkable(method_config(m, keep, method_options[m]))))
     size = options.image_side(model)
     test_batches = -(-len(data.test_images) // args.batch_size)
     batches = -(-len(data.train_images) // args.batch_size) + test_batches
@@ -148,12 +152,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"{size} px, {torch.get_num_threads()} threads"
     )
     print(format_eval_table(rows))
+    for row in rows:
+        if row.method == "per-image":
+            cfg = row.config
+            print(
+                f"per-image keep={row.keep:g} ({cfg['policy']}; calibrated on {min(300, len(data.train_images))} "
+                f"train images): target mean FLOPs {cfg['target_flops']:.4f}, train {cfg['calibrated_flops']:.4f}, "
+                f"achieved on test {row.flops_ratio:.4f}"
+            )
     print(
         f"k-NN (cosine, k={rows[0].knn_k}) and linear probe fit on full-token train features; drop in points "
         "vs full; cosine: reduced vs full test features; speedup measured at batch "
         f"{args.speed_batch_size} in this run"
     )
     return 0
+
+
+def _checkable(config: object) -> object:
+    """``config``, or for an uncalibrated ``tb.PerImage`` the same with placeholder thresholds, so
+    that applying it checks the model before the run calibrates it."""
+    from dataclasses import replace
+
+    from ..config import PerImage
+
+    if isinstance(config, PerImage) and config.thresholds is None:
+        # the run calibrates the levels the model reaches; here only the model is checked
+        return replace(config, levels=(1.0, 1.01), thresholds=(0.0,))
+    return config
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -172,6 +197,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         speed_batch_size=args.speed_batch_size,
         speed_samples=args.speed_samples,
+        methods=args.methods,
+        method_options={m: methods.method_options(m, args) for m in args.methods},
         **({"keeps": args.keep} if args.keep else {}),
     )
     if not is_main():

@@ -71,6 +71,7 @@ def add_budget_options(parser: argparse.ArgumentParser, default_r: str) -> None:
     add_entropy_floor(group)
     add_cost_model(group)
     add_stage_options(group)
+    add_per_image_options(group)
     parser.set_defaults(default_r=default_r)
 
 
@@ -110,6 +111,27 @@ def add_stage_options(group: Any) -> None:
     )
 
 
+def add_per_image_options(group: Any) -> None:
+    """``--policy`` of per-image budgets (:func:`per_image_options`)."""
+    from ..config.per_image import PER_IMAGE_POLICIES
+
+    group.add_argument(
+        "--policy",
+        choices=PER_IMAGE_POLICIES,
+        default=None,
+        help="per-image: the glance score that picks each image's budget (default redundancy); calibrated on "
+        "the train split inside the run",
+    )
+
+
+def per_image_options(cls: type, args: argparse.Namespace) -> dict:
+    """``policy`` for per-image configs, from ``--policy``."""
+    policy = getattr(args, "policy", None)
+    if policy is None or "policy" not in {f.name for f in dataclasses.fields(cls)}:
+        return {}
+    return {"policy": policy}
+
+
 def guard_options(cls: type, args: argparse.Namespace) -> dict:
     """``entropy_floor`` for configs that take it, from ``--entropy-floor``."""
     floor = getattr(args, "entropy_floor", None)
@@ -141,7 +163,12 @@ def method_options(method: str, args: argparse.Namespace) -> dict:
     """Every per-method option (pruning stages, entropy floor, cost model) the command line gives
     ``method``."""
     cls = config_class(method)
-    return stage_options(cls, args) | guard_options(cls, args) | cost_options(cls, args)
+    return (
+        stage_options(cls, args)
+        | guard_options(cls, args)
+        | cost_options(cls, args)
+        | per_image_options(cls, args)
+    )
 
 
 def scheduled_methods() -> list[str]:
@@ -163,7 +190,7 @@ def _method_configs(method: str, args: argparse.Namespace) -> list[ReductionConf
     cls = config_class(method)
     names = {f.name for f in dataclasses.fields(cls)}
     extra = {"prop_attn": not args.no_prop_attn} if "prop_attn" in names else {}
-    extra |= guard_options(cls, args) | cost_options(cls, args)
+    extra |= guard_options(cls, args) | cost_options(cls, args) | per_image_options(cls, args)
     if "r" not in names:  # pruning methods: --keep is the per-stage keep ratio
         extra |= stage_options(cls, args)
         if args.r is not None or args.tokens is not None:

@@ -29,7 +29,7 @@ MODEL_HELP = (
 )
 DATA_HELP = (
     "labelled images: fashion-mnist (the offline copy), skimage (crops of the bundled photos, labelled by "
-    "photo), anomaly / anomaly-small (textures labelled by a small flaw: tokenbudget make-anomaly), or a "
+    "photo), mix (the heterogeneous dev mix: clothing, textures, photo crops, scenes, inspection), anomaly / anomaly-small (textures labelled by a small flaw: tokenbudget make-anomaly), or a "
     "directory: Fashion-MNIST IDX files, or CLASS/ image folders (split by --test-fraction unless it has "
     "train/ and test/)"
 )

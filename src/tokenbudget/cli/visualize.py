@@ -28,5 +28,11 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     model = options.load_model(args)
     picture, summary = render_merges(model, load_image(args.image), configs[0])
     Image.fromarray(picture).save(args.out)
-    print(f"wrote {args.out}: {summary['input_tokens']} -> {summary['tokens_per_layer'][-1]} tokens")
+    budget = ""
+    if "per_image_speedup" in summary:
+        budget = (
+            f"; per-image budget: FLOPs-ideal {summary['per_image_speedup']:g}x (level {summary['per_image_level']}, "
+            f"glance score {summary['per_image_score']:.4g}, FLOPs {summary['per_image_flops']:.3f})"
+        )
+    print(f"wrote {args.out}: {summary['input_tokens']} -> {summary['tokens_per_layer'][-1]} tokens{budget}")
     return 0

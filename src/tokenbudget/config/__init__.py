@@ -19,6 +19,7 @@ from .base import (
     method_names,
 )
 from .merging import GridPool, RandomDrop, ToFu, ToMe, ToMeDetail, ToMeGuard, ToMeOptimal
+from .per_image import PerImage
 from .pruning import DynamicViT, Prune
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "BudgetConfig",
     "DynamicViT",
     "GridPool",
+    "PerImage",
     "Prune",
     "RandomDrop",
     "ReductionConfig",

@@ -36,12 +36,12 @@ def load_eval_data(
     default_sizes: tuple[int, int] = (1000, 500),
 ) -> EvalData:
     """``"fashion-mnist"`` (offline Debian copy, a balanced seeded subset), ``"skimage"``
-    (:func:`skimage_crops`), ``"anomaly"`` / ``"anomaly-small"`` (:func:`anomaly_data`, flaws at full
+    (:func:`skimage_crops`), ``"mix"`` (:func:`mix_data`: the heterogeneous dev mix), ``"anomaly"`` / ``"anomaly-small"`` (:func:`anomaly_data`, flaws at full
     and half size), or a directory: Fashion-MNIST IDX files, or an image folder with one subfolder per
     class.
 
     ``n_train`` / ``n_test``: ``None`` takes the set's default (Fashion-MNIST and anomaly:
-    ``default_sizes``; skimage crops and image folders: every image). A number takes that many: Fashion-MNIST and the
+    ``default_sizes``; the mix: as many of each of its sources; skimage crops and image folders: every image). A number takes that many: Fashion-MNIST and the
     anomaly set draw class-balanced subsets (rounded down to a multiple of their 10 / 4 classes), skimage
     crops and image folders a seeded random subset, and a ``ValueError`` says what the set holds when
     it holds fewer. ``0`` loads no images of that split (for callers that only train or only test).
@@ -71,6 +71,8 @@ def load_eval_data(
         return fashion(None)
     if source == "skimage":
         return _subset(skimage_crops(size, mean, std, seed=seed), n_train, n_test, seed)
+    if source == "mix":
+        return mix_data(size, mean, std, n_train=counts[0], n_test=counts[1], seed=seed)
     if source in ("anomaly", "anomaly-small"):
         return anomaly_data(
             size,
@@ -170,6 +172,33 @@ def skimage_crops(
     x, y = torch.stack(images), torch.tensor(labels)
     train = torch.arange(len(y)) % 2 == 0
     return EvalData("skimage-crops", x[train], y[train], x[~train], y[~train])
+
+
+def mix_data(
+    size: int, mean: Sequence[float], std: Sequence[float], *, n_train: int, n_test: int, seed: int = 0
+) -> EvalData:
+    """The heterogeneous dev mix (:mod:`tokenbudget.data.mix`: Fashion-MNIST items, textures, photo
+    crops, multi-object scenes and inspection surfaces, 39 disjoint classes), ``n // 5`` images of
+    each source per split (at least 10), train and test from disjoint base images, at least 64 px.
+    Generated once and cached."""
+    from .images import rgb_uint8_to_model_input
+    from .mix import SOURCES, dev_mix
+
+    parts = len(SOURCES)
+    least = 10 * parts  # each source spreads its images over up to 10 classes
+    if any(0 < n < least for n in (n_train, n_test)):
+        raise ValueError(
+            f"the mix needs at least {least} train and {least} test images (10 of each of its {parts} "
+            f"sources), or 0; got {n_train} and {n_test}"
+        )
+    splits = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        if n == 0:
+            splits += [_empty_input(size), torch.empty(0, dtype=torch.int64)]
+            continue
+        data = dev_mix(split, n // parts, size=size, seed=seed)
+        splits += [rgb_uint8_to_model_input(data.images, mean, std), torch.from_numpy(data.labels).long()]
+    return EvalData("mix", *splits)
 
 
 def anomaly_data(

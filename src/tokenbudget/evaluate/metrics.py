@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["accuracy_drop", "cosine_fidelity", "knn_accuracy", "linear_probe_accuracy"]
+__all__ = [
+    "LinearProbe",
+    "accuracy_drop",
+    "cosine_fidelity",
+    "fit_linear_probe",
+    "knn_accuracy",
+    "knn_predictions",
+    "linear_probe_accuracy",
+]
 
 
 def _check_split(name: str, feats: Tensor, labels: Tensor) -> None:
@@ -68,7 +76,7 @@ def _check_pair(
     return num_classes
 
 
-def knn_accuracy(
+def knn_predictions(
     train_feats: Tensor,
     train_labels: Tensor,
     test_feats: Tensor,
@@ -78,8 +86,8 @@ def knn_accuracy(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk: int = 1024,
-) -> float:
-    """Weighted cosine k-NN accuracy, as in DINO's ``eval_knn``.
+) -> Tensor:
+    """Weighted cosine k-NN predictions [M], as in DINO's ``eval_knn``.
 
     Features are L2-normalised; each test row votes with its ``k`` most similar train rows,
     a neighbour with cosine similarity ``s`` adding ``exp(s / temperature)`` to its class.
@@ -96,7 +104,7 @@ def knn_accuracy(
         chunk: test rows per similarity block, bounding memory to ``chunk * N`` floats.
 
     Returns:
-        Top-1 accuracy on the test split, a float in [0, 1].
+        [M] int64 predicted class of each test row (on ``train_feats``' device).
     """
     num_classes = _check_pair(train_feats, train_labels, test_feats, test_labels, num_classes)
     n = train_feats.shape[0]
@@ -116,9 +124,8 @@ def knn_accuracy(
         train = F.normalize(train_feats.to(dtype), dim=1)
         test = F.normalize(test_feats.to(device=device, dtype=dtype), dim=1)
         train_y = train_labels.to(device=device, dtype=torch.long)
-        test_y = test_labels.to(device=device, dtype=torch.long)
 
-        correct = 0
+        predictions = []
         for start in range(0, test.shape[0], chunk):
             sims = test[start : start + chunk] @ train.T  # [m, N]
             top_sims, top_idx = sims.topk(k, dim=1)  # [m, k], sorted descending
@@ -127,9 +134,117 @@ def knn_accuracy(
             weights = ((top_sims - top_sims[:, :1]) / temperature).exp()
             votes = torch.zeros(top_sims.shape[0], num_classes, dtype=dtype, device=device)
             votes.scatter_add_(1, train_y[top_idx], weights)
-            pred = votes.argmax(dim=1)
-            correct += int((pred == test_y[start : start + chunk]).sum())
-    return correct / test.shape[0]
+            predictions.append(votes.argmax(dim=1))
+    return torch.cat(predictions)
+
+
+def knn_accuracy(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> float:
+    """Top-1 accuracy in [0, 1] of :func:`knn_predictions` (same arguments) on the test split."""
+    pred = knn_predictions(
+        train_feats,
+        train_labels,
+        test_feats,
+        test_labels,
+        k=k,
+        temperature=temperature,
+        num_classes=num_classes,
+        chunk=chunk,
+    )
+    return int((pred == test_labels.to(pred.device)).sum()) / len(pred)
+
+
+class LinearProbe:
+    """A fitted probe (:func:`fit_linear_probe`): train-split standardisation, then ``x @ W + b``."""
+
+    def __init__(self, mean: Tensor, inv_std: Tensor, weight: Tensor, bias: Tensor) -> None:
+        self.mean, self.inv_std, self.weight, self.bias = mean, inv_std, weight, bias
+
+    def predict(self, feats: Tensor) -> Tensor:
+        """[M] int64 predicted class of each row of ``feats`` [M, C]."""
+        if feats.ndim != 2 or feats.shape[1] != self.weight.shape[0]:
+            raise ValueError(f"expected features [M, {self.weight.shape[0]}], got shape {tuple(feats.shape)}")
+        with torch.no_grad():
+            x = (feats.detach().to(device=self.mean.device, dtype=self.mean.dtype) - self.mean) * self.inv_std
+            return (x @ self.weight + self.bias).argmax(dim=1)
+
+
+def fit_linear_probe(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    *,
+    num_classes: int,
+    weight_decay: float = 1e-4,
+    max_iter: int = 200,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> LinearProbe:
+    """Fit the probe of :func:`linear_probe_accuracy` on train features [N, C] and labels [N] in
+    ``[0, num_classes)``, once, to score several test feature sets with :meth:`LinearProbe.predict`."""
+    _check_split("train", train_feats, train_labels)
+    if num_classes < 1 or int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes:
+        raise ValueError(f"train labels must lie in [0, num_classes={num_classes})")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+
+    device = train_feats.device
+    # Inference tensors cannot be saved for backward, so leave inference mode (if any) and
+    # make fresh copies; enable_grad overrides a caller's no_grad.
+    with torch.inference_mode(False), torch.enable_grad():
+        x_train = train_feats.detach().to(device=device, dtype=dtype).clone()
+        y_train = train_labels.detach().to(device=device, dtype=torch.long).clone()
+
+        # Standardise with train statistics only, so the test split never leaks into the fit.
+        mean = x_train.mean(dim=0, keepdim=True)
+        # unbiased=False: a single train row gives std 0 rather than NaN.
+        std = x_train.std(dim=0, unbiased=False, keepdim=True)
+        # A dimension that is constant on train (up to rounding) carries no information the
+        # probe can learn, but a clamped tiny std would still blow a test-time difference
+        # up to ~1e6 and swamp the logits. Zero such dimensions instead; the rest are
+        # divided by a clamped std so nothing is ever divided by ~0.
+        tol = 100 * torch.finfo(dtype).eps * (1 + mean.abs())
+        inv_std = torch.where(std > tol, 1 / std.clamp_min(1e-12), torch.zeros_like(std))
+        x_train = (x_train - mean) * inv_std
+
+        n_feat = x_train.shape[1]
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        # Small init: the loss starts near log(K) and the first line search is well scaled.
+        w0 = torch.randn(n_feat, num_classes, generator=gen, dtype=dtype) * 1e-3
+        weight = w0.to(device).requires_grad_(True)
+        bias = torch.zeros(num_classes, dtype=dtype, device=device, requires_grad=True)
+
+        opt = torch.optim.LBFGS(
+            [weight, bias],
+            lr=1.0,
+            max_iter=max_iter,
+            history_size=20,
+            tolerance_grad=1e-7,
+            tolerance_change=1e-10,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            logits = x_train @ weight + bias
+            loss = F.cross_entropy(logits, y_train) + weight_decay * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return LinearProbe(mean, inv_std, weight.detach(), bias.detach())
 
 
 def linear_probe_accuracy(
@@ -171,64 +286,17 @@ def linear_probe_accuracy(
         Top-1 accuracy on the test split, a float in [0, 1].
     """
     num_classes = _check_pair(train_feats, train_labels, test_feats, test_labels, num_classes)
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-
-    device = train_feats.device
-    # Inference tensors cannot be saved for backward, so leave inference mode (if any) and
-    # make fresh copies; enable_grad overrides a caller's no_grad.
-    with torch.inference_mode(False), torch.enable_grad():
-        x_train = train_feats.detach().to(device=device, dtype=dtype).clone()
-        x_test = test_feats.detach().to(device=device, dtype=dtype).clone()
-        y_train = train_labels.detach().to(device=device, dtype=torch.long).clone()
-        y_test = test_labels.detach().to(device=device, dtype=torch.long).clone()
-
-        # Standardise with train statistics only, so the test split never leaks into the fit.
-        mean = x_train.mean(dim=0, keepdim=True)
-        # unbiased=False: a single train row gives std 0 rather than NaN.
-        std = x_train.std(dim=0, unbiased=False, keepdim=True)
-        # A dimension that is constant on train (up to rounding) carries no information the
-        # probe can learn, but a clamped tiny std would still blow a test-time difference
-        # up to ~1e6 and swamp the logits. Zero such dimensions instead; the rest are
-        # divided by a clamped std so nothing is ever divided by ~0.
-        tol = 100 * torch.finfo(dtype).eps * (1 + mean.abs())
-        inv_std = torch.where(std > tol, 1 / std.clamp_min(1e-12), torch.zeros_like(std))
-        x_train = (x_train - mean) * inv_std
-        x_test = (x_test - mean) * inv_std
-
-        n_feat = x_train.shape[1]
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        # Small init: the loss starts near log(K) and the first line search is well scaled.
-        w0 = torch.randn(n_feat, num_classes, generator=gen, dtype=dtype) * 1e-3
-        weight = w0.to(device).requires_grad_(True)
-        bias = torch.zeros(num_classes, dtype=dtype, device=device, requires_grad=True)
-
-        opt = torch.optim.LBFGS(
-            [weight, bias],
-            lr=1.0,
-            max_iter=max_iter,
-            history_size=20,
-            tolerance_grad=1e-7,
-            tolerance_change=1e-10,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            logits = x_train @ weight + bias
-            loss = F.cross_entropy(logits, y_train) + weight_decay * weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-
-        with torch.no_grad():
-            pred = (x_test @ weight + bias).argmax(dim=1)
-            return float((pred == y_test).float().mean())
+    probe = fit_linear_probe(
+        train_feats,
+        train_labels,
+        num_classes=num_classes,
+        weight_decay=weight_decay,
+        max_iter=max_iter,
+        seed=seed,
+        dtype=dtype,
+    )
+    pred = probe.predict(test_feats.to(train_feats.device))
+    return float((pred == test_labels.to(device=pred.device, dtype=torch.long)).float().mean())
 
 
 def cosine_fidelity(reduced: Tensor, full: Tensor) -> float:

@@ -96,23 +96,27 @@ def plan(
     target_flops: float | None = None,
     max_drop: float | None = None,
     keeps: Sequence[float] = DEFAULT_KEEPS,
+    methods: Sequence[str] = ("tome",),
+    method_options: dict[str, dict] | None = None,
     speed_batch_size: int = 8,
     speed_samples: int = 5,
     batch_size: int = 64,
     progress=None,  # noqa: ANN001 - optional callable(int)
 ) -> Plan:
-    """Measure ToMe at each ``keep`` on ``data`` (accuracy, FLOPs, speedup at ``speed_batch_size``)
-    and choose the config for the target."""
+    """Measure ``methods`` (default ToMe) at each ``keep`` on ``data`` (accuracy, FLOPs, speedup at
+    ``speed_batch_size``) and choose the config for the target. ``per-image`` is calibrated on the
+    train split at each keep, and its chosen config carries its thresholds."""
     check_targets(target_speedup, target_flops, max_drop)
     rows = evaluate(
         model,
         data,
-        ("tome",),
+        tuple(methods),
         (1.0, *keeps),
         batch_size=batch_size,
         speed_batch_size=speed_batch_size,
         speed_samples=speed_samples,
         progress=progress,
+        method_options=method_options,
     )
     choice, reason = choose(rows, target_speedup=target_speedup, target_flops=target_flops, max_drop=max_drop)
     return Plan(choice, rows, pareto_front(rows), reason)

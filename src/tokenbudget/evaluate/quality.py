@@ -21,6 +21,7 @@ from . import distributed as dist_utils
 from .budgets import method_config
 from .features import extract_features
 from .metrics import cosine_fidelity, knn_accuracy, linear_probe_accuracy
+from .per_image_eval import calibrate_in_run, per_image_mean_flops
 
 
 @dataclass
@@ -64,10 +65,14 @@ def evaluate(
     ``method_options`` maps a method name to further config options (e.g. ``{"dynamicvit":
     {"predictor": path}}``)."""
     method_options = method_options or {}
-    configs = [
-        (m, kp, method_config(m, kp, method_options.get(m))) for kp in keeps for m in methods if kp < 1.0
-    ]
     model = model.eval()
+    # Per-image budgets (tb.PerImage) are calibrated here, on the train split, at each budget.
+    configs = [
+        (m, kp, calibrate_in_run(model, method_config(m, kp, method_options.get(m)), data.train_images))
+        for kp in keeps
+        for m in methods
+        if kp < 1.0
+    ]
     if dist_utils.maybe_init_distributed():
         dist_utils.broadcast_module(model)  # every rank embeds with rank 0's weights (random ones too)
     train_full = extract_features(model, data.train_images, batch_size, progress)
@@ -91,6 +96,8 @@ def evaluate(
                 samples=speed_samples,
                 warmup=1,
                 ceiling=False,
+                # per-image budgets depend on the content: time everything on real test images
+                inputs=data.test_images if any(c.method == "per-image" for _, _, c in configs) else None,
             )
         except Exception as err:
             if not dist_utils.is_active():
@@ -146,7 +153,12 @@ def evaluate(
                 cosine=cosine_fidelity(test_reduced, test_full),
                 img_s=row.patched_img_s,
                 speedup=row.speedup,
-                flops_ratio=row.flops_ratio,
+                # per-image: the mean over every test image, not only over the timed batch
+                flops_ratio=(
+                    per_image_mean_flops(model, cfg, data.test_images, batch_size)
+                    if cfg.method == "per-image"
+                    else row.flops_ratio
+                ),
                 peak_mb=row.patched_peak_mb,
                 final_tokens=row.final_tokens,
                 knn_k=k,

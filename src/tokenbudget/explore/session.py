@@ -30,7 +30,7 @@ from ..data.images import center_crop_resize, preprocess
 from ..evaluate import extract_features, fastest_keep, keep_for_flops_speedup
 from ..flops import ideal_speedup, model_flops
 from ..patch import apply, last_state, remove
-from ..viz import draw_merge_groups, merge_groups
+from ..viz import draw_merge_groups, merge_groups, per_image_level
 from .images import ImageStore
 
 BUDGET_KINDS = ("keep", "speedup")
@@ -89,11 +89,33 @@ class Explorer:
         self.model_name = model_name
         self.images = ImageStore(max_uploads)
         self.methods = merging_methods()
+        if adapter.name == "timm":  # per-image budgets regroup a timm ViT's forward
+            self.methods.append("per-image")
         self.min_keep, self.max_speedup = fastest_keep(model)
         self._max_cached = max_cached_images
         self._cache: OrderedDict[str, tuple[np.ndarray, torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()  # apply / forward / remove, and the caches
         self._keep_for_speedup = lru_cache(maxsize=256)(lambda s: keep_for_flops_speedup(self.model, s))
+        self._per_image_config = lru_cache(maxsize=64)(self._calibrate_per_image)
+
+    def _calibrate_per_image(self, keep: float) -> Any:
+        """``tb.PerImage`` at mean budget ``keep``, its thresholds spread over the sample images'
+        glance scores (no extra forwards: a page, not a measurement). Call with the lock held."""
+        from ..adaptive.per_image import calibrate_per_image
+
+        size = self.adapter.image_size[0]
+        norm = self.adapter.normalization()
+        samples = torch.stack([preprocess(self.images.get(i), size, *norm) for i in self.images.sample_ids()])
+        return calibrate_per_image(self.model, samples, keep=keep, rule="spread")
+
+    def _config(self, method: str, keep: float, trace_source: bool, x: torch.Tensor) -> tuple[Any, dict]:
+        """(the config to run, the per-image budget when ``method`` is per-image: the ToMe schedule of
+        the level the glance gives image ``x``). Call with the lock held."""
+        if method != "per-image":
+            cls = config_class(method)
+            return (cls(keep=keep, trace_source=True) if trace_source else cls(keep=keep)), {}
+        tome, budget = per_image_level(self.model, self.adapter, x, self._per_image_config(round(keep, 3)))
+        return dataclasses.replace(tome, trace_source=trace_source), budget
 
     def close(self) -> None:
         """Wait for the forward in progress, then take the model for good: a request still arriving
@@ -186,9 +208,9 @@ class Explorer:
         start = time.perf_counter()
         method = self.check_method(method)
         keep = self.keep_of(kind, value)
-        config = config_class(method)(keep=keep, trace_source=True)
         with self._lock:
             shown, x, full = self._prepared(image_id)
+            config, budget = self._config(method, keep, True, x)
             apply(self.model, config)
             try:
                 reduced = extract_features(self.model, x)[0]
@@ -212,6 +234,7 @@ class Explorer:
             "cosine_class": F.cosine_similarity(reduced[:width], full[:width], dim=0).item(),
             "cosine_mean": F.cosine_similarity(reduced[width:], full[width:], dim=0).item(),
             "request_ms": (time.perf_counter() - start) * 1e3,
+            **({"per_image": budget} if budget else {}),
         }
 
     def measure_speed(
@@ -224,11 +247,11 @@ class Explorer:
         keep = self.keep_of(kind, value)
         if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= 50:
             raise ValueError(f"samples must be an int in [1, 50], got {samples!r}")
-        config = config_class(method)(keep=keep)
         device = next(self.model.parameters()).device
         times: dict[str, list[float]] = {"unpatched": [], "patched": []}
         with self._lock:
             _, x, _ = self._prepared(image_id)
+            config, _ = self._config(method, keep, False, x)
 
             def forward() -> None:
                 with torch.inference_mode():

@@ -14,7 +14,7 @@ group being run (``ctx.local.group``, a :class:`GroupSpec`). This module decides
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +153,55 @@ class AdaptivePatchContext:
 Upstream = Callable[..., Any]  # the model's own (unpatched) entry point: upstream(x, *args, **kwargs)
 
 
+def run_groups(
+    upstream: Upstream,
+    images: Tensor,
+    groups: Sequence[tuple[Any, Tensor]],
+    slot: threading.local,
+    *,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    prepare: Callable[[Any, Tensor], Tensor] | None = None,
+    after: Callable[[Any, Tensor], None] | None = None,
+) -> list[tuple[Tensor, Any]]:
+    """Run ``upstream`` once per group of ``images`` [B, ...]: ``[(member indices, output)]``.
+
+    ``groups`` are ``(key, member indices)``; while a group runs, ``slot.group`` holds its key (the
+    adapter's hooks read it to run that group's way). ``prepare(key, sub_batch)`` may transform the
+    sub-batch first (e.g. resize it); ``after(key, members)`` runs after each group's call. A group
+    holding the whole batch runs on ``images`` itself (no copy).
+    """
+    outputs = []
+    for key, members in groups:
+        batch = images if len(groups) == 1 else images[members.to(images.device)]
+        if prepare is not None:
+            batch = prepare(key, batch)
+        slot.group = key
+        try:
+            outputs.append((members, upstream(batch, *args, **(kwargs or {}))))
+        finally:
+            slot.group = None
+        if after is not None:
+            after(key, members)
+    return outputs
+
+
+def gather_rows(outputs: Sequence[tuple[Tensor, Any]], batch_size: int, mismatch: str) -> Any:
+    """Per-group outputs ``[(members, [b_g, ...])]`` back into one [B, ...] batch in input order;
+    ``ValueError(mismatch)`` when the groups' outputs are not tensors of one per-row shape."""
+    if len(outputs) == 1:
+        return outputs[0][1]
+    first = outputs[0][1]
+    if not isinstance(first, Tensor) or any(
+        not isinstance(out, Tensor) or out.shape[1:] != first.shape[1:] for _, out in outputs
+    ):
+        raise ValueError(mismatch)
+    result = first.new_empty((batch_size, *first.shape[1:]))
+    for members, out in outputs:
+        result[members.to(result.device)] = out
+    return result
+
+
 class GroupedRunner:
     """Runs a batch as one sub-batch per patch size through an upstream entry point."""
 
@@ -190,19 +239,22 @@ class GroupedRunner:
         args: tuple,
         kwargs: dict,
     ) -> list[tuple[Tensor, Any]]:
-        local = self.ctx.local
-        outputs = []
         grids: list[tuple[int, int]] = [(0, 0)] * len(images)
-        for spec, members in groups:
-            batch = images if len(groups) == 1 else images[members.to(images.device)]
-            batch = resize_images(batch, spec.input_size)
-            local.group = spec
-            try:
-                outputs.append((members, upstream(batch, *args, **kwargs)))
-            finally:
-                local.group = None
+
+        def record(spec: GroupSpec, members: Tensor) -> None:
             for i in members.tolist():
                 grids[i] = spec.grid
+
+        outputs = run_groups(
+            upstream,
+            images,
+            groups,
+            self.ctx.local,
+            args=args,
+            kwargs=kwargs,
+            prepare=lambda spec, batch: resize_images(batch, spec.input_size),
+            after=record,
+        )
         self.ctx.finish(
             AdaptivePatchState(
                 scores=scores.detach().cpu(),
@@ -217,21 +269,12 @@ class GroupedRunner:
 
     def forward(self, upstream: Upstream, images: Tensor, *args: Any, **kwargs: Any) -> Any:
         """The model's output for every image, in input order (same-shape outputs per image)."""
-        outputs = self.run(upstream, images, *args, **kwargs)
-        if len(outputs) == 1:
-            return outputs[0][1]
-        first = outputs[0][1]
-        if not isinstance(first, Tensor) or any(
-            not isinstance(out, Tensor) or out.shape[1:] != first.shape[1:] for _, out in outputs
-        ):
-            raise ValueError(
-                "images at different patch sizes gave outputs of different shapes, which cannot be put "
-                "back in one batch; use tb.adaptive.forward_features_list(model, images) for per-image tokens"
-            )
-        result = first.new_empty((len(images), *first.shape[1:]))
-        for members, out in outputs:
-            result[members.to(result.device)] = out
-        return result
+        return gather_rows(
+            self.run(upstream, images, *args, **kwargs),
+            len(images),
+            "images at different patch sizes gave outputs of different shapes, which cannot be put "
+            "back in one batch; use tb.adaptive.forward_features_list(model, images) for per-image tokens",
+        )
 
     def forward_features(self, upstream: Upstream, images: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Tokens [B, T, C] when every image gets the same patch size; a mixed batch has no common

@@ -99,7 +99,9 @@ function fixed(x, digits) {
 function showResult(panel, r) {
   $(`picture-${panel}`).src = r.picture;
   const tokens = r.tokens_per_layer;
-  $(`tokens-${panel}`).textContent = `${tokens[0]} \u2192 ${tokens[tokens.length - 1]} (keep ${fixed(r.keep, 3)})`;
+  // per-image: the mean budget is `keep`; this image's own budget is the level its glance picked
+  const own = r.per_image ? `; this image: ${fixed(r.per_image.per_image_speedup, 2)}\u00d7 level` : "";
+  $(`tokens-${panel}`).textContent = `${tokens[0]} \u2192 ${tokens[tokens.length - 1]} (keep ${fixed(r.keep, 3)}${own})`;
   $(`groups-${panel}`).textContent = `${r.groups} of ${state.info.grid[0] * state.info.grid[1]} patches`;
   $(`flops-${panel}`).textContent = `${fixed(r.ideal_speedup, 2)}\u00d7 (${fixed(r.gflops, 2)} of ${fixed(state.info.gflops_full, 2)} GFLOPs)`;
   $(`cosine-${panel}`).textContent = `${fixed(r.cosine, 4)} (class ${fixed(r.cosine_class, 3)}, mean ${fixed(r.cosine_mean, 3)})`;
