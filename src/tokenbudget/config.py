@@ -531,3 +531,45 @@ class AdaptivePatch(ReductionConfig):
     def is_identity(self) -> bool:
         """Never certain: even one patch size may differ from the model's native one."""
         return False
+
+
+def _check_fraction(name: str, field: str, value: Any, low: float, high: float) -> None:
+    """``ValueError`` unless ``value`` is a real number in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name}: {field} must be a number in [{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class PiToMe(BudgetConfig):
+    """Spectrum-preserving token merging (PiToMe, Tran et al., NeurIPS 2024): energy-score merging.
+
+    At each block (ToMe's per-layer counts: give exactly one budget, see :class:`BudgetConfig`)
+    every non-prefix token gets an energy, the mean over all tokens of a margin-shifted ELU of its
+    cosine similarity to them (:func:`tokenbudget.ops.energy.energy_scores`): high inside a large
+    cluster of similar tokens, low for a distinctive one. The ``2r`` highest-energy tokens
+    alternate into sets A and B by energy rank and each A token merges (size-weighted) into its
+    most similar B token; the other tokens are kept as they are.
+
+    Args:
+        margin: the energy margin; ``None`` (default) is the paper's schedule, falling with depth
+            from 0.9 in the first block (:func:`tokenbudget.ops.energy.pitome_margin`).
+        alpha: slope of the ELU below the margin (the paper's 1.0).
+        prop_attn: proportional attention (log token size added to the attention logits).
+        trace_source: track which input patches each token stands for (``state.token_map``).
+    """
+
+    method: ClassVar[str] = "pitome"
+    _flags: ClassVar[tuple[str, ...]] = ("prop_attn", "trace_source")
+
+    margin: float | None = None
+    alpha: float = 1.0
+    prop_attn: bool = True
+    trace_source: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.margin is not None:
+            _check_fraction("PiToMe", "margin (a cosine similarity)", self.margin, -1.0, 1.0)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"PiToMe: alpha must be a number > 0 (the paper's 1.0), got {self.alpha!r}")
+

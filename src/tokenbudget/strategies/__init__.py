@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import (
     DynamicViT,
     GridPool,
+    PiToMe,
     Prune,
     RandomDrop,
     ReductionConfig,
@@ -17,6 +18,7 @@ from ..config import (
 from .base import ScheduledStrategy
 from .baselines import GridPoolStrategy, RandomDropStrategy
 from .dynamicvit import DynamicViTStrategy
+from .pitome import PiToMeStrategy
 from .prune import PruneStrategy
 from .tofu import ToFuStrategy
 from .tome import ToMeStrategy
@@ -31,6 +33,7 @@ _STRATEGIES: dict[type, type[ScheduledStrategy]] = {
     ToMeOptimal: ToMeStrategy,
     ToFu: ToFuStrategy,
     ToMeGuard: ToMeStrategy,
+    PiToMe: PiToMeStrategy,
 }
 
 
@@ -47,6 +50,7 @@ def make_strategy(config: ReductionConfig, num_layers: int) -> ScheduledStrategy
 __all__ = [
     "DynamicViTStrategy",
     "GridPoolStrategy",
+    "PiToMeStrategy",
     "PruneStrategy",
     "RandomDropStrategy",
     "ScheduledStrategy",
