@@ -41,6 +41,21 @@ def test_a_shift_along_one_class_gap_is_that_fraction_of_it() -> None:
     assert report.shift_norm == pytest.approx(1.0)
 
 
+def test_summary_leaves_out_classes_whose_means_nearly_coincide() -> None:
+    means = torch.tensor([[0.0, 0.0, 1.0], [0.01, 0.0, 1.0], [0.0, 2.0, 1.0]], dtype=torch.float64)
+    train, labels = _classes(means)
+    full = torch.randn(8, 3, dtype=torch.float64)
+    reduced = full + torch.tensor([0.1, 0.2, 0.0], dtype=torch.float64)
+    report = feature_shift(train, labels, full, reduced, normalize=False)
+    assert report.pair(0, 1).fraction == pytest.approx(10.0)  # a tenth of a unit over a 0.01 gap
+    assert report.worst == pytest.approx(0.1)  # pairs 0-2 and 1-2 only (gap 2 vs 0.01)
+    assert feature_shift(train, labels, full, reduced, normalize=False, min_gap=0.0).worst == pytest.approx(
+        10.0
+    )
+    with pytest.raises(ValueError, match="min_gap"):
+        feature_shift(train, labels, full, reduced, min_gap=2.0)
+
+
 def test_no_shift_is_zero_and_a_shift_off_every_direction_has_zero_fraction() -> None:
     train, labels = _classes(MEANS)
     full = torch.randn(12, 4, dtype=torch.float64)

@@ -13,8 +13,11 @@ feature tensors (no model):
   (positive: towards ``b``; 1: the mean image moved as far as from class ``a``'s mean to ``b``'s);
 * ``cosine = <s, d> / (|s| |d|)``: how squarely the shift points along ``d``.
 
-The scalar summary (:attr:`ShiftReport.worst`) is the largest ``|fraction|`` over the class pairs:
-the furthest the reduction pushes features across any class gap.
+The scalar summary (:attr:`ShiftReport.worst`) is the largest ``|fraction|`` over the class pairs
+whose gap is at least ``min_gap`` (default a quarter) of the largest gap: the furthest the reduction
+pushes features across a class gap the features actually open. Pairs of classes whose means
+nearly coincide (a defect too small to move the mean feature) give unstable fractions of a
+near-zero gap; they are reported in :attr:`ShiftReport.pairs` but left out of the summary.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class ShiftReport:
     Attributes:
         pairs: one :class:`PairShift` per class pair ``a < b``, over all test images.
         shift_norm: ``|s|``, the length of the mean shift.
-        worst: the scalar summary: the largest ``|fraction|`` over ``pairs``.
+        worst: the scalar summary: the largest ``|fraction|`` over the pairs whose gap is at least
+            ``min_gap`` times the largest gap (see :func:`feature_shift`).
         by_class: per true test class ``c``, the pairs measured on the mean shift of the test
             images of class ``c`` only (``None`` when no test labels were given).
     """
@@ -98,6 +102,7 @@ def feature_shift(
     test_labels: Tensor | None = None,
     *,
     normalize: bool = True,
+    min_gap: float = 0.25,
 ) -> ShiftReport:
     """How far, and towards which class, a reduction moves the features on average.
 
@@ -109,9 +114,12 @@ def feature_shift(
         test_labels: optional [M] labels of the test images, for the per-class breakdown.
         normalize: L2-normalize every feature row first (default): the geometry a cosine k-NN
             sees. ``False`` measures raw features.
+        min_gap: pairs whose gap is below this fraction of the largest gap are left out of the
+            summary :attr:`ShiftReport.worst` (0 keeps every pair).
 
     Returns:
-        A :class:`ShiftReport` (:attr:`ShiftReport.worst` is the largest ``|fraction|``).
+        A :class:`ShiftReport` (:attr:`ShiftReport.worst` is the largest ``|fraction|`` over the
+        pairs with a gap of at least ``min_gap`` times the largest).
     """
     for name, t in (("train_full", train_full), ("test_full", test_full), ("test_reduced", test_reduced)):
         if not isinstance(t, Tensor) or t.ndim != 2 or not t.is_floating_point():
@@ -129,6 +137,8 @@ def feature_shift(
         raise ValueError(f"train_labels must be [N={len(train_full)}], got {tuple(train_labels.shape)}")
     if test_labels is not None and (test_labels.ndim != 1 or len(test_labels) != len(test_full)):
         raise ValueError(f"test_labels must be [M={len(test_full)}], got {tuple(test_labels.shape)}")
+    if isinstance(min_gap, bool) or not isinstance(min_gap, (int, float)) or not 0.0 <= min_gap <= 1.0:
+        raise ValueError(f"min_gap is a fraction of the largest class gap in [0, 1], got {min_gap!r}")
     classes = sorted(int(c) for c in train_labels.unique())
     if len(classes) < 2:
         raise ValueError("the shift needs at least two classes in train_labels (one direction between them)")
@@ -146,7 +156,8 @@ def feature_shift(
             by_class = {}
             for c in sorted(int(c) for c in test_labels.unique()):
                 by_class[c] = _pairs(delta[test_labels.to(delta.device) == c].mean(0), means, classes)
-        worst = max(abs(p.fraction) for p in pairs)
+        largest = max(p.gap for p in pairs)
+        worst = max(abs(p.fraction) for p in pairs if p.gap >= min_gap * largest)
     return ShiftReport(pairs, float(shift.norm()), worst, by_class)
 
 
