@@ -9,8 +9,9 @@ changed. This set reproduces that situation offline: each *base* fabric is rende
     1 local     the same pixels with one tiny defect of a few pixels (2-6 % of the image side):
                 a broken thread (a short missing thread segment), a knot (a small bright or
                 dark lump) or a small stain (a soft tinted spot)
-    2 global    the same fabric with subtly changed statistics everywhere: lower yarn contrast,
-                slightly coarser threads and more meander (a wider spread of thread orientation)
+    2 global    the same fabric with subtly changed statistics everywhere: a softer, lower-contrast
+                yarn (less contrast between threads and gaps, slightly blurred fibre detail) woven
+                a little denser (thread spacing 5-10 % smaller)
 
 so the background says nothing about the label and only the defect or the change decides it.
 
@@ -40,7 +41,7 @@ import numpy as np
 TEXTURE_CLASSES = ("nominal", "local", "global")
 FAMILIES = ("plain", "twill", "basket", "satin", "noise")
 DEFECTS = ("broken", "knot", "stain")
-_VERSION = 2  # bump when the generator changes, so stale caches are not reused
+_VERSION = 3  # bump when the generator changes, so stale caches are not reused
 _SUPERSAMPLE = 2
 
 
@@ -66,6 +67,7 @@ class _Fabric:
     warp_rgb: tuple[float, float, float]
     weft_rgb: tuple[float, float, float]
     contrast: float  # yarn contrast around the mean colour
+    softness: float  # blur of the fibre detail (Gaussian sigma, output px)
     meander: float  # amplitude of the slow thread displacement, in thread spacings
     yarn: float  # per-thread brightness spread
     fibre: float  # strength of the fibre streaks along each thread
@@ -108,6 +110,7 @@ def _random_fabric(rng: np.random.Generator) -> _Fabric:
         warp_rgb=tuple(np.clip(warp, 0.05, 0.95).tolist()),
         weft_rgb=tuple(np.clip(weft, 0.05, 0.95).tolist()),
         contrast=float(rng.uniform(0.8, 1.1)),
+        softness=float(rng.uniform(0.0, 0.3)),
         meander=float(rng.uniform(0.05, 0.15)),
         yarn=float(rng.uniform(0.04, 0.12)),
         fibre=float(rng.uniform(0.05, 0.15)),
@@ -234,6 +237,8 @@ def _render(fabric: _Fabric, size: int) -> np.ndarray:
     rgb = rgb.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE, 3).mean(axis=(1, 3))
     mean = rgb.mean(axis=(0, 1), keepdims=True)
     rgb = mean + fabric.contrast * (rgb - mean)
+    if fabric.softness > 0:
+        rgb = _blur(rgb, fabric.softness * size / 224)
     # Faint lighting gradient and sensor noise, the same for the three versions of a base.
     yy, xx = np.mgrid[:size, :size] / size - 0.5
     gy, gx = rng.uniform(-0.08, 0.08, size=2)
@@ -242,15 +247,26 @@ def _render(fabric: _Fabric, size: int) -> np.ndarray:
     return np.clip(rgb, 0.0, 1.0)
 
 
+def _blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of ``rgb`` [S, S, 3] (reflected borders, so no seam appears at the edges)."""
+    pad = int(np.ceil(4 * sigma)) + 1
+    padded = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    size = padded.shape[0]
+    freq = np.fft.fftfreq(size)
+    fy, fx = np.meshgrid(freq, freq, indexing="ij")
+    kernel = np.exp(-0.5 * (fx**2 + fy**2) * (2 * np.pi * sigma) ** 2)[..., None]
+    blurred = np.fft.ifft2(np.fft.fft2(padded, axes=(0, 1)) * kernel, axes=(0, 1)).real
+    return blurred[pad:-pad, pad:-pad]
+
+
 def _globally_changed(fabric: _Fabric, rng: np.random.Generator, strength: float) -> _Fabric:
     """The same fabric with subtly different statistics everywhere (``strength`` 1 = the default
-    change): lower yarn contrast, coarser threads, more meander / a wider orientation spread."""
+    change): a softer, lower-contrast yarn woven a little denser."""
     return replace(
         fabric,
-        contrast=fabric.contrast * (1.0 - strength * rng.uniform(0.12, 0.22)),
-        period=fabric.period * (1.0 + strength * rng.uniform(0.06, 0.14)),
-        meander=fabric.meander + strength * rng.uniform(0.1, 0.2),
-        noise_spread=fabric.noise_spread * (1.0 + strength * rng.uniform(0.3, 0.6)),
+        contrast=fabric.contrast * (1.0 - strength * rng.uniform(0.1, 0.2)),
+        softness=fabric.softness + strength * rng.uniform(0.3, 0.6),
+        period=fabric.period * (1.0 - strength * rng.uniform(0.05, 0.1)),
     )
 
 
