@@ -13,6 +13,7 @@ from .adaptive import BudgetPredictor, EarlyExit, ExitHeads, forward_with_budget
 from .config import (
     DEFAULT_ENTROPY_FLOOR,
     AdaptivePatch,
+    Auto,
     BudgetConfig,
     DynamicViT,
     GridPool,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_ENTROPY_FLOOR",
     "AdaptivePatch",
+    "Auto",
     "BudgetConfig",
     "BudgetPredictor",
     "EarlyExit",

@@ -573,3 +573,58 @@ class PiToMe(BudgetConfig):
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             raise ValueError(f"PiToMe: alpha must be a number > 0 (the paper's 1.0), got {self.alpha!r}")
 
+
+@dataclass(frozen=True)
+class Auto(BudgetConfig):
+    """The recommended default reducer: ToMe's budget and speed without ToMe's bias on textures.
+
+    Give exactly one budget (``r``, ``keep`` or ``tokens``, see :class:`BudgetConfig`); every
+    block removes exactly as many tokens as :class:`ToMe` would, so FLOPs are ToMe's.
+
+    Args:
+        matching: ``"greedy"`` (ToMe's: several tokens may merge into one per block) or
+            ``"disjoint"`` (one-to-one: a token receives at most one other per block;
+            :func:`tokenbudget.ops.disjoint.disjoint_bipartite_matching`).
+        max_size: avoid merged groups of more than this many patches (pairs over the cap merge
+            only when a block has too few pairs within it); ``None``: no cap. Needs
+            ``matching="disjoint"``.
+        merge: how a group becomes one token: ``"mean"`` (size-weighted average, ToMe),
+            ``"mlerp"`` (average rescaled to the longest member's norm, ToFu) or ``"moment"``
+            (average moved away from the image's mean token until the group keeps its members'
+            second moment: :func:`tokenbudget.ops.moments.merge_moment_preserving`).
+        prune_layers: blocks before this one drop the matched token instead of merging it (its
+            size goes to its match, as in ToFu); 0 merges everywhere.
+        prop_attn: proportional attention (log token size added to the attention logits).
+        trace_source: track which input patches each token stands for (``state.token_map``).
+    """
+
+    method: ClassVar[str] = "auto"
+    _flags: ClassVar[tuple[str, ...]] = ("prop_attn", "trace_source")
+    _matchings: ClassVar[tuple[str, ...]] = ("greedy", "disjoint")
+    _merges: ClassVar[tuple[str, ...]] = ("mean", "mlerp", "moment")
+
+    matching: str = "greedy"
+    max_size: int | None = None
+    merge: str = "mean"
+    prune_layers: int = 0
+    prop_attn: bool = True
+    trace_source: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.matching not in self._matchings:
+            raise ValueError(f"Auto: matching must be one of {list(self._matchings)}, got {self.matching!r}")
+        if self.merge not in self._merges:
+            raise ValueError(f"Auto: merge must be one of {list(self._merges)}, got {self.merge!r}")
+        if self.max_size is not None:
+            if isinstance(self.max_size, bool) or not isinstance(self.max_size, int) or self.max_size < 2:
+                raise ValueError(
+                    f"Auto: max_size must be an int >= 2 (patches) or None, got {self.max_size!r}"
+                )
+            if self.matching != "disjoint":
+                raise ValueError(
+                    "Auto: max_size needs matching='disjoint' (a greedy block can exceed any cap)"
+                )
+        p = self.prune_layers
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise ValueError(f"Auto: prune_layers must be an int >= 0, got {p!r}")

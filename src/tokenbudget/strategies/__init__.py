@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..config import (
+    Auto,
     DynamicViT,
     GridPool,
     PiToMe,
@@ -15,6 +16,7 @@ from ..config import (
     ToMeGuard,
     ToMeOptimal,
 )
+from .auto import AutoStrategy
 from .base import ScheduledStrategy
 from .baselines import GridPoolStrategy, RandomDropStrategy
 from .dynamicvit import DynamicViTStrategy
@@ -34,6 +36,7 @@ _STRATEGIES: dict[type, type[ScheduledStrategy]] = {
     ToFu: ToFuStrategy,
     ToMeGuard: ToMeStrategy,
     PiToMe: PiToMeStrategy,
+    Auto: AutoStrategy,
 }
 
 
@@ -48,6 +51,7 @@ def make_strategy(config: ReductionConfig, num_layers: int) -> ScheduledStrategy
 
 
 __all__ = [
+    "AutoStrategy",
     "DynamicViTStrategy",
     "GridPoolStrategy",
     "PiToMeStrategy",
