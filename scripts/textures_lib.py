@@ -45,8 +45,26 @@ def log(message: str) -> None:
 
 def load_data(name: str, model: torch.nn.Module, n_train: int, n_test: int, seed: int = 0) -> EvalData:
     """``textures`` (test set, seed ``seed``), ``textures-val`` (a disjoint validation set: another
-    generator seed), ``anomaly``, ``fashion-mnist``, ``skimage``."""
+    generator seed), ``anomaly``, ``fashion-mnist``, ``skimage``; validation sets for choosing a
+    design: ``anomaly-val`` (another generator seed) and ``fashion-mnist-val`` (train and
+    validation images both from Fashion-MNIST's *train* split, disjoint; the test split unseen)."""
     mean, std = model_normalization(model)
+    if name == "anomaly-val":
+        data = load_eval_data("anomaly", 224, mean, std, n_train=n_train, n_test=n_test, seed=seed + 1)
+        data.name = f"anomaly-val-s{seed + 1}"
+        return data
+    if name == "fashion-mnist-val":
+        from tokenbudget.data import fashion_mnist_subset, to_model_input
+
+        per_train, per_val = n_train // 10, n_test // 10
+        images, labels = fashion_mnist_subset("train", per_train + per_val, seed + 7)
+        rank = torch.zeros(len(labels), dtype=torch.long)  # position of each image within its class
+        for c in range(10):
+            rows = (labels == c).nonzero()[:, 0]
+            rank[rows] = torch.arange(len(rows))
+        train = rank < per_train
+        x = to_model_input(images, 224, mean, std)
+        return EvalData(f"fashion-mnist-val-s{seed + 7}", x[train], labels[train], x[~train], labels[~train])
     if name in ("textures", "textures-val"):
         from tokenbudget.data.textures import texture_tensors
 
