@@ -19,7 +19,7 @@ import torch
 import tokenbudget as tb
 from tokenbudget.data.anomaly import anomaly_set
 from tokenbudget.data.images import model_normalization, rgb_uint8_to_model_input
-from tokenbudget.evaluate.harness import keep_for_flops_speedup
+from tokenbudget.evaluate.budgets import keep_for_flops_speedup
 
 
 def main() -> None:

@@ -15,5 +15,5 @@ for dtype in fp32 bf16; do
   done
 done
 # Every budget-scheduled method at 1.5x and 2x FLOPs-ideal, interleaved against one baseline.
-"$tb" bench --model dinov2_small --method tome,tome-detail,tofu,random,pool --keep 0.3808,0.0566 \
+"$tb" bench --model dinov2_small --methods tome,tome-detail,tofu,random,pool --keep 0.3808,0.0566 \
   --batch-size 256 --device cuda --dtype bf16 --samples 10 --quiet | tee "$out/dinov2_small_methods_bf16.txt"

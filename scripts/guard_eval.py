@@ -18,8 +18,9 @@ import time
 import torch
 
 import tokenbudget as tb
+from tokenbudget.evaluate.budgets import keep_for_flops_speedup
+from tokenbudget.evaluate.features import extract_features
 from tokenbudget.evaluate.guard_report import entropy_profile, format_profile, guard_summary
-from tokenbudget.evaluate.harness import extract_features, keep_for_flops_speedup
 from tokenbudget.evaluate.metrics import cosine_fidelity, knn_accuracy, linear_probe_accuracy
 
 
@@ -52,7 +53,7 @@ def load(args, model):  # noqa: ANN001, ANN201
             torch.as_tensor(y_test)[idx],
             x_test,
         )
-    from tokenbudget.evaluate.harness import load_eval_data
+    from tokenbudget.data.eval_sets import load_eval_data
 
     data = load_eval_data(args.data, 224, mean, std, n_train=args.n_train, n_test=args.n_test)
     tr = extract_features(model, data.train_images, 32)

@@ -11,9 +11,9 @@ import argparse
 import torch
 
 import tokenbudget as tb
-from tokenbudget.bench import load_model
+from tokenbudget.data.eval_sets import load_eval_data
 from tokenbudget.data.images import IMAGENET_MEAN, IMAGENET_STD
-from tokenbudget.evaluate import load_eval_data
+from tokenbudget.models import load_model
 from tokenbudget.ops.assignment import optimal_bipartite_matching
 from tokenbudget.ops.match import bipartite_soft_matching
 

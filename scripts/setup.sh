@@ -32,5 +32,17 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
       echo "note: for offline Fashion-MNIST run: sudo apt-get install dataset-fashion-mnist (or give eval --data DIR)" >&2
     fi
   fi
+  # Chromium and its driver for the browser test of tokenbudget explore (selenium drives Debian's
+  # browser; no tool downloads one). Best effort: without them that one slow test skips.
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+      "${apt[@]}" >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && "${apt[@]}" >/dev/null 2>&1; } \
+        || echo "note: could not install chromium; the explore browser test will skip" >&2
+    else
+      echo "note: for the explore browser test run: sudo apt-get install chromium chromium-driver" >&2
+    fi
+  fi
   echo "$want" > "$stamp"
 fi

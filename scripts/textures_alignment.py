@@ -22,7 +22,8 @@ from PIL import Image, ImageFilter
 import tokenbudget as tb
 from tokenbudget.data.images import model_normalization, rgb_uint8_to_model_input
 from tokenbudget.data.textures import texture_set
-from tokenbudget.evaluate.harness import extract_features, keep_for_flops_speedup
+from tokenbudget.evaluate.budgets import keep_for_flops_speedup
+from tokenbudget.evaluate.features import extract_features
 
 
 def _edit(image: np.ndarray, kind: str, amount: float, rng: np.random.Generator) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Shared plumbing of the ``textures_*`` experiment scripts: datasets, cached features, scored rows.
 
 Features are the harness's (class token ++ size-weighted mean of the other tokens, from
-:func:`tokenbudget.evaluate.harness.extract_features`), computed once per (dataset, split,
+:func:`tokenbudget.evaluate.features.extract_features`), computed once per (dataset, split,
 config) and cached under ``$TOKENBUDGET_CACHE/features``: rerunning a script recomputes nothing
 it already has. Every reduced condition is scored against classifiers fitted on full-token train
 features, on both the harness feature and the class token alone, with the standard error of each
@@ -24,8 +24,10 @@ import torch
 
 import tokenbudget as tb
 from tokenbudget.config import ReductionConfig
+from tokenbudget.data.eval_sets import EvalData, load_eval_data
 from tokenbudget.data.images import model_normalization
-from tokenbudget.evaluate.harness import EvalData, extract_features, keep_for_flops_speedup, load_eval_data
+from tokenbudget.evaluate.budgets import keep_for_flops_speedup
+from tokenbudget.evaluate.features import extract_features
 from tokenbudget.evaluate.metrics import cosine_fidelity, knn_accuracy, linear_probe_accuracy
 from tokenbudget.evaluate.shift import feature_shift
 

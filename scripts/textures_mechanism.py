@@ -25,7 +25,7 @@ from textures_candidates import label_of, parse_candidates
 import tokenbudget as tb
 from tokenbudget.data.images import model_normalization, rgb_uint8_to_model_input
 from tokenbudget.data.textures import texture_set
-from tokenbudget.evaluate.harness import keep_for_flops_speedup
+from tokenbudget.evaluate.budgets import keep_for_flops_speedup
 from tokenbudget.patch import _context
 
 

@@ -20,7 +20,9 @@ from tokenbudget.bench import bench
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--speedups", default="1.5,2")
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--methods", default="tome,auto,pitome")

@@ -13,11 +13,11 @@ import argparse
 import torch
 
 import tokenbudget as tb
-from tokenbudget.bench import load_model
+from tokenbudget.data.eval_sets import load_eval_data
 from tokenbudget.data.images import model_normalization
-from tokenbudget.evaluate import load_eval_data
-from tokenbudget.evaluate.harness import extract_features
+from tokenbudget.evaluate.features import extract_features
 from tokenbudget.evaluate.metrics import cosine_fidelity, knn_accuracy
+from tokenbudget.models import load_model
 
 
 def main() -> None:

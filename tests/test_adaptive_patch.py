@@ -385,7 +385,7 @@ def test_bench_points_to_adaptive_eval() -> None:
 
 @pytest.mark.slow
 def test_adaptive_eval_rows_and_the_random_mix_control() -> None:
-    from tokenbudget.evaluate import EvalData
+    from tokenbudget.data.eval_sets import EvalData
     from tokenbudget.evaluate.adaptive_eval import adaptive_features, evaluate_adaptive, format_adaptive_table
 
     model = make_tiny("vit")

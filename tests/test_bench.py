@@ -7,9 +7,11 @@ import torch
 
 import tokenbudget as tb
 from conftest import make_tiny
-from tokenbudget.bench import BlockDims, bench, block_dims, format_table, ideal_speedup, model_flops
+from tokenbudget.adapters import find_adapter
+from tokenbudget.bench import bench, format_table
 from tokenbudget.bench.ceiling import free_reduction_copy
 from tokenbudget.bench.memory import peak_forward_memory
+from tokenbudget.flops import BlockDims, ideal_speedup, model_flops
 
 
 def test_ideal_speedup_vit_small_r16_is_2_03() -> None:
@@ -23,7 +25,7 @@ def test_ideal_speedup_vit_small_r16_is_2_03() -> None:
 
 def test_block_dims_read_from_timm() -> None:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    assert block_dims(model.blocks[0]) == BlockDims(192, 192, 768)
+    assert find_adapter(model).block_dims()[0] == BlockDims(192, 192, 768)
 
 
 def test_bench_rows_are_consistent() -> None:

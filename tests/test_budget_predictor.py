@@ -59,7 +59,7 @@ def test_agreement_targets_pick_the_smallest_agreeing_budget() -> None:
 
 def test_grouped_inference_equals_per_image_tome(batch: torch.Tensor) -> None:
     model = make_tiny("dinov2_registers")
-    predictor = tb.BudgetPredictor(model.embed_dim, (0.25, 0.5, 1.0))
+    predictor = tb.adaptive.BudgetPredictor(model.embed_dim, (0.25, 0.5, 1.0))
     choice = torch.tensor([2, 0, 1, 0, 2, 1, 1, 0, 2, 0])
     seen = []
 
@@ -68,7 +68,7 @@ def test_grouped_inference_equals_per_image_tome(batch: torch.Tensor) -> None:
         return m(x)
 
     with torch.no_grad():
-        out = tb.forward_with_budgets(model, predictor, batch, run, budget_index=choice)
+        out = tb.adaptive.forward_with_budgets(model, predictor, batch, run, budget_index=choice)
         assert not tb.is_patched(model)
         assert sorted(seen) == [3, 3, 4] and out.group_sizes == {0.25: 4, 0.5: 3, 1.0: 3}
         assert out.keep.tolist() == [predictor.budgets[i] for i in choice.tolist()]
@@ -80,7 +80,7 @@ def test_grouped_inference_equals_per_image_tome(batch: torch.Tensor) -> None:
             tb.remove(model)
             torch.testing.assert_close(out.outputs[i], alone[0], atol=1e-5, rtol=1e-5)
         # The predictor's own choice (no override) runs the same way.
-        chosen = tb.forward_with_budgets(model, predictor, batch)
+        chosen = tb.adaptive.forward_with_budgets(model, predictor, batch)
         assert torch.equal(chosen.budget_index, predictor.choose(model_glance(model, batch)))
 
 
@@ -100,7 +100,7 @@ def test_training_learns_targets_and_the_budget_loss_steers_the_mean(one_thread)
 def test_round_trip_and_refusals(tmp_path, batch: torch.Tensor) -> None:
     model = make_tiny("vit")
     torch.manual_seed(0)
-    predictor = tb.BudgetPredictor(
+    predictor = tb.adaptive.BudgetPredictor(
         model.embed_dim, (0.25, 0.5, 0.75, 1.0), hidden=16, info={"min_cosine": 0.99}
     )
     weights, config = save_budget_predictor(predictor, tmp_path / "budget")
@@ -108,20 +108,20 @@ def test_round_trip_and_refusals(tmp_path, batch: torch.Tensor) -> None:
     glance = model_glance(model, batch)
     with torch.no_grad():
         assert torch.equal(loaded(glance), predictor(glance)) and loaded.info["min_cosine"] == 0.99
-    wide = tb.BudgetPredictor(64, hidden=16)
+    wide = tb.adaptive.BudgetPredictor(64, hidden=16)
     with pytest.raises(ValueError, match="trained for embed dim 64"):
-        tb.forward_with_budgets(model, wide, batch)
+        tb.adaptive.forward_with_budgets(model, wide, batch)
     with pytest.raises(ValueError, match="increasing keep fractions"):
-        tb.BudgetPredictor(48, (0.5, 0.25))
+        tb.adaptive.BudgetPredictor(48, (0.5, 0.25))
     with pytest.raises(ValueError, match="increasing keep fractions"):
-        tb.BudgetPredictor(48, (0.0, 1.0))
+        tb.adaptive.BudgetPredictor(48, (0.0, 1.0))
     with pytest.raises(ValueError, match="expected a glance"):
         predictor(torch.randn(2, 5, 7))
     with pytest.raises(ValueError, match="budget_index"):
-        tb.forward_with_budgets(model, predictor, batch, budget_index=torch.full((10,), 4))
+        tb.adaptive.forward_with_budgets(model, predictor, batch, budget_index=torch.full((10,), 4))
     tb.apply(model, tb.ToMe(r=2))
     with pytest.raises(ValueError, match="tb.remove"):
-        tb.forward_with_budgets(model, predictor, batch)
+        tb.adaptive.forward_with_budgets(model, predictor, batch)
     tb.remove(model)
     config.write_text(json.dumps({"format": "tokenbudget-exit-heads", "version": 1}))
     with pytest.raises(ValueError, match="not a tokenbudget budget predictor"):
@@ -150,7 +150,7 @@ def test_train_and_eval_budget_predictor_cli(tmp_path, capsys) -> None:
     assert main(argv) == 0
     assert "images per budget" in capsys.readouterr().out
     assert load_budget_predictor(out).budgets == (0.5, 1.0)
-    assert main(["eval-budget-predictor", *common, "--predictor", out, "--max-test", "8", "--json"]) == 0
+    assert main(["eval-budget-predictor", *common, "--predictor", out, "--n-test", "8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     names = [r["condition"] for r in rows]
     assert names == [
@@ -179,8 +179,6 @@ def test_budget_predictor_on_the_embedded_dinov2(tmp_path, capsys, one_thread) -
         "fashion-mnist",
         "--n-train",
         "40",
-        "--n-test",
-        "20",
         "--quiet",
     ]
     out = str(tmp_path / "budget")
@@ -188,7 +186,7 @@ def test_budget_predictor_on_the_embedded_dinov2(tmp_path, capsys, one_thread) -
     assert main(argv) == 0
     assert load_budget_predictor(out).budgets == (0.25, 0.5, 0.75, 1.0)
     capsys.readouterr()
-    assert main(["eval-budget-predictor", *common, "--predictor", out, "--json"]) == 0
+    assert main(["eval-budget-predictor", *common, "--n-test", "20", "--predictor", out, "--json"]) == 0
     rows = {r["condition"]: r for r in json.loads(capsys.readouterr().out)}
     predicted = rows["predicted"]
     assert sum(predicted["budget_counts"]) == 20 and 0.25 <= predicted["mean_keep"] <= 1.0

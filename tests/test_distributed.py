@@ -34,8 +34,10 @@ SCRIPT = textwrap.dedent(
     import torch
     from timm.models.vision_transformer import VisionTransformer
 
-    from tokenbudget.evaluate import EvalData, evaluate
-    from tokenbudget.evaluate.harness import extract_features
+    from tokenbudget.data.eval_sets import EvalData
+
+    from tokenbudget.evaluate.quality import evaluate
+    from tokenbudget.evaluate.features import extract_features
 
     torch.manual_seed(0)
     model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)

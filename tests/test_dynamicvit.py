@@ -196,7 +196,7 @@ def test_incompatible_predictors_are_refused(saved, tmp_path) -> None:
 
 
 def test_config_json_and_eval_option(saved) -> None:
-    from tokenbudget.evaluate.harness import method_config
+    from tokenbudget.evaluate.budgets import method_config
 
     _, path = saved
     cfg = tb.DynamicViT(keep=0.5, layers=(2, 1), predictor=path)

@@ -10,7 +10,8 @@ import torch
 
 import tokenbudget as tb
 from conftest import make_tiny, write_two_class_folder
-from tokenbudget.adaptive.blockwise import embed_tokens, layer_class_tokens
+from tokenbudget.adapters import find_adapter
+from tokenbudget.adaptive.blockwise import layer_class_tokens
 from tokenbudget.adaptive.early_exit import (
     calibrate_thresholds,
     geometric_exit_fractions,
@@ -54,10 +55,10 @@ def test_threshold_inf_is_the_full_model_and_zero_the_first_exit(variant: str, b
     model = make_tiny(variant)
     heads = random_heads(model, layers=(1, 3))
     with torch.no_grad():
-        full = tb.EarlyExit(model, heads, thresholds=math.inf)(batch)
+        full = tb.adaptive.EarlyExit(model, heads, thresholds=math.inf)(batch)
         assert full.exit_layer.tolist() == [3] * len(batch) and full.batch_per_block == [12] * 4
         assert torch.equal(full.logits, heads.head(3)(reference_class_token(model, batch, 3)))
-        first = tb.EarlyExit(model, heads, thresholds=0.0)(batch)
+        first = tb.adaptive.EarlyExit(model, heads, thresholds=0.0)(batch)
         assert first.exit_layer.tolist() == [1] * len(batch)
         assert first.batch_per_block == [12, 12]  # blocks 2 and 3 never ran
         assert torch.equal(first.logits, heads.head(1)(reference_class_token(model, batch, 1)))
@@ -66,7 +67,7 @@ def test_threshold_inf_is_the_full_model_and_zero_the_first_exit(variant: str, b
 def test_exited_samples_leave_the_batch_and_order_is_kept(batch: torch.Tensor) -> None:
     model = make_tiny("dinov2_registers")
     heads = random_heads(model)
-    early_exit = tb.EarlyExit(model, heads, thresholds=[0.5, 0.45, 0.4])
+    early_exit = tb.adaptive.EarlyExit(model, heads, thresholds=[0.5, 0.45, 0.4])
     seen = []
 
     def count(module: torch.nn.Module, args: tuple) -> None:
@@ -100,7 +101,7 @@ def test_calibration_hits_the_target_mean_depth_and_flops() -> None:
     model = make_tiny("vit")
     images = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     tokens = layer_class_tokens(model, images)
-    early_exit = tb.EarlyExit(model, random_heads(model))
+    early_exit = tb.adaptive.EarlyExit(model, random_heads(model))
     depths = torch.tensor(early_exit.costs("depth"))
     confidences, _ = early_exit.confidences(tokens)
     for target in (1.0, 1.7, 2.5, 3.2, 4.0):
@@ -133,7 +134,7 @@ def test_calibration_protocol_parts() -> None:
 
 def test_flops_costs_are_cumulative_blocks() -> None:
     model = make_tiny("vit")
-    early_exit = tb.EarlyExit(model, random_heads(model))
+    early_exit = tb.adaptive.EarlyExit(model, random_heads(model))
     costs = early_exit.costs("flops")
     steps = [b - a for a, b in zip(costs, costs[1:], strict=False)]
     assert all(s > 0 for s in steps) and max(steps) - min(steps) < 1e-9  # equal blocks, equal steps
@@ -154,13 +155,13 @@ def test_heads_train_and_round_trip(tmp_path, batch: torch.Tensor, one_thread) -
     loaded = load_exit_heads(config)
     assert loaded.layers == (1, 3) and loaded.info["model"] == "tiny"
     with torch.no_grad():
-        a = tb.EarlyExit(model, heads, thresholds=0.7)(batch)
-        b = tb.EarlyExit(model, str(weights), thresholds=0.7)(batch)
+        a = tb.adaptive.EarlyExit(model, heads, thresholds=0.7)(batch)
+        b = tb.adaptive.EarlyExit(model, str(weights), thresholds=0.7)(batch)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.exit_index, b.exit_index)
     deeper = make_tiny("vit")
     deeper.blocks.append(deeper.blocks[-1])
     with pytest.raises(ValueError, match="trained for a model with 4 blocks"):
-        tb.EarlyExit(deeper, loaded)
+        tb.adaptive.EarlyExit(deeper, loaded)
     with pytest.raises(FileNotFoundError, match="train-exits"):
         load_exit_heads(tmp_path / "missing")
     config.write_text(json.dumps({"format": "something-else", "version": 1}))
@@ -172,20 +173,20 @@ def test_bad_input_is_refused(batch: torch.Tensor) -> None:
     model = make_tiny("vit")
     heads = random_heads(model)
     with pytest.raises(ValueError, match="has none"):
-        tb.EarlyExit(make_tiny("avgpool_no_cls"), heads)
+        tb.adaptive.EarlyExit(make_tiny("avgpool_no_cls"), heads)
     with pytest.raises(ValueError, match="take 3 thresholds"):
-        tb.EarlyExit(model, heads, thresholds=[0.5, 0.5])
+        tb.adaptive.EarlyExit(model, heads, thresholds=[0.5, 0.5])
     with pytest.raises(ValueError, match="subset"):
-        tb.EarlyExit(model, random_heads(model, layers=(1, 3)), exits=(0, 3))
+        tb.adaptive.EarlyExit(model, random_heads(model, layers=(1, 3)), exits=(0, 3))
     with pytest.raises(ValueError, match="NaN"):
-        tb.EarlyExit(model, heads, thresholds=math.nan)
+        tb.adaptive.EarlyExit(model, heads, thresholds=math.nan)
     with pytest.raises(ValueError, match="distinct block indices"):
         ExitHeads(48, 4, (1, 4), 10)
     with pytest.raises(ValueError, match=r"images \[B, 3, H, W\]"):
-        tb.EarlyExit(model, heads)(batch[0])
+        tb.adaptive.EarlyExit(model, heads)(batch[0])
     tb.apply(model, tb.ToMe(r=2))
     with pytest.raises(ValueError, match="tb.remove"):
-        tb.EarlyExit(model, heads)
+        tb.adaptive.EarlyExit(model, heads)
     tb.remove(model)
 
 
@@ -200,7 +201,7 @@ def test_embed_tokens_matches_the_models_own_first_block_input(batch: torch.Tens
     with torch.no_grad():
         model.forward_features(batch)
         handle.remove()
-        assert torch.equal(embed_tokens(model, batch), seen["x"])
+        assert torch.equal(find_adapter(model).embed(batch), seen["x"])
 
 
 def test_train_and_eval_exits_cli(tmp_path, capsys) -> None:
@@ -249,8 +250,6 @@ def test_exits_on_the_embedded_dinov2(tmp_path, capsys, one_thread) -> None:
         "fashion-mnist",
         "--n-train",
         "60",
-        "--n-test",
-        "20",
         "--quiet",
     ]
     out = str(tmp_path / "heads")
@@ -259,7 +258,7 @@ def test_exits_on_the_embedded_dinov2(tmp_path, capsys, one_thread) -> None:
     assert main(argv) == 0
     heads = load_exit_heads(out)
     assert heads.layers == (3, 7, 11) and heads.info["thresholds"]
-    argv = ["eval-exits", *common, "--heads", out, "--target-flops", "0.6", "--timed-target", "0.6",
+    argv = ["eval-exits", *common, "--n-test", "20", "--heads", out, "--target-flops", "0.6", "--timed-target", "0.6",
             "--timed-images", "8", "--batch-size", "4", "--json"]  # fmt: skip
     capsys.readouterr()
     assert main(argv) == 0

@@ -11,8 +11,10 @@ import torch
 
 from conftest import make_tiny, write_two_class_folder
 from tokenbudget.cli import main
-from tokenbudget.evaluate import EvalData, evaluate, format_eval_table, pareto_plot
-from tokenbudget.evaluate.harness import method_config, rows_to_csv
+from tokenbudget.data.eval_sets import EvalData
+from tokenbudget.evaluate.budgets import method_config
+from tokenbudget.evaluate.quality import evaluate
+from tokenbudget.evaluate.tables import format_eval_table, pareto_plot, rows_to_csv
 
 
 def _clustered_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,13 +75,18 @@ def test_eval_cli_on_an_image_folder(tmp_path, capsys) -> None:
     "argv, message",
     [
         (["eval", "--data", "/no/such/dir"], "no dataset at '/no/such/dir'"),
-        (["eval", "--methods", "tome,evit"], "unknown method 'evit'"),
         (["eval", "--keep", "0.5,2"], "keep must be in (0, 1]"),
     ],
 )
 def test_eval_bad_input(argv, message, capsys) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_refuses_an_unknown_method_while_parsing(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--methods", "tome,evit"])
+    assert exit_info.value.code == 2 and "unknown method 'evit'" in capsys.readouterr().err
 
 
 def test_empty_image_folder_is_an_error(tmp_path, capsys) -> None:
@@ -91,8 +98,8 @@ def test_empty_image_folder_is_an_error(tmp_path, capsys) -> None:
 
 def test_skimage_crops_are_labelled_by_photo() -> None:
     from tokenbudget.data import SAMPLE_IMAGES
+    from tokenbudget.data.eval_sets import load_eval_data
     from tokenbudget.data.images import IMAGENET_MEAN, IMAGENET_STD
-    from tokenbudget.evaluate import load_eval_data
 
     data = load_eval_data("skimage", 32, IMAGENET_MEAN, IMAGENET_STD)
     n = len(SAMPLE_IMAGES) * 4
@@ -101,3 +108,47 @@ def test_skimage_crops_are_labelled_by_photo() -> None:
     assert not torch.equal(data.train_images, data.test_images)
     again = load_eval_data("skimage", 32, IMAGENET_MEAN, IMAGENET_STD)
     assert torch.equal(again.test_images, data.test_images)  # seeded
+
+
+def test_load_eval_data_takes_seeded_subsets_of_fixed_sets(tmp_path) -> None:
+    from tokenbudget.data.eval_sets import load_eval_data
+    from tokenbudget.data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    full = load_eval_data("skimage", 32, IMAGENET_MEAN, IMAGENET_STD)
+    sub = load_eval_data("skimage", 32, IMAGENET_MEAN, IMAGENET_STD, n_train=5, n_test=3, seed=0)
+    assert (len(sub.train_labels), len(sub.test_labels)) == (5, 3)
+    # every chosen image is one of the full set's, with its label
+    for x, y in zip(sub.train_images, sub.train_labels, strict=True):
+        (i,) = [i for i in range(len(full.train_images)) if torch.equal(full.train_images[i], x)]
+        assert full.train_labels[i] == y
+    again = load_eval_data("skimage", 32, IMAGENET_MEAN, IMAGENET_STD, n_train=5, n_test=3, seed=0)
+    assert torch.equal(again.train_images, sub.train_images) and torch.equal(
+        again.test_images, sub.test_images
+    )
+    other = load_eval_data("skimage", 32, IMAGENET_MEAN, IMAGENET_STD, n_train=5, n_test=3, seed=1)
+    assert not torch.equal(other.train_images, sub.train_images)
+    with pytest.raises(
+        ValueError, match=f"holds {len(full.train_labels)} train and {len(full.test_labels)} test"
+    ):
+        load_eval_data("skimage", 32, IMAGENET_MEAN, IMAGENET_STD, n_train=len(full.train_labels) + 1)
+
+    folder = write_two_class_folder(tmp_path / "data")
+    data = load_eval_data(str(folder), 32, IMAGENET_MEAN, IMAGENET_STD, n_train=4, n_test=0)
+    assert data.train_images.shape == (4, 3, 32, 32) and data.test_images.shape == (0, 3, 32, 32)
+    with pytest.raises(ValueError, match="data holds 10 train and 2 test images; asked for 3 test"):
+        load_eval_data(str(folder), 32, IMAGENET_MEAN, IMAGENET_STD, n_test=3)
+    with pytest.raises(ValueError, match="non-negative number of images"):
+        load_eval_data(str(folder), 32, IMAGENET_MEAN, IMAGENET_STD, n_train=-1)
+
+
+def test_load_eval_data_sizes_of_drawn_sets() -> None:
+    from tokenbudget.data.eval_sets import load_eval_data
+    from tokenbudget.data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    data = load_eval_data("fashion-mnist", 32, IMAGENET_MEAN, IMAGENET_STD, n_train=25, n_test=0)
+    assert data.train_images.shape == (20, 3, 32, 32) and data.test_images.shape == (0, 3, 32, 32)
+    assert torch.equal(data.train_labels.bincount(), torch.full((10,), 2))  # balanced, rounded down
+    data = load_eval_data("fashion-mnist", 32, IMAGENET_MEAN, IMAGENET_STD, n_test=20, default_sizes=(30, 99))
+    assert (len(data.train_labels), len(data.test_labels)) == (30, 20)
+    with pytest.raises(ValueError, match="at least 10 train and 10 test images"):
+        load_eval_data("fashion-mnist", 32, IMAGENET_MEAN, IMAGENET_STD, n_train=5)

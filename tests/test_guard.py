@@ -195,7 +195,7 @@ def test_concurrent_forwards() -> None:
 
 def test_config_validation_json_and_names() -> None:
     from tokenbudget.cli import build_parser
-    from tokenbudget.evaluate.harness import method_config
+    from tokenbudget.evaluate.budgets import method_config
 
     config = tb.ToMe(keep=0.1, entropy_floor=0.5)
     assert tb.config_from_json(config.to_json()) == config
@@ -205,10 +205,12 @@ def test_config_validation_json_and_names() -> None:
             tb.ToMe(r=4, entropy_floor=bad)
     with pytest.raises(ValueError, match="needs an entropy_floor"):
         tb.ToMeGuard(r=4, entropy_floor=None)
-    args = build_parser().parse_args(["bench", "--method", "tome,tofu", "--r", "8", "--entropy-floor", "0.3"])
-    from tokenbudget.cli import _configs
+    args = build_parser().parse_args(
+        ["bench", "--methods", "tome,tofu", "--r", "8", "--entropy-floor", "0.3"]
+    )
+    from tokenbudget.cli.methods import configs
 
-    assert [c.entropy_floor for c in _configs(args)] == [0.3, 0.3]
+    assert [c.entropy_floor for c in configs(args)] == [0.3, 0.3]
 
 
 def test_merge_pairs_equals_merge_weighted_when_every_pair_is_taken() -> None:

@@ -7,13 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import matching_shapes
-from tokenbudget.ops import (
-    bipartite_soft_matching,
-    max_mergeable,
-    merge_weighted,
-    token_map_to_source,
-    update_token_map,
-)
+from tokenbudget.ops.limits import max_mergeable
+from tokenbudget.ops.match import bipartite_soft_matching
+from tokenbudget.ops.merge import merge_weighted, token_map_to_source, update_token_map
 
 shapes = matching_shapes(max_tokens=40, max_r=30)
 

@@ -60,7 +60,7 @@ def test_plan_cli_gives_a_config_apply_takes(tmp_path, capsys) -> None:
     write_two_class_folder(tmp_path / "data")
     out = tmp_path / "config.json"
     argv = ["plan", "--model", "vit_tiny_patch16_224", "--data", str(tmp_path / "data"), "--target-flops", "0.75",
-            "--keep", "0.8,0.5,0.3", "--batch-size", "1", "--speed-samples", "1", "--json", "--out", str(out)]  # fmt: skip
+            "--keep", "0.8,0.5,0.3", "--speed-batch-size", "1", "--speed-samples", "1", "--json", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     config = tb.config_from_json(capsys.readouterr().out)
     assert config == tb.config_from_json(out.read_text())

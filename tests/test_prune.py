@@ -195,11 +195,11 @@ def test_config_validation_and_json() -> None:
 @pytest.mark.slow
 def test_bench_and_eval_reach_prune(capsys) -> None:
     from tokenbudget.cli import main
-    from tokenbudget.evaluate.harness import method_config
+    from tokenbudget.evaluate.budgets import method_config
 
     assert method_config("prune", 0.5) == tb.Prune(keep=0.5)
     code = main(
-        ["bench", "--model", "vit_tiny_patch16_224", "--method", "prune", "--keep", "0.5", "--layers", "2,5",
+        ["bench", "--model", "vit_tiny_patch16_224", "--methods", "prune", "--keep", "0.5", "--layers", "2,5",
          "--batch-size", "1", "--samples", "1", "--warmup", "1", "--no-memory", "--no-ceiling", "--json"]
     )  # fmt: skip
     assert code == 0
@@ -214,7 +214,7 @@ def test_bench_and_eval_reach_prune(capsys) -> None:
 def test_cli_refuses_r_for_prune(capsys) -> None:
     from tokenbudget.cli import main
 
-    assert main(["bench", "--method", "prune", "--r", "8", "--samples", "1"]) == 2
+    assert main(["bench", "--methods", "prune", "--r", "8", "--samples", "1"]) == 2
     assert "takes --keep" in capsys.readouterr().err
 
 

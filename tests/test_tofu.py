@@ -162,11 +162,11 @@ def test_config_json_and_validation() -> None:
 @pytest.mark.parametrize("method", ["tofu", "tome-optimal"])
 def test_reachable_from_bench_and_eval_names(method) -> None:
     from tokenbudget.cli import build_parser
-    from tokenbudget.evaluate.harness import method_config
+    from tokenbudget.evaluate.budgets import method_config
 
     assert method_config(method, 0.25) == tb.config_from_dict({"method": method, "keep": 0.25})
-    args = build_parser().parse_args(["bench", "--method", method, "--keep", "0.5"])
-    assert args.method == [method]
+    args = build_parser().parse_args(["bench", "--methods", method, "--keep", "0.5"])
+    assert args.methods == [method]
 
 
 @pytest.mark.slow
@@ -176,7 +176,7 @@ def test_bench_runs_the_method(method, capsys) -> None:
 
     from tokenbudget.cli import main
 
-    argv = ["bench", "--model", "vit_tiny_patch16_224", "--method", method, "--r", "8", "--batch-size", "1",
+    argv = ["bench", "--model", "vit_tiny_patch16_224", "--methods", method, "--r", "8", "--batch-size", "1",
             "--samples", "1", "--warmup", "1", "--no-memory", "--no-ceiling", "--json", "--quiet"]  # fmt: skip
     assert main(argv) == 0
     (row,) = json.loads(capsys.readouterr().out)

@@ -10,6 +10,12 @@ import torch
 
 import tokenbudget as tb
 from tokenbudget.cli import main
+from tokenbudget.evaluate.compressors import (
+    assignment_reconstruction,
+    evaluate_compressors,
+    random_select,
+    unexplained_variance,
+)
 from tokenbudget.vlm import (
     CompressedTokens,
     Resampler,
@@ -18,12 +24,6 @@ from tokenbudget.vlm import (
     pool,
     save_compressor,
     train_compressor,
-)
-from tokenbudget.vlm.compress_eval import (
-    assignment_reconstruction,
-    evaluate_compressors,
-    random_select,
-    unexplained_variance,
 )
 from tokenbudget.vlm.compressor_io import build_compressor
 from tokenbudget.vlm.train import compressor_losses
@@ -250,7 +250,7 @@ def test_cli_train_and_eval_on_tiny_token_files(tmp_path, capsys):
     for kind in KINDS:
         stem[kind] = str(tmp_path / kind)
         code = main(
-            ["train-compressor", "--kind", kind, "--tokens", str(tmp_path / "train.pt"), "--k-max", "8"]
+            ["train-compressor", "--kind", kind, "--token-file", str(tmp_path / "train.pt"), "--k-max", "8"]
             + ["--width", "16", "--heads", "2", "--steps", "3", "--batch-size", "8", "--quiet"]
             + ["--out", stem[kind]]
         )
@@ -266,7 +266,7 @@ def test_cli_train_and_eval_on_tiny_token_files(tmp_path, capsys):
     torch.save(data, tmp_path / "eval.pt")
     out_csv = tmp_path / "rows.csv"
     code = main(
-        ["vlm-compress-eval", "--tokens", str(tmp_path / "eval.pt"), "--k", "2,8", "--knn", "3"]
+        ["vlm-compress-eval", "--token-file", str(tmp_path / "eval.pt"), "--tokens", "2,8", "--knn", "3"]
         + ["--resampler", stem["resampler"], "--autoencoder", stem["autoencoder"], "--quiet"]
         + ["--csv", str(out_csv), "--json"]
     )
@@ -276,17 +276,25 @@ def test_cli_train_and_eval_on_tiny_token_files(tmp_path, capsys):
     assert len(list(csv.DictReader(out_csv.open()))) == len(rows)
     # Wrong kind, bad baseline name, and a budget above k_max: a clear error and exit code 2.
     assert (
-        main(["vlm-compress-eval", "--tokens", str(tmp_path / "eval.pt"), "--autoencoder", stem["resampler"]])
+        main(
+            [
+                "vlm-compress-eval",
+                "--token-file",
+                str(tmp_path / "eval.pt"),
+                "--autoencoder",
+                stem["resampler"],
+            ]
+        )
         == 2
     )
-    assert main(["vlm-compress-eval", "--tokens", str(tmp_path / "eval.pt"), "--methods", "median"]) == 2
+    assert main(["vlm-compress-eval", "--token-file", str(tmp_path / "eval.pt"), "--methods", "median"]) == 2
     assert (
         main(
             [
                 "vlm-compress-eval",
-                "--tokens",
+                "--token-file",
                 str(tmp_path / "eval.pt"),
-                "--k",
+                "--tokens",
                 "12",
                 "--resampler",
                 stem["resampler"],

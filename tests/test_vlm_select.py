@@ -302,7 +302,8 @@ def test_openclip_text_tower_scores_image_tokens_in_the_joint_space():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["vlm-select-eval", "--ks", "0,8"], "--ks"),
+        (["vlm-select-eval", "--tokens", "0,8"], "--tokens"),
+        (["vlm-select-eval", "--n-scenes", "301"], "--n-scenes must be in [1, 300]"),
         (["train-text-projection", "--max-minutes", "0"], "--max-minutes"),
     ],
 )
@@ -336,7 +337,7 @@ def test_cli_trains_a_projection_and_scores_the_scenes(tmp_path, capsys):
     assert main(["train-text-projection", "--steps", "20", "--out", str(stem), "--quiet"]) == 0
     assert vlm.load_text_projection(stem).token_dim == 384
     out = tmp_path / "table.txt"
-    argv = ["vlm-select-eval", "--projection", str(stem), "--scenes", "20", "--ks", "8,32", "--quiet"]
+    argv = ["vlm-select-eval", "--projection", str(stem), "--n-scenes", "20", "--tokens", "8,32", "--quiet"]
     assert main([*argv, "--out", str(out)]) == 0
     table = out.read_text()
     for method in ("text", "text+mmr0.3", "exemplar", "random", "cls-attention", "oracle"):

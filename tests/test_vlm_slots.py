@@ -238,7 +238,7 @@ def test_saccade_trace_is_monotone_and_stops_at_the_budget():
     tokens, truth = planted_tokens()
     slots = Slots.from_assignment(truth.clone(), (8, 8))
     one = Slots(slots.assignment[:1], slots.masks[:1], slots.num_slots[:1], slots.grid)
-    result = Saccade(12, coarse_per_slot=1, step=3, threshold=2.0)(tokens[:1], one, num_prefix=1)
+    result = Saccade(12, coarse_per_slot=1, step=3, threshold=None)(tokens[:1], one, num_prefix=1)
     spent = result.trace.tokens
     assert spent[0] == 4 and spent[-1] == 12 and result.trace.stopped == "budget"
     assert all(b > a for a, b in zip(spent, spent[1:], strict=False))
@@ -258,7 +258,7 @@ def test_saccade_stops_at_the_confidence_threshold_and_follows_the_query():
     confident = Saccade(40, threshold=0.5, classifier=classifier)(tokens[1:], one, num_prefix=1)
     assert confident.trace.stopped == "threshold" and confident.trace.tokens == [4]
     query = tokens[1, 1:][truth[1] == 3].mean(0)
-    looking = Saccade(20, step=2, threshold=2.0, classifier=classifier)(
+    looking = Saccade(20, step=2, threshold=None, classifier=classifier)(
         tokens[1:], one, num_prefix=1, query=query
     )
     assert looking.target == 3 and looking.trace.steps[1].slot == 3
@@ -271,15 +271,16 @@ def test_saccade_trace_plots(tmp_path):
     pytest.importorskip("matplotlib")
     tokens, truth = planted_tokens()
     one = Slots.from_assignment(truth[:1].clone(), (8, 8))
-    result = Saccade(10, classifier=_classifier(tokens, truth), threshold=2.0)(tokens[:1], one, num_prefix=1)
+    result = Saccade(10, classifier=_classifier(tokens, truth), threshold=None)(tokens[:1], one, num_prefix=1)
     assert result.trace.plot(tmp_path / "trace.png").stat().st_size > 0
 
 
 # ------------------------------------------------------------------------------------------- CLI
 
 
-def _fake_scene_tokens(num_scenes, split="test", seed=0):
-    """Planted tokens for real scene layouts: each item's patches share its class direction."""
+def _fake_scene_tokens(num_scenes, split="test", seed=0, *, first=None, progress=None):
+    """Planted tokens for real scene layouts: each item's patches share its class direction
+    (six scenes whatever is asked; ``first`` takes the first of them, as the real cache does)."""
     scenes = generate_scenes(6, split, seed=1)
     owner = torch.from_numpy(scenes.patch_owner(14)).flatten(1)  # [6, 256]
     gen = torch.Generator().manual_seed(0)
@@ -287,7 +288,10 @@ def _fake_scene_tokens(num_scenes, split="test", seed=0):
     labels = torch.from_numpy(scenes.labels)
     cls = torch.where(owner >= 0, labels.gather(1, owner.clamp_min(0)), torch.full_like(owner, 10))
     patches = classes[cls] + 0.05 * torch.randn(6, 256, 32, generator=gen)
-    return scenes, torch.cat([torch.zeros(6, 1, 32), patches], dim=1)
+    tokens = torch.cat([torch.zeros(6, 1, 32), patches], dim=1)
+    if first is not None:
+        return scenes.first(first), tokens[:first]
+    return scenes, tokens
 
 
 def test_cli_train_slots_and_eval_on_tiny_settings(tmp_path, monkeypatch, capsys):
@@ -307,15 +311,15 @@ def test_cli_train_slots_and_eval_on_tiny_settings(tmp_path, monkeypatch, capsys
     assert main(["train-slots", "--steps", "3", "--n-train", "4", "--out", str(stem), "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out and (tmp_path / "sa.safetensors").exists()
     out = tmp_path / "r.json"
-    argv = ["vlm-slots-eval", "--num-scenes", "4", "--totals", "16", "--saccade-totals", "12", "--quiet"]
+    argv = ["vlm-slots-eval", "--n-scenes", "4", "--tokens", "16", "--saccade-tokens", "12", "--quiet"]
     assert main([*argv, "--slot-attention", str(stem), "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["complexity"]["sums_exact_gt_slots"] and results["complexity"]["sums_exact_clustered"]
     assert set(results["accuracy"]["16"]) == {"pool", "slots_uniform", "slots_complexity"}
     assert results["slots"]["cluster"]["best_match_iou"] > 0.5 and "slot_attention" in results["slots"]
     assert "12" in results["saccade"]
-    assert main(["vlm-slots-eval", "--num-scenes", "999"]) == 2
-    assert "num_scenes" in capsys.readouterr().err
+    assert main(["vlm-slots-eval", "--n-scenes", "999"]) == 2
+    assert "--n-scenes must be in [1, 300]" in capsys.readouterr().err
 
 
 def test_public_api():
@@ -345,7 +349,7 @@ def test_benchmark_queries_saccades_by_class_vectors(monkeypatch):
 def test_slots_budgets_and_saccades_on_real_dinov2_scene_tokens(tmp_path):
     """vlm-slots-eval end to end on the embedded DINOv2's tokens of the real multi-object scenes."""
     out = tmp_path / "slots.json"
-    argv = ["vlm-slots-eval", "--num-scenes", "12", "--totals", "16", "--saccade-totals", "12", "--quiet"]
+    argv = ["vlm-slots-eval", "--n-scenes", "12", "--tokens", "16", "--saccade-tokens", "12", "--quiet"]
     assert main([*argv, "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["complexity"]["sums_exact_gt_slots"] and results["complexity"]["sums_exact_clustered"]

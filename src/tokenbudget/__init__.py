@@ -1,68 +1,84 @@
 """tokenbudget: spend a vision transformer's tokens where they matter.
 
-import timm, tokenbudget as tb
-model = timm.create_model("vit_base_patch16_224", pretrained=True)
-tb.apply(model, tb.ToMe(r=16))
-logits = model(images)
-print(tb.last_state(model).tokens_per_layer)
-tb.remove(model)
+    import timm, tokenbudget as tb
+    model = timm.create_model("vit_base_patch16_224", pretrained=True)
+    tb.apply(model, tb.ToMe(r=16))
+    logits = model(images)
+    print(tb.last_state(model).tokens_per_layer)
+    tb.remove(model)
+
+The names below are the whole top-level API; each is imported on first use, so ``import tokenbudget``
+(and the command line's ``--help``) stays fast. Domain APIs live in subpackages: ``tb.adaptive``
+(early exit, learned budgets, adaptive patching), ``tb.vlm`` (VLM token compression, slots,
+saccades), ``tb.models`` (the embedded model, :func:`~tokenbudget.models.load_model`), ``tb.data``,
+``tb.bench``, ``tb.evaluate``, ``tb.adapters``, ``tb.learned``, ``tb.ops``, ``tb.flops``.
 """
 
-from . import adaptive, models, vlm
-from .adaptive import BudgetPredictor, EarlyExit, ExitHeads, forward_with_budgets
-from .config import (
-    DEFAULT_ENTROPY_FLOOR,
-    AdaptivePatch,
-    Auto,
-    BudgetConfig,
-    DynamicViT,
-    GridPool,
-    PiToMe,
-    Prune,
-    RandomDrop,
-    ReductionConfig,
-    ToFu,
-    ToMe,
-    ToMeGuard,
-    ToMeOptimal,
-    config_from_dict,
-    config_from_json,
-)
-from .ops.entropy import token_entropy
-from .patch import apply, is_patched, last_state, patched_config, remove
-from .state import TokenState
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEFAULT_ENTROPY_FLOOR",
-    "AdaptivePatch",
-    "Auto",
-    "BudgetConfig",
-    "BudgetPredictor",
-    "EarlyExit",
-    "ExitHeads",
-    "forward_with_budgets",
-    "DynamicViT",
-    "GridPool",
-    "PiToMe",
-    "Prune",
-    "RandomDrop",
-    "ReductionConfig",
-    "ToFu",
-    "ToMe",
-    "ToMeGuard",
-    "ToMeOptimal",
-    "TokenState",
+from .version import __version__
+
+# name -> module (relative to this package) that defines it
+_EXPORTS: dict[str, str] = {
+    # patching
+    "apply": ".patch",
+    "remove": ".patch",
+    "is_patched": ".patch",
+    "last_state": ".patch",
+    "patched_config": ".patch",
+    "TokenState": ".state",
+    # configs, one per method
+    "ReductionConfig": ".config.base",
+    "BudgetConfig": ".config.base",
+    "ToMe": ".config.merging",
+    "ToMeDetail": ".config.merging",
+    "ToMeOptimal": ".config.merging",
+    "ToMeGuard": ".config.merging",
+    "ToFu": ".config.merging",
+    "RandomDrop": ".config.merging",
+    "GridPool": ".config.merging",
+    "PiToMe": ".config.auto",
+    "Auto": ".config.auto",
+    "Prune": ".config.pruning",
+    "DynamicViT": ".config.pruning",
+    "AdaptivePatch": ".config.adaptive",
+    "DEFAULT_ENTROPY_FLOOR": ".config.base",
+    "config_from_dict": ".config.base",
+    "config_from_json": ".config.base",
+    "method_names": ".config.base",
+    # measurements
+    "token_entropy": ".ops.entropy",
+}
+
+_SUBPACKAGES = (
+    "adapters",
     "adaptive",
-    "apply",
-    "config_from_dict",
-    "config_from_json",
-    "is_patched",
-    "last_state",
+    "bench",
+    "data",
+    "evaluate",
+    "explore",
+    "flops",
+    "learned",
     "models",
-    "patched_config",
-    "remove",
-    "token_entropy",
+    "ops",
     "vlm",
-]
+)
+
+__all__ = ["__version__", *_EXPORTS, *_SUBPACKAGES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'tokenbudget' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,5 +1,5 @@
 """``python -m tokenbudget`` (and ``torchrun -m tokenbudget``): the command-line interface."""
 
-from tokenbudget.cli import main
+from .cli import main
 
 raise SystemExit(main())

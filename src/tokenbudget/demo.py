@@ -28,8 +28,9 @@ def _features(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tenso
 def _fashion_mnist_slice(model: torch.nn.Module, quick: bool, say) -> list | None:  # noqa: ANN001
     """A small slice of the quality harness: ToMe vs random drop at half the tokens, if the offline
     Fashion-MNIST copy is installed (scripts/setup.sh installs it)."""
+    from .data.eval_sets import load_eval_data
     from .data.images import IMAGENET_MEAN, IMAGENET_STD
-    from .evaluate import evaluate, load_eval_data
+    from .evaluate import evaluate
 
     n_train, n_test = (100, 50) if quick else (300, 200)
     try:

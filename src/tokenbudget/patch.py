@@ -1,78 +1,178 @@
-"""apply / remove / last_state: the public way in and out of a patched model."""
+"""apply / remove / last_state: the public way in and out of a patched model.
+
+Thread safety: ``apply`` and ``remove`` wait until no other thread is running a forward through the
+patch they replace (see :class:`~tokenbudget.context.ForwardGate`), up to ``timeout`` seconds, and
+forwards that start meanwhile wait for the swap; calls on one model are serialised. Wrappers
+(``nn.DataParallel``, ``DistributedDataParallel``, ``torch.compile``'s module) are looked through:
+the model inside is patched, and every function here accepts either.
+"""
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 from torch import nn
 
-from .adapters import find_adapter
-from .config import AdaptivePatch, ReductionConfig
+from .adapters import prepare
+from .config import ReductionConfig
 from .context import PatchContext
 from .state import TokenState
-from .strategies import make_strategy
 
 _ATTR = "_tokenbudget"  # where a patched model keeps its (adapter, context); not in state_dict
 
+#: seconds ``apply`` / ``remove`` wait for forwards running in other threads before giving up
+DEFAULT_TIMEOUT = 60.0
 
-def apply(model: nn.Module, config: ReductionConfig) -> nn.Module:
+_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> threading.RLock:
+    """One lock per model: apply / remove on the same model from several threads run one at a time."""
+    with _locks_guard:
+        lock = _locks.get(model)
+        if lock is None:
+            lock = _locks[model] = threading.RLock()
+        return lock
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel``, ``DistributedDataParallel`` and ``torch.compile``
+    wrappers (any nesting); ``model`` itself otherwise."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, DataParallel):
+            if len(model.device_ids) > 1:
+                raise ValueError(
+                    f"nn.DataParallel over {len(model.device_ids)} devices copies the model's modules on every "
+                    "forward, and the copies do not carry the patch; use DistributedDataParallel (one "
+                    "process per device, patch before wrapping) or a single device"
+                )
+            model = model.module
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def apply(model: nn.Module, config: ReductionConfig, *, timeout: float | None = DEFAULT_TIMEOUT) -> nn.Module:
     """Patch ``model`` in place to reduce tokens as ``config`` says; returns the model.
 
     Applying again replaces the previous patch, so it is safe to repeat or to change the config;
     a config that fails validation leaves the model as it was. The module tree and ``state_dict``
-    keys are unchanged while patched.
-    """
-    if isinstance(config, AdaptivePatch):
-        # Not a per-block reduction: it sets each image's patch grid before the blocks (tb.adaptive).
-        from .adapters.timm_adaptive import prepare
+    keys are unchanged while patched; a patched model pickles (``torch.save``) and deep-copies
+    into a model patched with the same config.
 
-        install_strategy(model, *prepare(model, config))
-        return model
+    ``model`` may be wrapped (``nn.DataParallel`` on one device, ``DistributedDataParallel``,
+    ``torch.compile``): the model inside is patched (a compiled model recompiles on its next call).
+    ``timeout``: seconds to wait for forwards that other threads are running through the current
+    patch (``None``: no limit); ``RuntimeError`` after that, with the model unchanged. Compiled
+    forwards are not counted: change the patch of a compiled model only while no thread runs it.
+    """
+    target = unwrap(model)
     if not isinstance(config, ReductionConfig):
         raise ValueError(
             f"config must be a tokenbudget config such as tb.ToMe(r=16), got {type(config).__name__}"
+            + (
+                "; build one with tb.config_from_json(...) or tb.config_from_dict(...)"
+                if isinstance(config, (str, dict))
+                else ""
+            )
         )
-    adapter = find_adapter(model)
-    strategy = make_strategy(config, adapter.num_layers)
-    strategy.check_model(adapter)  # e.g. class-attention pruning on a model without a class token
-    if adapter.default_num_tokens is not None:
-        # Fail at apply time, not at the first forward, for budgets the default input cannot meet.
-        strategy.plan(adapter.default_num_tokens, adapter.num_prefix)
-    ctx = PatchContext(strategy, adapter.num_prefix, adapter.num_layers, adapter.grid)
-    install_strategy(model, adapter, ctx)
+    install_strategy(target, *prepare(target, config), timeout=timeout)
     return model
 
 
-def install_strategy(model: nn.Module, adapter: object, ctx: PatchContext) -> None:
-    """Install a prepared context (its strategy) through ``adapter``; :func:`remove` undoes it."""
-    previous = model.__dict__.get(_ATTR)
-    remove(model)
-    try:
-        adapter.install(ctx)
-    except Exception:
-        # A config the adapter refuses at install time (e.g. an attention implementation that
-        # cannot take proportional attention) leaves the model as it was, previous patch included.
-        adapter.uninstall()
+def install_strategy(
+    model: nn.Module, adapter: object, ctx: PatchContext, *, timeout: float | None = DEFAULT_TIMEOUT
+) -> None:
+    """Install a prepared context (its strategy) through ``adapter``; :func:`remove` undoes it.
+
+    Waits for forwards through the current patch (see :func:`apply`); a failure leaves the model
+    as it was, previous patch included.
+    """
+    with _model_lock(model):
+        previous = model.__dict__.get(_ATTR)
         if previous is not None:
-            previous[0].install(previous[1])
-            setattr(model, _ATTR, previous)
-        raise
-    setattr(model, _ATTR, (adapter, ctx))
+            previous[1].gate.close(timeout)  # RuntimeError after timeout: nothing changed
+        ctx.gate.begin_install()
+        if previous is not None:
+            del model.__dict__[_ATTR]
+            _uninstall(model, *previous)
+        try:
+            adapter.install(ctx)
+            for module in _entry_modules(model, adapter):
+                ctx.gate.attach(module)
+        except BaseException:
+            # A config the adapter refuses at install time (e.g. an attention implementation that
+            # cannot take proportional attention) leaves the model as it was, previous patch included.
+            _uninstall(model, adapter, ctx)
+            ctx.gate.retire()
+            if previous is not None:
+                previous[0].install(previous[1])
+                for module in _entry_modules(model, previous[0]):
+                    previous[1].gate.attach(module)
+                setattr(model, _ATTR, previous)
+                previous[1].gate.open()
+            raise
+        setattr(model, _ATTR, (adapter, ctx))
+        ctx.gate.open()
+        if previous is not None:
+            previous[1].gate.retire()
 
 
-def remove(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply` (a no-op on an unpatched model); returns the model."""
-    patch = model.__dict__.pop(_ATTR, None)
-    if patch is not None:
-        adapter, _ = patch
-        adapter.uninstall()
+def _entry_modules(model: nn.Module, adapter: object) -> list[nn.Module]:
+    """The modules whose calls a forward goes through: the model, and the part of it that runs the
+    blocks and the pooling when users call that part directly (OpenCLIP's ``encode_image`` calls
+    ``model.visual``; a transformers wrapper's backbone)."""
+    modules = [model]
+    for name in ("visual", "backbone"):
+        part = getattr(adapter, name, None)
+        if isinstance(part, nn.Module) and all(part is not m for m in modules):
+            modules.append(part)
+    return modules
+
+
+def _uninstall(model: nn.Module, adapter: object, ctx: object) -> None:
+    adapter.uninstall()
+    ctx.gate.detach()
+
+
+def remove(model: nn.Module, *, timeout: float | None = DEFAULT_TIMEOUT) -> nn.Module:
+    """Undo :func:`apply` (a no-op on an unpatched model); returns the model.
+
+    Waits for forwards that other threads are running through the patch (``timeout`` as in
+    :func:`apply`).
+    """
+    target = unwrap(model)
+    with _model_lock(target):
+        patch = target.__dict__.get(_ATTR)
+        if patch is not None:
+            adapter, ctx = patch
+            ctx.gate.close(timeout)
+            del target.__dict__[_ATTR]
+            _uninstall(target, adapter, ctx)
+            ctx.gate.retire()
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    return _ATTR in model.__dict__
+    return _ATTR in unwrap(model).__dict__
+
+
+def installed(model: nn.Module) -> tuple[object, object] | None:
+    """The (adapter, context) a patched model runs with, or ``None`` when it is not patched."""
+    return unwrap(model).__dict__.get(_ATTR)
 
 
 def _context(model: nn.Module) -> PatchContext:
-    patch = model.__dict__.get(_ATTR)
+    patch = unwrap(model).__dict__.get(_ATTR)
     if patch is None:
         raise ValueError("model is not patched; call tb.apply(model, config) first")
     return patch[1]

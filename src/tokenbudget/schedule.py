@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .ops.match import max_mergeable
+from .ops.limits import max_mergeable
 
 RSpec = int | tuple[int, float] | Sequence[int]
 

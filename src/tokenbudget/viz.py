@@ -61,19 +61,23 @@ def render_merges(model: torch.nn.Module, image, config) -> tuple[np.ndarray, di
     picture (original | merge groups) and the state summary. The model is left unpatched."""
     import dataclasses
 
-    from .data.images import center_crop_resize, model_normalization, preprocess
+    from .adapters import find_adapter
+    from .data.images import center_crop_resize, preprocess
     from .patch import apply, last_state, remove
 
     if not hasattr(config, "trace_source"):
         raise ValueError(
             f"{type(config).__name__} drops tokens instead of merging them; visualize a merging method (tome, pool)"
         )
-    size = int(model.patch_embed.img_size[0])
-    x = preprocess(image, size, *model_normalization(model)).unsqueeze(0)
+    adapter = find_adapter(model)
+    if adapter.image_size is None:
+        raise ValueError("the model has no default input size; cannot place tokens on the image")
+    size = adapter.image_size[0]
+    x = preprocess(image, size, *adapter.normalization()).unsqueeze(0)
     apply(model, dataclasses.replace(config, trace_source=True))
     try:
         with torch.inference_mode():
-            model(x)
+            adapter.features(x)
         state = last_state(model)
     finally:
         remove(model)

@@ -8,12 +8,13 @@ keys for the metric, ``tokens_per_layer``) lives here once.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
 
-from ..context import PatchContext
+from ..context import PatchContext, compiling
 
 
 class ReducingBlockForward:
@@ -21,8 +22,13 @@ class ReducingBlockForward:
     attention branch and the MLP branch as the strategy says.
 
     Subclasses implement :meth:`attention_branch` and :meth:`mlp_branch` by calling the block's own
-    submodules (never a copy of an upstream forward), and ``__call__`` with the framework's block
+    submodules (never a copy of an upstream forward), and :meth:`call` with the framework's block
     signature, delegating to :meth:`run`.
+
+    A forward enters the patch's :class:`~tokenbudget.context.ForwardGate` at the first block and
+    leaves it after the last (or when a block raises), so ``tb.apply`` / ``tb.remove`` in another
+    thread wait for it; a forward that reaches a block without having run its predecessors
+    through this patch runs that block unreduced (with a warning), never half under one config.
     """
 
     def __init__(self, block: nn.Module, layer: int, ctx: PatchContext) -> None:
@@ -31,7 +37,38 @@ class ReducingBlockForward:
         self.ctx = ctx
         self.is_last = layer == ctx.num_layers - 1
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if compiling():
+            out = self.call(*args, **kwargs)
+        else:
+            if self.layer == 0 and not self.ctx.gate.enter(blocks=True):
+                # The patch was replaced or removed while this forward waited: run what is installed now.
+                return self.block.forward(*args, **kwargs)
+            try:
+                out = self.call(*args, **kwargs)
+            except BaseException:
+                self._abandon()
+                raise
+        if out is None:  # reached without its predecessors: the block as it is
+            warnings.warn(
+                f"block {self.layer} of a patched model ran without blocks 0..{self.layer - 1} of the same "
+                "forward in this thread (blocks called from the middle, or a forward that began before "
+                "tb.apply); it runs unreduced",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return type(self.block).forward(self.block, *args, **kwargs)
+        return out
+
+    def _abandon(self) -> None:
+        self.ctx.abandon()
+        self.ctx.gate.leave(blocks=True)
+
     # -- what an adapter provides ------------------------------------------------------------
+    def call(self, *args: Any, **kwargs: Any) -> Tensor | None:
+        """The block with the framework's signature; returns :meth:`run`'s output."""
+        raise NotImplementedError
+
     def attention_branch(self, x: Tensor, attn_bias: Tensor | None, **attn_kwargs: Any) -> Tensor:
         """The attention residual branch on tokens ``x`` [B, N, C] (without the residual add).
 
@@ -54,8 +91,11 @@ class ReducingBlockForward:
         )
 
     # -- shared ------------------------------------------------------------------------------
-    def run(self, x: Tensor, user_mask: Any = None, masked: bool = False, **attn_kwargs: Any) -> Tensor:
-        """Both branches with the reduction between; ``x`` [B, N, C] -> [B, N - r, C].
+    def run(
+        self, x: Tensor, user_mask: Any = None, masked: bool = False, **attn_kwargs: Any
+    ) -> Tensor | None:
+        """Both branches with the reduction between; ``x`` [B, N, C] -> [B, N - r, C]; ``None`` when
+        this block was reached without its predecessors (the caller then runs the block unchanged).
 
         ``user_mask`` is an attention mask the caller passed to the model (any form the framework
         takes); it is handed through unchanged when this forward reduces nothing and refused
@@ -65,6 +105,8 @@ class ReducingBlockForward:
         ctx, layer = self.ctx, self.layer
         strategy = ctx.strategy
         state = ctx.state_for_block(layer, x)  # x: [B, N, C]
+        if state is None:
+            return None
         # Strategies that act without removing tokens (learned pruning while training) say so.
         acts_at = getattr(strategy, "acts_at", None)
         acts = acts_at(layer, state) if acts_at is not None else state.merged_per_layer[layer] > 0
@@ -103,10 +145,14 @@ class ReducingBlockForward:
             x = strategy.reduce(x, metric, state, layer)  # [B, N - r, C]
         else:
             local.want_keys = False
+        for observe in ctx.observers:  # e.g. the entropy profile: tokens entering the MLP
+            observe(layer, x, state)
         x = x + self.mlp_branch(x)
         state.tokens_per_layer.append(x.shape[1])
         if self.is_last:
             ctx.finish(state)
+            if not compiling():
+                ctx.gate.leave(blocks=True)
         return x
 
     def wants_keys(self) -> bool:

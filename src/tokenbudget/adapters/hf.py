@@ -25,6 +25,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..context import PatchContext
+from ..flops import BlockDims
+from .base import IMAGENET_MEAN, IMAGENET_STD, Adapter, register_adapter
 from .blocks import KeyCapture, ReducingBlockForward, merged_sizes
 
 INSTALL_HINT = "pip install 'tokenbudget[hf]'"
@@ -60,14 +62,47 @@ _LAYOUTS: dict[str, LayerLayout] = {
     "SiglipEncoderLayer": _CLIP_LAYOUT,
 }
 
-# Vision backbones (the module that owns the encoder layers) -> leading tokens that are never reduced.
-_BACKBONES: dict[str, Any] = {
-    "ViTModel": lambda config: 1,
-    "DeiTModel": lambda config: 2,  # class and distillation token
-    "Dinov2Model": lambda config: 1,
-    "Dinov2WithRegistersModel": lambda config: 1 + int(config.num_register_tokens),
-    "CLIPVisionModel": lambda config: 1,
-    "SiglipVisionModel": lambda config: 0,  # no class token: attention-pooling head
+
+@dataclass(frozen=True)
+class BackboneLayout:
+    """How one vision backbone (the module owning the encoder layers) is put together.
+
+    Attributes:
+        num_prefix: leading tokens that are never reduced (class, distillation), plus the config
+            field ``registers`` names (register tokens), if any.
+        registers: the config field counting register tokens, or ``None``.
+        embeddings: submodules run on the pixels before the first layer, in order.
+        final_norm: the norm its ``last_hidden_state`` ends with (``None``: none).
+        mean, std: the normalisation of the family's image processor.
+    """
+
+    num_prefix: int
+    embeddings: tuple[str, ...]
+    final_norm: str | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    registers: str | None = None
+
+    def prefix_tokens(self, config: Any) -> int:
+        return self.num_prefix + (int(getattr(config, self.registers)) if self.registers else 0)
+
+
+_HALF = (0.5, 0.5, 0.5)
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image processor
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Vision backbones -> their layout.
+_BACKBONES: dict[str, BackboneLayout] = {
+    "ViTModel": BackboneLayout(1, ("embeddings",), "layernorm", _HALF, _HALF),
+    # class and distillation token
+    "DeiTModel": BackboneLayout(2, ("embeddings",), "layernorm", IMAGENET_MEAN, IMAGENET_STD),
+    "Dinov2Model": BackboneLayout(1, ("embeddings",), "layernorm", IMAGENET_MEAN, IMAGENET_STD),
+    "Dinov2WithRegistersModel": BackboneLayout(
+        1, ("embeddings",), "layernorm", IMAGENET_MEAN, IMAGENET_STD, registers="num_register_tokens"
+    ),
+    "CLIPVisionModel": BackboneLayout(1, ("embeddings", "pre_layrnorm"), None, _CLIP_MEAN, _CLIP_STD),
+    # no class token: attention-pooling head
+    "SiglipVisionModel": BackboneLayout(0, ("embeddings",), "post_layernorm", _HALF, _HALF),
 }
 
 # Models that may hold a backbone: their outputs read the class token or the pooling head we
@@ -124,7 +159,7 @@ class HFLayerForward(ReducingBlockForward):
         self.after_attention = [get(n) for n in layout.after_attention]
         self.after_mlp = [get(n) for n in layout.after_mlp]
 
-    def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def call(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         return self.run(hidden_states, attention_mask, **kwargs)
 
     def attention_branch(self, x: Tensor, attn_bias: Tensor | None, **kwargs: Any) -> Tensor:
@@ -173,10 +208,17 @@ class SizeWeightedAttentionPool:
         return args, {**kwargs, "attn_mask": mask}
 
 
-class HFAdapter:
+@register_adapter
+class HFAdapter(Adapter):
     """Finds and patches the encoder layers of a transformers vision model."""
 
     name = "hf"
+    supported = SUPPORTED
+    order = 1
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return matches(model)
 
     def __init__(self, model: nn.Module) -> None:
         path, backbone = _find_backbone(model)
@@ -195,24 +237,68 @@ class HFAdapter:
         config = backbone.config
         self.model = model
         self.backbone = backbone
+        self.backbone_layout = _BACKBONES[type(backbone).__name__]
         self.layers = layers
+        self.blocks = layers
         self.layout = layout
-        self.num_prefix = _BACKBONES[type(backbone).__name__](config)
+        self.num_prefix = self.backbone_layout.prefix_tokens(config)
         self.attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
         side = int(config.image_size) // int(config.patch_size)
         self.grid = (side, side)
         self.patch_size = (int(config.patch_size),) * 2
         self._hooks: list[Any] = []
 
+    # -- structure ---------------------------------------------------------------------------
     @property
-    def num_layers(self) -> int:
-        return len(self.layers)
+    def embed_dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
 
     @property
-    def default_num_tokens(self) -> int:
-        """Tokens entering the first layer at the model's configured image size."""
-        return self.grid[0] * self.grid[1] + self.num_prefix
+    def num_heads(self) -> int:
+        return int(self.backbone.config.num_attention_heads)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        side = int(self.backbone.config.image_size)
+        return (side, side)
+
+    def block_dims(self) -> list[BlockDims]:
+        dims = []
+        for layer in self.layers:
+            attention = layer.get_submodule(self.layout.attention)
+            mlp = layer.get_submodule(self.layout.mlp)
+            q = attention.q_proj  # [C] -> [A]
+            dims.append(BlockDims(q.in_features, q.out_features, mlp.fc1.out_features))
+        return dims
+
+    def patch_conv(self) -> nn.Conv2d | None:
+        convs = [m for m in self.backbone.get_submodule("embeddings").modules() if isinstance(m, nn.Conv2d)]
+        return convs[0] if len(convs) == 1 else None
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self.backbone_layout.mean, self.backbone_layout.std
+
+    # -- running -----------------------------------------------------------------------------
+    def features(self, images: Tensor) -> Tensor:
+        return self.backbone(pixel_values=images).last_hidden_state
+
+    def embed(self, images: Tensor) -> Tensor:
+        x = images
+        for name in self.backbone_layout.embeddings:
+            x = self.backbone.get_submodule(name)(x)
+        return x
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        name = self.backbone_layout.final_norm
+        return x if name is None else self.backbone.get_submodule(name)(x)
+
+    def patch_embeddings(self, images: Tensor) -> Tensor:
+        conv = self.patch_conv()
+        if conv is None:
+            return super().patch_embeddings(images)
+        return conv(images).flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h * w, C]
+
+    # -- patching ----------------------------------------------------------------------------
     def install(self, ctx: PatchContext) -> None:
         if ctx.strategy.prop_attn and self.attn_implementation not in ("eager", "sdpa"):
             raise ValueError(

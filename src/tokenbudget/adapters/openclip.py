@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..context import PatchContext
+from ..flops import BlockDims
 from ..ops.merge import size_weighted_mean
+from .base import Adapter, register_adapter
 from .blocks import GridGuard, ReducingBlockForward, merged_sizes
 
 INSTALL_HINT = "pip install 'tokenbudget[openclip]'"
@@ -62,7 +64,7 @@ def _find_visual(model: nn.Module) -> nn.Module:
 class OpenCLIPBlockForward(ReducingBlockForward):
     """Instance-level ``forward`` of one open_clip ``ResidualAttentionBlock`` (self-attention)."""
 
-    def __call__(
+    def call(
         self,
         q_x: Tensor,
         k_x: Tensor | None = None,
@@ -131,10 +133,22 @@ class WeightedGlobalPool:
         return size_weighted_mean(tokens, size[:, 1:]), tokens
 
 
-class OpenCLIPAdapter:
+#: OpenAI CLIP's normalisation, open_clip's default when a tower does not set its own
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@register_adapter
+class OpenCLIPAdapter(Adapter):
     """Finds and patches the image-tower blocks of an OpenCLIP model."""
 
     name = "openclip"
+    supported = SUPPORTED
+    order = 2
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return matches(model)
 
     def __init__(self, model: nn.Module) -> None:
         visual = _find_visual(model)
@@ -162,14 +176,51 @@ class OpenCLIPAdapter:
         self.grid = (int(visual.grid_size[0]), int(visual.grid_size[1]))
         self.patch_size = tuple(int(p) for p in visual.patch_size)
 
+    # -- structure ---------------------------------------------------------------------------
     @property
-    def num_layers(self) -> int:
-        return len(self.blocks)
+    def embed_dim(self) -> int:
+        return int(self.blocks[0].attn.embed_dim)
 
     @property
-    def default_num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1] + self.num_prefix
+    def num_heads(self) -> int:
+        return int(self.blocks[0].attn.num_heads)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.visual.image_size
+        return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+    def block_dims(self) -> list[BlockDims]:
+        dims = []
+        for block in self.blocks:
+            attn = block.attn  # nn.MultiheadAttention: q, k, v all of width embed_dim
+            dims.append(BlockDims(attn.embed_dim, attn.embed_dim, block.mlp.c_fc.out_features))
+        return dims
+
+    def patch_conv(self) -> nn.Conv2d | None:
+        return self.visual.conv1 if isinstance(self.visual.conv1, nn.Conv2d) else None
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        mean = getattr(self.visual, "image_mean", None) or _CLIP_MEAN
+        std = getattr(self.visual, "image_std", None) or _CLIP_STD
+        return tuple(mean), tuple(std)
+
+    # -- running -----------------------------------------------------------------------------
+    def features(self, images: Tensor) -> Tensor:
+        # The tower's own steps up to the tokens: embeddings, transformer, final norm (ln_post).
+        visual = self.visual
+        return visual.ln_post(visual.transformer(visual._embeds(images)))
+
+    def embed(self, images: Tensor) -> Tensor:
+        return self.visual._embeds(images)
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.visual.ln_post(x)
+
+    def patch_embeddings(self, images: Tensor) -> Tensor:
+        return self.visual.conv1(images).flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h * w, C]
+
+    # -- patching ----------------------------------------------------------------------------
     def install(self, ctx: PatchContext) -> None:
         for layer, block in enumerate(self.blocks):
             block.forward = OpenCLIPBlockForward(block, layer, ctx)

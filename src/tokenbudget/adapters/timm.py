@@ -20,8 +20,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..context import PatchContext
+from ..flops import BlockDims
 from ..ops.merge import size_weighted_mean
 from ..ops.scores import class_attention
+from .base import IMAGENET_MEAN, IMAGENET_STD, Adapter, register_adapter
 from .blocks import GridGuard, KeyCapture, ReducingBlockForward, merged_sizes
 
 SUPPORTED = (
@@ -50,7 +52,7 @@ class TimmBlockForward(ReducingBlockForward):
     """Instance-level ``forward`` for one timm ``Block``: the block's own ``norm1``, ``attn``, ``ls1``,
     ``drop_path1`` and ``norm2``, ``mlp``, ``ls2``, ``drop_path2``, reduced in between."""
 
-    def __call__(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def call(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         return self.run(x, attn_mask, masked=is_causal, is_causal=is_causal)
 
     def attention_branch(self, x: Tensor, attn_bias: Tensor | None, is_causal: bool = False) -> Tensor:
@@ -121,11 +123,18 @@ class WeightedPool:
         return avg
 
 
-class TimmAdapter:
+@register_adapter
+class TimmAdapter(Adapter):
     """Finds and patches the blocks of a timm VisionTransformer."""
 
     name = "timm"
     supports_class_attention = True  # TimmBlockForward.class_attention
+    supported = SUPPORTED
+    order = 0
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return matches(model)
 
     def __init__(self, model: nn.Module) -> None:
         vit_cls, block_cls, attn_cls = _timm_vit_classes()
@@ -157,10 +166,7 @@ class TimmAdapter:
         self.patch_size = tuple(int(p) for p in model.patch_embed.patch_size)
         self._hooks: list[Any] = []
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.blocks)
-
+    # -- structure ---------------------------------------------------------------------------
     @property
     def has_class_token(self) -> bool:
         """True when the first token is a class token (timm: ``cls_token`` is a parameter)."""
@@ -171,12 +177,61 @@ class TimmAdapter:
         return int(self.model.embed_dim)
 
     @property
-    def default_num_tokens(self) -> int | None:
-        """Tokens entering the first block at the model's default image size."""
-        if self.grid is None:
-            return None
-        return self.grid[0] * self.grid[1] + self.num_prefix
+    def num_heads(self) -> int:
+        return int(self.blocks[0].attn.num_heads)
 
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        size = getattr(self.model.patch_embed, "img_size", None)
+        return (int(size[0]), int(size[1])) if size is not None else None
+
+    def block_dims(self) -> list[BlockDims]:
+        dims = []
+        for block in self.blocks:
+            qkv = block.attn.qkv  # [C] -> [3A]: q, k and v stacked
+            dims.append(BlockDims(qkv.in_features, qkv.out_features // 3, block.mlp.fc1.out_features))
+        return dims
+
+    def patch_conv(self) -> nn.Conv2d | None:
+        proj = getattr(self.model.patch_embed, "proj", None)
+        return proj if isinstance(proj, nn.Conv2d) else None
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+
+    # -- running -----------------------------------------------------------------------------
+    def features(self, images: Tensor) -> Tensor:
+        return self.model.forward_features(images)
+
+    def embed(self, images: Tensor) -> Tensor:
+        # The steps of timm's forward_features before the blocks, each the model's own module.
+        model = self.model
+        x = model.patch_embed(images)
+        x = model._pos_embed(x)
+        x = model.patch_drop(x)
+        return model.norm_pre(x)
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.model.norm(x)
+
+    def patch_embeddings(self, images: Tensor) -> Tensor:
+        x = self.model.patch_embed(images)
+        # Models built with dynamic_img_size keep the grid: [B, H', W', C] -> [B, H' W', C].
+        return x.flatten(1, 2) if x.ndim == 4 else x
+
+    def input_transform(self) -> Any:
+        """timm's own eval transform (resize, centre crop at the model's crop_pct, normalise) at
+        :attr:`image_size`."""
+        from timm.data import create_transform, resolve_data_config
+
+        config = resolve_data_config(model=self.model)
+        size = self.image_size
+        if size is not None:
+            config["input_size"] = (3, *size)  # the built size, not the pretrained config's
+        return create_transform(**config)
+
+    # -- patching ----------------------------------------------------------------------------
     def install(self, ctx: PatchContext) -> None:
         model = self.model
         for layer, block in enumerate(self.blocks):

@@ -1,8 +1,8 @@
 """timm adapter for :class:`tokenbudget.AdaptivePatch`: a timm ViT at a per-image patch size.
 
 Nothing of timm's forward is copied. The model's own ``forward`` / ``forward_features`` run once per
-sub-batch of equal patch size (:mod:`tokenbudget.adaptive.patching` groups them), and two of its
-steps follow the sub-batch's :class:`~tokenbudget.adaptive.patching.GroupSpec`:
+sub-batch of equal patch size (:mod:`tokenbudget.strategies.adaptive_patch` groups them), and two of its
+steps follow the sub-batch's :class:`~tokenbudget.strategies.adaptive_patch.GroupSpec`:
 
 * ``patch_embed``: timm's ``PatchEmbed.forward`` runs on a view of the module whose ``proj`` is the
   convolution with the kernel resampled to the group's patch size by FlexiViT's pseudo-inverse
@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adaptive.patching import AdaptivePatchContext, AdaptivePatchPlanner, GroupedRunner
+from ..config import AdaptivePatch
+from ..strategies.adaptive_patch import AdaptivePatchContext, AdaptivePatchPlanner, GroupedRunner
 from . import timm as timm_adapter
+from .base import register_installer
 
 # Position grids are resampled as the embedded DINOv2 resamples its 37x37 grid (bicubic, no
 # antialias; see tokenbudget.models.dinov2), so the native grid of that model is reproduced exactly.
@@ -92,6 +94,12 @@ def check_model(model: nn.Module) -> None:
         )
     if not hasattr(type(model), "_pos_embed"):
         raise ValueError(f"{type(model).__name__} has no _pos_embed step to resample position embeddings in")
+
+
+def native_patch_size(model: nn.Module) -> int:
+    """The patch side of ``model``'s patch embedding (``ValueError`` for models it cannot adapt)."""
+    check_model(model)
+    return int(model.patch_embed.proj.kernel_size[0])
 
 
 class TimmAdaptiveAdapter:
@@ -184,6 +192,11 @@ class TimmAdaptiveAdapter:
         self._kernels.clear()
         self._pos.clear()
 
+    def __getstate__(self) -> dict:
+        # Resampled kernels and position embeddings are a cache keyed by storage addresses, which
+        # do not survive pickling: a copied or loaded model recomputes them.
+        return {**self.__dict__, "_kernels": {}, "_pos": {}}
+
     def upstream(self, name: str) -> Any:
         """The model's own (class) method ``name``, bound to the model."""
         return getattr(type(self.model), name).__get__(self.model)
@@ -193,7 +206,13 @@ class TimmAdaptiveAdapter:
     ) -> Any:
         if ctx.group is not None:  # inside a sub-batch (timm's forward calls forward_features): upstream
             return self.upstream(name)(x, *args, **kw)
-        return getattr(runner, name)(self.upstream(name), x, *args, **kw)
+        if not ctx.gate.enter():
+            # The patch was replaced or removed while this call waited: run what is installed now.
+            return getattr(self.model, name)(x, *args, **kw)
+        try:
+            return getattr(runner, name)(self.upstream(name), x, *args, **kw)
+        finally:
+            ctx.gate.leave()
 
     def _patch_embed_forward(self, ctx: AdaptivePatchContext, x: Tensor) -> Tensor:
         patch_embed = self.model.patch_embed
@@ -221,8 +240,9 @@ class TimmAdaptiveAdapter:
         return type(model)._pos_embed(view, x)
 
 
-def prepare(model: nn.Module, config: Any) -> tuple[TimmAdaptiveAdapter, AdaptivePatchContext]:
-    """(adapter, context) that :func:`tokenbudget.patch.install_strategy` installs for ``config``."""
+@register_installer(AdaptivePatch)
+def prepare(model: nn.Module, config: AdaptivePatch) -> tuple[TimmAdaptiveAdapter, AdaptivePatchContext]:
+    """(adapter, context) that :func:`tokenbudget.apply` installs for an ``AdaptivePatch`` config."""
     adapter = TimmAdaptiveAdapter(model)
     planner = AdaptivePatchPlanner(config, adapter.native_patch)
     ctx = AdaptivePatchContext(planner, adapter.num_prefix, adapter.num_layers)

@@ -1,4 +1,4 @@
-"""Variable-length tokens (issue 5): adaptive patching, early exit and a learned per-image budget.
+"""Variable-length tokens: adaptive patching, early exit and a learned per-image budget.
 
 Adaptive patching: a per-image patch size chosen by image complexity (``tb.AdaptivePatch``).
 
@@ -24,17 +24,10 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..config import AdaptivePatch
-from .budget_predictor import (
-    BudgetPredictor,
-    forward_with_budgets,
-    load_budget_predictor,
-    save_budget_predictor,
-    train_budget_predictor,
-)
-from .complexity import DETAIL_EPS, SCORES, complexity_score, detail_score
-from .early_exit import EarlyExit, ExitOutput
-from .exit_heads import ExitHeads, load_exit_heads, save_exit_heads, train_exit_heads
-from .patching import (
+from ..ops.complexity import DETAIL_EPS, SCORES, complexity_score, detail_score
+from ..ops.thresholds import calibrate_thresholds, check_thresholds, size_index
+from ..state import AdaptivePatchState
+from ..strategies.adaptive_patch import (
     AdaptivePatchContext,
     GroupedRunner,
     GroupSpec,
@@ -42,16 +35,22 @@ from .patching import (
     group_spec,
     resize_images,
 )
-from .state import AdaptivePatchState
-from .thresholds import calibrate_thresholds, check_thresholds, size_index
+from .budget_predictor import (
+    BudgetPredictor,
+    forward_with_budgets,
+    load_budget_predictor,
+    save_budget_predictor,
+    train_budget_predictor,
+)
+from .early_exit import EarlyExit, ExitOutput
+from .exit_heads import ExitHeads, load_exit_heads, save_exit_heads, train_exit_heads
 
 
 def native_patch_size(model: nn.Module) -> int:
     """The patch side of ``model``'s patch embedding (``ValueError`` for models it cannot adapt)."""
-    from ..adapters.timm_adaptive import check_model
+    from ..adapters.timm_adaptive import native_patch_size as native
 
-    check_model(model)
-    return int(model.patch_embed.proj.kernel_size[0])
+    return native(model)
 
 
 def patch_token_counts(
@@ -113,9 +112,9 @@ def calibrate(
 def forward_features_list(model: nn.Module, images: Tensor) -> list[Tensor]:
     """Per-image tokens [T_i, C] of a model patched with ``tb.AdaptivePatch``, in input order
     (``T_i`` = prefix tokens + that image's patch tokens): what ``forward_features`` cannot stack."""
-    from ..patch import _ATTR
+    from ..patch import installed
 
-    patch = model.__dict__.get(_ATTR)
+    patch = installed(model)
     if patch is None or not isinstance(patch[1], AdaptivePatchContext):
         raise ValueError("the model is not patched with tb.AdaptivePatch; call tb.apply(model, config) first")
     adapter, ctx = patch

@@ -1,4 +1,4 @@
-"""A learned per-image token budget: ``tb.BudgetPredictor`` looks at a glance of the image and picks
+"""A learned per-image token budget: ``tb.adaptive.BudgetPredictor`` looks at a glance of the image and picks
 how many tokens ToMe should leave for it.
 
 The glance is the model's own patch embedding [B, N, C] (one strided convolution, before position
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapters import find_adapter
 from ..config import ToMe
-from ..learned.files import load_weights, read_part, save_part
+from ..parts import load_weights, read_part, save_part
 from ..patch import apply, is_patched, remove
-from .blockwise import glance_tokens
 
 FORMAT = "tokenbudget-budget-predictor"
 VERSION = 1
@@ -117,7 +117,7 @@ class BudgetPredictor(nn.Module):
 
     def check_model(self, model: nn.Module) -> None:
         """``ValueError`` when the predictor was trained on another model's patch embedding width."""
-        width = int(model.embed_dim)
+        width = find_adapter(model).embed_dim
         if width != self.embed_dim:
             raise ValueError(
                 f"budget predictor was trained for embed dim {self.embed_dim}, this model has {width}; "
@@ -258,10 +258,9 @@ def train_budget_predictor(
 def model_glance(model: nn.Module, images: Tensor, batch_size: int = 64) -> Tensor:
     """The predictor's input for ``images`` [N, 3, H, W]: the model's patch embeddings [N, P, C]
     (computed without gradient, usable as training data)."""
+    glance = find_adapter(model).patch_embeddings
     with torch.no_grad():
-        return torch.cat(
-            [glance_tokens(model, images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-        )
+        return torch.cat([glance(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 @dataclass
@@ -304,7 +303,8 @@ def forward_with_budgets(
     if run is None:
         run = _call_model
     with torch.no_grad():
-        choice = predictor.choose(glance_tokens(model, images)) if budget_index is None else budget_index
+        glance = find_adapter(model).patch_embeddings
+        choice = predictor.choose(glance(images)) if budget_index is None else budget_index
     choice = choice.to(torch.long).cpu()
     if (
         choice.shape != (images.shape[0],)

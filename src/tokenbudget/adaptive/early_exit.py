@@ -1,6 +1,6 @@
 """Early exit: a sample leaves the ViT at the first exit that is confident enough about it.
 
-``tb.EarlyExit(model, heads, thresholds)`` wraps a frozen timm ViT and its exit heads
+``tb.adaptive.EarlyExit(model, heads, thresholds)`` wraps a frozen timm ViT and its exit heads
 (:mod:`tokenbudget.adaptive.exit_heads`). The forward runs the model's own modules block by
 block (:mod:`tokenbudget.adaptive.blockwise`); after each exit layer the head reads the class
 token, and every sample whose *confidence*, the maximum softmax probability of that head, is at
@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..bench.flops import block_dims, block_flops
-from .blockwise import check_blockwise_model, embed_tokens, layer_class_tokens
+from ..adapters import find_adapter
+from ..flops import block_flops
+from .blockwise import blockwise_adapter, layer_class_tokens
 from .exit_heads import ExitHeads, load_exit_heads
 
 
@@ -103,11 +104,13 @@ def exit_costs(model: nn.Module, layers: Sequence[int], num_classes: int) -> lis
     """FLOPs of a sample that leaves at each exit after ``layers``, as a fraction of the backbone's
     (patch embedding and all blocks at the default token count): patch embedding, the blocks up to
     the exit and every head it was scored by (LayerNorm ~8C + linear 2CK each)."""
-    tokens = int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
-    weight = model.patch_embed.proj.weight  # [C, 3, p, p]
-    patch = 2 * int(model.patch_embed.num_patches) * weight.numel()
-    blocks = [block_flops(tokens, tokens, block_dims(b)) for b in model.blocks]
-    width = int(model.embed_dim)
+    adapter = find_adapter(model)
+    tokens = adapter.default_num_tokens
+    if tokens is None:
+        raise ValueError("exit costs need the model's default patch grid (a fixed input size)")
+    patch = adapter.embedding_flops()
+    blocks = [block_flops(tokens, tokens, dims) for dims in adapter.block_dims()]
+    width = adapter.embed_dim
     head = 2 * width * num_classes + 8 * width
     full = patch + sum(blocks)
     return [(patch + sum(blocks[: layer + 1]) + head * (i + 1)) / full for i, layer in enumerate(layers)]
@@ -156,7 +159,7 @@ class EarlyExit(nn.Module):
         exits: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        check_blockwise_model(model)
+        self.adapter = blockwise_adapter(model)
         if not isinstance(heads, ExitHeads):
             heads = load_exit_heads(heads)
         heads.check_model(model)
@@ -237,10 +240,10 @@ class EarlyExit(nn.Module):
         exit_index = torch.full((batch,), -1, dtype=torch.long, device=images.device)
         confidence = images.new_zeros(batch)
         running = torch.arange(batch, device=images.device)  # input positions of the rows of x
-        x = embed_tokens(self.model, images)  # [B, N, C]
+        x = self.adapter.embed(images)  # [B, N, C]
         batch_per_block = []
         last = len(self.exits) - 1
-        for layer, block in enumerate(self.model.blocks):
+        for layer, block in enumerate(self.adapter.blocks):
             batch_per_block.append(len(running))
             x = block(x)
             if layer not in self.exits:

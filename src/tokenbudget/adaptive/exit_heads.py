@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..learned.files import load_weights, read_part, save_part
+from ..parts import load_weights, read_part, save_part
 
 FORMAT = "tokenbudget-exit-heads"
 VERSION = 1
@@ -89,7 +89,10 @@ class ExitHeads(nn.Module):
 
     def check_model(self, model: nn.Module) -> None:
         """``ValueError`` when these heads were trained for a model of another width or depth."""
-        depth, width = len(model.blocks), int(model.embed_dim)
+        from ..adapters import find_adapter
+
+        adapter = find_adapter(model)
+        depth, width = adapter.num_layers, adapter.embed_dim
         if (depth, width) != (self.depth, self.embed_dim):
             raise ValueError(
                 f"exit heads were trained for a model with {self.depth} blocks of width {self.embed_dim}, "

@@ -1,16 +1,5 @@
-"""Benchmarks: throughput, memory and FLOPs of patched vs unpatched models."""
+"""Benchmarks: throughput, memory and FLOPs of patched vs unpatched models, same process."""
 
-from .flops import BlockDims, block_dims, block_flops, ideal_speedup, model_flops
-from .run import BenchRow, bench, format_table, load_model
+from .run import BenchRow, bench, format_table
 
-__all__ = [
-    "BenchRow",
-    "BlockDims",
-    "bench",
-    "block_dims",
-    "block_flops",
-    "format_table",
-    "ideal_speedup",
-    "load_model",
-    "model_flops",
-]
+__all__ = ["BenchRow", "bench", "format_table"]

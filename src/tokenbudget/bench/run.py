@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from ..adapters import find_adapter
 from ..config import ReductionConfig, config_class
+from ..flops import ideal_speedup, model_flops
 from ..patch import apply, last_state
 from .ceiling import free_reduction_copy
-from .flops import block_dims, ideal_speedup, model_flops
 from .memory import peak_forward_memory
 from .throughput import measure_interleaved, paired_ratio_quartiles, time_once
 
@@ -53,32 +54,6 @@ class BenchRow:
         return asdict(self)
 
 
-def load_model(name: str, *, pretrained: bool = False, img_size: int | None = None) -> nn.Module:
-    """A timm model by name (``pretrained=True`` downloads through timm), or ``dinov2_small``: the
-    embedded offline DINOv2 ViT-S/14 (real weights, no network)."""
-    if name in ("dinov2_small", "embedded"):
-        from ..models import dinov2_small
-
-        return dinov2_small(img_size=img_size or 224, pretrained=True)
-    import timm
-
-    kwargs = {"img_size": img_size} if img_size else {}
-    try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ValueError(
-                f"unknown timm model {name!r}; see timm.list_models('vit_*'), or use 'dinov2_small'"
-            ) from None
-        raise
-    except OSError as err:
-        raise ValueError(
-            f"could not fetch pretrained weights for {name!r} ({err}); without a network use --random "
-            "weights or the embedded model 'dinov2_small'"
-        ) from None
-    return model.eval()
-
-
 def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     def run() -> object:
         with torch.inference_mode():
@@ -101,11 +76,13 @@ def bench(
     ceiling: bool = True,
     progress: Callable[[int], None] | None = None,
     compile: bool = False,
+    seed: int = 0,
 ) -> list[BenchRow]:
     """Measure each config against the unpatched ``model`` at each batch size.
 
     The unpatched model and one patched copy per config are timed interleaved in one process on
-    random input at the model's default image size. Throughput is images per second from the
+    random input at the model's default image size (standard normal noise drawn from a generator
+    seeded with ``seed`` + the batch size, so runs repeat exactly). Throughput is images per second from the
     median time per batch; speedups are the median (and quartiles) of the per-sample ratios of the
     interleaved runs. With ``ceiling``, each config's token schedule is also run with free
     reduction (a slice, see :mod:`.ceiling`): the speedup this machine allows for those token
@@ -117,6 +94,14 @@ def bench(
             "bench times per-layer reductions on random input; time tb.AdaptivePatch on real images with "
             "`tokenbudget adaptive-eval`"
         )
+    if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be ints >= 1, got {list(batch_sizes)}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(
+            f"samples must be an int >= 1 (timed runs per model; the median is reported), got {samples!r}"
+        )
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     device = torch.device(device)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
@@ -124,8 +109,11 @@ def bench(
     model = model.eval().to(device=device, dtype=torch_dtype)
     patched = [apply(copy.deepcopy(model), cfg) for cfg in configs]
     free = [free_reduction_copy(model, m) for m in patched] if ceiling else []
-    dims = [block_dims(b) for b in model.blocks]
-    height, width = model.patch_embed.img_size
+    adapter = find_adapter(model)
+    dims = adapter.block_dims()
+    if adapter.image_size is None:
+        raise ValueError("the model has no default input size to bench at; build it with a fixed img_size")
+    height, width = adapter.image_size
     if compile:
         # One compiled wrapper per model, static shapes: each batch size compiles its own graph.
         # All models share their forward's code object, and dynamo keeps at most recompile_limit
@@ -138,7 +126,10 @@ def bench(
         compiled |= {f"free{i}": torch.compile(m, dynamic=False) for i, m in enumerate(free)}
     rows = []
     for batch_size in batch_sizes:
-        x = torch.randn(batch_size, 3, height, width, device=device, dtype=torch_dtype)
+        # Seeded noise: runs are reproducible (data-dependent methods such as the entropy guard take
+        # the same path every time).
+        noise = torch.Generator().manual_seed(seed + batch_size)
+        x = torch.randn(batch_size, 3, height, width, generator=noise).to(device=device, dtype=torch_dtype)
 
         runs = {"baseline": _forward(model, x)} | {
             f"config{i}": _forward(m, x) for i, m in enumerate(patched)

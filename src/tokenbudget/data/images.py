@@ -32,8 +32,32 @@ def _require(module: str, extra: str = "demo"):  # noqa: ANN202 - returns a modu
         ) from None
 
 
-def load_image(source: str | os.PathLike):  # noqa: ANN201 - PIL.Image.Image
-    """An RGB ``PIL.Image`` from a file path, or ``skimage:NAME`` for a scikit-image sample."""
+def load_image(source: str | os.PathLike, model: torch.nn.Module | None = None):  # noqa: ANN201
+    """An image from a file path, or ``skimage:NAME`` for a scikit-image sample.
+
+    Without ``model``: an RGB ``PIL.Image``. With ``model`` (any model tokenbudget can patch): the
+    model's input, a batch of one [1, 3, H, W], made with the model's own preprocessing: timm's eval
+    transform (resize, centre crop at the model's ``crop_pct``, normalise) for timm models, else a
+    resize and centre crop to the model's input size and the family's normalisation::
+
+        x = tb.data.load_image("cat.jpg", model)
+        features = model(x)
+    """
+    image = _open_rgb(source)
+    if model is None:
+        return image
+    from ..adapters import find_adapter
+
+    adapter = find_adapter(model)
+    transform = adapter.input_transform()
+    if transform is None:
+        if adapter.image_size is None:
+            raise ValueError("the model has no default input size to preprocess the image for")
+        return preprocess(image, adapter.image_size[0], *adapter.normalization()).unsqueeze(0)
+    return transform(image).unsqueeze(0)
+
+
+def _open_rgb(source: str | os.PathLike):  # noqa: ANN202 - PIL.Image.Image
     _require("PIL")
     from PIL import Image
 
@@ -50,7 +74,19 @@ def load_image(source: str | os.PathLike):  # noqa: ANN201 - PIL.Image.Image
         raise FileNotFoundError(
             f"no image at {text!r}; give an image file or skimage:NAME ({', '.join(SAMPLE_IMAGES)})"
         )
-    return Image.open(text).convert("RGB")
+    if os.path.isdir(text):
+        raise ValueError(
+            f"{text!r} is a folder, not an image file; give one image file (folders of images: "
+            "tokenbudget.data.load_image_folder)"
+        )
+    try:
+        with Image.open(text) as image:
+            return image.convert("RGB")  # decodes the whole file: a truncated one fails here
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError, truncated data
+        raise ValueError(
+            f"{text!r} is not a readable image ({type(err).__name__}: {err}); it may be truncated or not an "
+            "image at all (check the file, e.g. open it in an image viewer)"
+        ) from None
 
 
 def center_crop_resize(image, size: int):  # noqa: ANN001, ANN201 - PIL in, PIL out
@@ -67,8 +103,9 @@ def center_crop_resize(image, size: int):  # noqa: ANN001, ANN201 - PIL in, PIL 
 
 def model_normalization(model: torch.nn.Module) -> tuple[Sequence[float], Sequence[float]]:
     """(mean, std) the model's pretrained config asks for; ImageNet's when it names none."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    from ..adapters import find_adapter
+
+    return find_adapter(model).normalization()
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,13 @@ class SceneSet:
         best = cover.argmax(-1)
         return np.where(cover.max(-1) >= min_cover, best, -1)
 
+    def first(self, n: int) -> SceneSet:
+        """The first ``n`` scenes. Generation is sequential, so ``scene_set(m).first(n)`` equals
+        ``scene_set(n)`` for the same split, seed and parameters."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(self.images):
+            raise ValueError(f"n must be an int in [1, {len(self.images)}] (the scenes there are), got {n!r}")
+        return SceneSet(self.images[:n], self.labels[:n], self.boxes[:n], self.owner[:n], self.sources[:n])
+
     def class_names(self) -> list[list[str]]:
         """The class name of every item, [S][I]."""
         return [[FASHION_MNIST_CLASSES[c] for c in row] for row in self.labels.tolist()]
@@ -89,8 +97,13 @@ def generate_scenes(
     item_max: int = 108,
     seed: int = 0,
     root: str | os.PathLike | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> SceneSet:
-    """Build ``num_scenes`` scenes of ``num_items`` (1..4) Fashion-MNIST items of distinct classes."""
+    """Build ``num_scenes`` scenes of ``num_items`` (1..4) Fashion-MNIST items of distinct classes.
+
+    Scenes are drawn one after another from one seeded generator, so the first ``n`` scenes of a
+    larger set are the scenes of a set of ``n``. ``progress(k)`` is called after every ``k`` scenes.
+    """
     cells = _CELLS[0] * _CELLS[1]
     if not 1 <= num_items <= cells:
         raise ValueError(
@@ -102,8 +115,8 @@ def generate_scenes(
             f"need 8 <= item_min <= item_max <= {cell} (the cell side at size={size}), "
             f"got item_min={item_min}, item_max={item_max}"
         )
-    if num_scenes < 1:
-        raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
+    if isinstance(num_scenes, bool) or not isinstance(num_scenes, int) or num_scenes < 1:
+        raise ValueError(f"num_scenes must be an int >= 1, got {num_scenes!r}")
     pool_images, pool_labels = load_fashion_mnist(root, split)
     pool_images, pool_labels = pool_images.numpy(), pool_labels.numpy()
     by_class = [np.flatnonzero(pool_labels == c) for c in range(len(FASHION_MNIST_CLASSES))]
@@ -127,20 +140,29 @@ def generate_scenes(
             owner[s, top : top + side, left : left + side][item > FOREGROUND_LEVEL] = i
             labels[s, i], sources[s, i] = label, source
             boxes[s, i] = (top, left, top + side, left + side)
+        if progress is not None and ((s + 1) % 50 == 0 or s + 1 == num_scenes):
+            progress(50 if (s + 1) % 50 == 0 else (s + 1) % 50)
     return SceneSet(images, labels, boxes, owner, sources)
 
 
 def scene_set(
-    num_scenes: int, split: str = "test", *, seed: int = 0, cache: bool = True, **kwargs
+    num_scenes: int,
+    split: str = "test",
+    *,
+    seed: int = 0,
+    cache: bool = True,
+    progress: Callable[[int], None] | None = None,
+    **kwargs,
 ) -> SceneSet:
-    """:func:`generate_scenes`, cached on disk as ``.npz`` keyed by every parameter."""
+    """:func:`generate_scenes`, cached on disk as ``.npz`` keyed by every parameter (``progress``
+    is called while generating, not when loading the cache)."""
     params = dict(size=224, num_items=4, item_min=80, item_max=108) | kwargs
     text = f"v{_VERSION}-{num_scenes}-{split}-{seed}-" + "-".join(f"{k}={params[k]}" for k in sorted(params))
     path = default_cache_dir() / f"scenes-{hashlib.sha256(text.encode()).hexdigest()[:16]}.npz"
     if cache and path.exists():
         with np.load(path) as f:
             return SceneSet(f["images"], f["labels"], f["boxes"], f["owner"], f["sources"])
-    data = generate_scenes(num_scenes, split, seed=seed, **params)
+    data = generate_scenes(num_scenes, split, seed=seed, progress=progress, **params)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")

@@ -24,16 +24,19 @@ def backbone_tokens(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
 ) -> Tensor:
-    """``model.forward_features`` of normalized ``images`` [N, 3, H, W]: float32 [N, T, C] (prefix first).
+    """Token features of normalized ``images`` [N, 3, H, W]: float32 [N, T, C] (prefix first).
 
     The tokens are the backbone's final normed output, what a VLM's projector receives.
     ``progress(k)`` is called after each batch with the number of images done in it.
     """
+    from ..adapters import find_adapter
+
+    features = find_adapter(model).features
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            out.append(model.forward_features(batch).float())
+            out.append(features(batch).float())
             if progress is not None:
                 progress(len(batch))
     return torch.cat(out)
@@ -74,15 +77,33 @@ def dinov2_scene_tokens(
     split: str = "test",
     seed: int = 0,
     *,
+    first: int | None = None,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     cache: bool = True,
 ):  # noqa: ANN201 - (SceneSet, Tensor)
     """The scenes of :func:`~tokenbudget.data.scenes.scene_set` and the embedded DINOv2-S tokens of
-    each: ``(scenes, tokens [S, 257, 384])`` (class token first, then the 16 x 16 patch grid)."""
+    each: ``(scenes, tokens [S, 257, 384])`` (class token first, then the 16 x 16 patch grid).
+
+    ``first``: only the first ``first`` of the ``num_scenes`` scenes (they do not depend on
+    ``num_scenes``): taken from the cached tokens of all ``num_scenes`` when those exist, else only
+    these scenes are generated and embedded (and cached as a set of ``first``).
+    ``progress(k)`` is called after each embedded batch of ``k`` images (not when the cache is read).
+    """
     from ..models import dinov2_small
     from .images import model_normalization, rgb_uint8_to_model_input
     from .scenes import _VERSION, scene_set
+
+    if first is not None:
+        if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= num_scenes:
+            raise ValueError(f"first must be an int in [1, num_scenes={num_scenes}], got {first!r}")
+        full_key = f"dinov2_small-imgfocus-scenes-v{_VERSION}-{num_scenes}-{split}-{seed}"
+        if first < num_scenes and not (cache and os.path.exists(token_cache_path(full_key))):
+            return dinov2_scene_tokens(
+                first, split, seed, batch_size=batch_size, progress=progress, cache=cache
+            )
+        scenes, tokens = dinov2_scene_tokens(num_scenes, split, seed, batch_size=batch_size, cache=cache)
+        return scenes.first(first), tokens[:first]
 
     scenes = scene_set(num_scenes, split, seed=seed, cache=cache)
 

@@ -1,26 +1,31 @@
-"""Quality evaluation: feature metrics and the harness comparing reduced and full backbones."""
+"""Quality evaluation: the harness comparing reduced and full backbones, and one module per protocol.
 
-from .harness import (
-    EvalData,
-    EvalRow,
-    evaluate,
-    extract_features,
-    format_eval_table,
-    load_eval_data,
-    pareto_plot,
-)
+* :mod:`.quality`: :func:`evaluate` (accuracy, fidelity and speed per method and budget);
+* :mod:`.features`, :mod:`.metrics`, :mod:`.budgets`, :mod:`.tables`: its parts;
+* :mod:`.plan`: choose a config for a target; :mod:`.adaptive_eval`, :mod:`.exits`,
+  :mod:`.budget_predictor`, :mod:`.guard_report`, :mod:`.compressors`, :mod:`.select_scenes`,
+  :mod:`.slot_benchmark`: the protocols of adaptive patching, early exit, learned budgets, the entropy
+  guard, VLM compressors, query-aware selection and object slots.
+"""
+
+from .budgets import fastest_keep, keep_for_flops_speedup, method_config
+from .features import extract_features
 from .metrics import accuracy_drop, cosine_fidelity, knn_accuracy, linear_probe_accuracy
+from .quality import EvalRow, evaluate
+from .tables import format_eval_table, pareto_plot, rows_to_csv
 
 __all__ = [
-    "EvalData",
     "EvalRow",
     "accuracy_drop",
     "cosine_fidelity",
     "evaluate",
     "extract_features",
+    "fastest_keep",
     "format_eval_table",
+    "keep_for_flops_speedup",
     "knn_accuracy",
     "linear_probe_accuracy",
-    "load_eval_data",
+    "method_config",
     "pareto_plot",
+    "rows_to_csv",
 ]

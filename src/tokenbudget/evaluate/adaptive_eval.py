@@ -26,11 +26,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from ..adapters import find_adapter
 from ..adaptive import calibrate, forward_features_list, native_patch_size
-from ..bench.flops import block_dims, model_flops
 from ..config import AdaptivePatch
+from ..data.eval_sets import EvalData
+from ..flops import model_flops
 from ..patch import apply, last_state, remove
-from .harness import EvalData, extract_features
+from .features import extract_features
 from .metrics import cosine_fidelity, knn_accuracy, linear_probe_accuracy
 
 
@@ -65,13 +67,12 @@ def adaptive_features(
 ) -> tuple[Tensor, list[int], list[int]]:
     """(features [N, 2C], patch tokens per image, patch size per image) of a model patched with
     ``tb.AdaptivePatch``."""
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
     feats, tokens, sizes = [], [], []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             seqs = forward_features_list(model, images[start : start + batch_size])
             state = last_state(model)
-            feats.append(pooled_features(seqs, prefix))
+            feats.append(pooled_features(seqs, state.num_prefix))
             tokens += state.patch_tokens
             sizes += [int(p) for p in state.patch_sizes]
     return torch.cat(feats), tokens, sizes
@@ -99,8 +100,9 @@ def evaluate_adaptive(
     """
     model = model.eval()
     native = native_patch_size(model)
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    dims = [block_dims(b) for b in model.blocks]
+    adapter = find_adapter(model)
+    prefix = adapter.num_prefix
+    dims = adapter.block_dims()
     height, width = (int(s) for s in data.test_images.shape[-2:])
     full_patches = (height // native) * (width // native)
 

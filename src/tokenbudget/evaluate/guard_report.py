@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..bench.flops import block_dims, model_flops
 from ..config import ReductionConfig
+from ..flops import model_flops
 from ..ops.entropy import token_entropy
-from ..patch import _context, apply, last_state, remove
+from ..patch import apply, installed, last_state, remove
+from ..state import TokenState
 
 
 @dataclass
@@ -46,32 +47,30 @@ def entropy_profile(
     """Run ``model`` patched with ``config`` over ``images`` [N, 3, H, W] and record per block
     the token entropy, the real token counts and the withheld merges (see :class:`EntropyProfile`)."""
     apply(model, config)
-    ctx = _context(model)
-    adapter_blocks = list(model.blocks)
-    dims = [block_dims(block) for block in adapter_blocks]
+    adapter, ctx = installed(model)
+    dims = adapter.block_dims()
     prefix = ctx.num_prefix
     current: dict[str, list[Tensor]] = {"merged": [], "out": []}
 
-    def measure(tokens: Tensor) -> Tensor:
-        state = ctx.local.state
+    def measure(tokens: Tensor, state: TokenState) -> Tensor:
         sizes = state.size[:, prefix:] if state.size is not None else None
         return token_entropy(tokens[:, prefix:], sizes)
 
-    def record_merged(module: nn.Module, args: tuple) -> None:
-        current["merged"].append(measure(args[0]))  # norm2's input: merged tokens before the MLP
+    def record_merged(layer: int, tokens: Tensor, state: TokenState) -> None:
+        current["merged"].append(measure(tokens, state))  # merged tokens entering the MLP
 
     def record_out(module: nn.Module, args: tuple, output: Tensor) -> None:
-        current["out"].append(measure(output))
+        current["out"].append(measure(output, ctx.local.state))
 
-    hooks = [block.norm2.register_forward_pre_hook(record_merged) for block in adapter_blocks]
-    hooks += [block.register_forward_hook(record_out) for block in adapter_blocks]
+    ctx.observers.append(record_merged)
+    hooks = [block.register_forward_hook(record_out) for block in adapter.blocks]
     entropy, entropy_out, real, withheld, features = [], [], [], [], []
     try:
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 current["merged"].clear()
                 current["out"].clear()
-                tokens = model.forward_features(images[start : start + batch_size])  # [b, W, C]
+                tokens = adapter.features(images[start : start + batch_size])  # [b, W, C]
                 state = last_state(model)
                 sizes = state.sizes[:, prefix:, None].to(tokens.dtype)  # 0 for padding
                 mean = (tokens[:, prefix:] * sizes).sum(1) / sizes.sum(1)
@@ -81,6 +80,7 @@ def entropy_profile(
                 real.append(state.real_tokens_per_layer)
                 withheld.append(state.withheld_per_layer)
     finally:
+        ctx.observers.remove(record_merged)
         for hook in hooks:
             hook.remove()
         remove(model)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .harness import EvalData, EvalRow, evaluate
+from ..data.eval_sets import EvalData
+from .quality import EvalRow, evaluate
 
 #: fractions of tokens left after the last block that the planner tries
 DEFAULT_KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)

@@ -140,7 +140,7 @@ def load_selection_data(
 
     if not 1 <= num_scenes <= 300:
         raise ValueError(f"num_scenes must be in [1, 300] (the cached test scenes), got {num_scenes}")
-    scenes, tokens = dinov2_scene_tokens(300, "test")
+    scenes, tokens = dinov2_scene_tokens(300, "test", progress=progress)
     bank, bank_labels = item_reference_bank()
     s = slice(0, num_scenes)
     data = SelectionData(

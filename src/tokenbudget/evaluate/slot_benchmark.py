@@ -1,4 +1,4 @@
-"""The object-slot benchmark on the cached multi-object test scenes (issue 7).
+"""The object-slot benchmark on the cached multi-object test scenes.
 
 Per-item scoring (shared by every method, so they compare at equal token counts): every output
 token is credited to the item that owns most of the patches it stands for (``dominant owner``, -1
@@ -265,7 +265,7 @@ def run_slot_benchmark(
                 compress_slots(tokens, slots, k, num_prefix=1, query=queries), queried
             ),
         }
-        sacc = Saccade(k, coarse_per_slot=1, step=2, threshold=2.0, classifier=classifier)
+        sacc = Saccade(k, coarse_per_slot=1, step=2, threshold=None, classifier=classifier)
         row["saccade"] = _saccade_scores(
             sacc, tokens, slots, owner, queries, queried, q_labels, bank, bank_labels
         )

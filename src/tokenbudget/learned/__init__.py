@@ -1,5 +1,5 @@
 """Learned token pruning (DynamicViT): predictor modules, their files, and their training."""
 
-from .predictor import PredictorSet, TokenKeepPredictor, load_predictors, save_predictors
+from ..strategies.keep_predictor import PredictorSet, TokenKeepPredictor, load_predictors, save_predictors
 
 __all__ = ["PredictorSet", "TokenKeepPredictor", "load_predictors", "save_predictors"]

@@ -2,7 +2,7 @@
 
 The backbone is frozen; only the predictors learn. Per batch:
 
-* teacher: the unpatched model's ``forward_features`` (all tokens, no gradient);
+* teacher: the unpatched model's token features (all tokens, no gradient);
 * student: a patched copy whose predictors take hard Gumbel-softmax decisions (straight-through),
   masking pruned tokens out of attention (see :mod:`tokenbudget.strategies.dynamicvit`);
 * loss = ``w_out * L_out + w_tok * L_tok + lam * sum_s L_budget_s`` with
@@ -31,7 +31,7 @@ from ..config import DynamicViT
 from ..context import PatchContext
 from ..patch import install_strategy, last_state
 from ..strategies.dynamicvit import DynamicViTStrategy
-from .predictor import PredictorSet
+from ..strategies.keep_predictor import PredictorSet
 from .report import loss_summary, tail_mean
 
 
@@ -133,6 +133,7 @@ def train_predictors(
         student, adapter, PatchContext(strategy, adapter.num_prefix, adapter.num_layers, adapter.grid)
     )
     prefix = adapter.num_prefix
+    teacher_adapter, student_adapter = find_adapter(teacher), adapter
     optimizer = torch.optim.AdamW(predictors.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=generator)
@@ -146,9 +147,9 @@ def train_predictors(
         batch = images[order[cursor : cursor + batch_size]]
         cursor += batch_size
         with torch.no_grad():
-            target = teacher.forward_features(batch)  # [B, N, C]
+            target = teacher_adapter.features(batch)  # [B, N, C]
         strategy.stage_decisions = []
-        tokens = student.forward_features(batch)  # [B, N, C], pruned tokens masked, not removed
+        tokens = student_adapter.features(batch)  # [B, N, C], pruned tokens masked, not removed
         decision = last_state(student).decision[:, prefix:]  # [B, M, 1]
         out_loss, token_loss = distillation_losses(tokens, target, decision, prefix)
         ratio_loss, kept = budget_loss(strategy.stage_decisions, keep)

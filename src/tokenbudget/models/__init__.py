@@ -1,6 +1,15 @@
-"""Pretrained backbones available offline."""
+"""Models: the embedded offline DINOv2 (timm and Hugging Face forms) and loading any model by name."""
 
-from tokenbudget.models.dinov2 import dinov2_small, onnx_reference_features
-from tokenbudget.models.dinov2_hf import dinov2_small_hf, timm_dinov2_to_hf
+from .dinov2 import dinov2_small, onnx_reference_features
+from .dinov2_hf import dinov2_small_hf, timm_dinov2_to_hf
+from .registry import load_model, model_names, register_model
 
-__all__ = ["dinov2_small", "dinov2_small_hf", "onnx_reference_features", "timm_dinov2_to_hf"]
+__all__ = [
+    "dinov2_small",
+    "dinov2_small_hf",
+    "load_model",
+    "model_names",
+    "onnx_reference_features",
+    "register_model",
+    "timm_dinov2_to_hf",
+]

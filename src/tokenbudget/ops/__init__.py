@@ -1,14 +1,7 @@
-"""Pure tensor operations on token sequences [B, N, C]: no modules, no model knowledge."""
+"""Pure tensor operations on token sequences [B, N, C]: no modules, no model knowledge.
 
-from .match import Matching, bipartite_soft_matching, max_mergeable
-from .merge import merge_weighted, size_weighted_mean, token_map_to_source, update_token_map
-
-__all__ = [
-    "Matching",
-    "bipartite_soft_matching",
-    "max_mergeable",
-    "merge_weighted",
-    "size_weighted_mean",
-    "token_map_to_source",
-    "update_token_map",
-]
+One module per job: :mod:`.match` (bipartite matching), :mod:`.merge` (size-weighted merging),
+:mod:`.prune`, :mod:`.scores`, :mod:`.entropy`, :mod:`.kmeans`, :mod:`.group`, :mod:`.apportion`,
+:mod:`.complexity`, :mod:`.thresholds`, ... Import them by module; nothing is imported here, so that
+light callers (the command line's help) never load torch.
+"""

@@ -1,9 +1,16 @@
 """Integer apportionment: split a total into integer shares proportional to weights, within bounds.
 
 The continuous allocation is ``a_i = clamp(lambda * w_i, lo_i, hi_i)`` with the one ``lambda`` that
-makes the shares sum to the total (found by bisection: the sum is monotone in ``lambda``). The
-integer shares are its floors plus one for the largest fractional parts (largest remainder), so they
-sum exactly to the total and stay inside ``[lo_i, hi_i]``.
+makes the shares sum to the total. The sum is piecewise linear and non-decreasing in ``lambda``,
+with kinks where a share reaches a bound (``lambda = lo_i / w_i`` or ``hi_i / w_i``), so
+``lambda`` is found exactly: evaluate the sum at every kink and interpolate linearly inside the
+segment that holds the total. When every positive-weight share is at its upper bound and the
+total is still not reached, the zero-weight shares take the rest evenly (within their bounds).
+
+The integer shares are the floors plus one for the largest fractional parts (largest remainder;
+ties: larger weight, then lower index), so they sum exactly to the total and stay inside
+``[lo_i, hi_i]``. Weights are divided by their largest value first and fractional parts compared
+to 1e-9, so scaling all weights of a row by any positive factor gives the same shares.
 """
 
 from __future__ import annotations
@@ -11,52 +18,70 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+_TIE = 1e-9  # fractional parts (and normalised weights) closer than this count as equal
 
-def _bisect_scale(weights: Tensor, total: Tensor, lo: Tensor, hi: Tensor, steps: int = 80) -> Tensor:
-    """[B] the lambda with sum_i clamp(lambda w_i, lo_i, hi_i) = total, per row (float64 tensors)."""
-    positive = weights > 0
-    # At lambda_max every positive-weight share has reached its upper bound.
-    ratio = torch.where(positive, hi / weights.clamp_min(1e-300), torch.zeros_like(weights))
-    low = torch.zeros_like(total)
-    high = ratio.amax(1).clamp_min(1.0)
-    for _ in range(steps):
-        mid = (low + high) / 2
-        share = torch.minimum(torch.maximum(mid[:, None] * weights, lo), hi).sum(1)
-        below = share < total
-        low = torch.where(below, mid, low)
-        high = torch.where(below, high, mid)
-    return high
+
+def _fill(w: Tensor, lo: Tensor, hi: Tensor, total: float) -> Tensor:
+    """Real shares [S] ``clamp(lambda * w, lo, hi)`` summing to ``total`` (or as close as the
+    bounds allow, every positive-weight share at its maximum); float64 [S] tensors, ``w >= 0``."""
+    positive = w > 0
+    if not bool(positive.any()):
+        return lo.clone()
+    kinks = torch.cat([lo[positive] / w[positive], hi[positive] / w[positive], w.new_zeros(1)]).unique()
+    sums = torch.minimum(torch.maximum(kinks[:, None] * w[None], lo), hi).sum(1)  # [K], non-decreasing
+    k = int(torch.searchsorted(sums, torch.tensor([total], dtype=sums.dtype)))
+    if k >= len(kinks):
+        scale = kinks[-1]
+    elif k == 0:
+        scale = kinks[0]
+    else:
+        step = sums[k] - sums[k - 1]
+        scale = kinks[k - 1] + (total - sums[k - 1]) * (kinks[k] - kinks[k - 1]) / step
+    return torch.minimum(torch.maximum(scale * w, lo), hi)
+
+
+def _round_row(exact: Tensor, w: Tensor, lo: Tensor, hi: Tensor, total: int) -> Tensor:
+    """Largest-remainder integers [S] of the real shares ``exact`` (sum ``total``) within [lo, hi]."""
+    nearest = exact.round()
+    exact = torch.where((exact - nearest).abs() < _TIE * max(1.0, float(total)), nearest, exact)
+    shares = exact.floor().long().clamp(min=lo, max=hi)
+    fraction = ((exact - shares.double()) / _TIE).round()  # in units of the tie tolerance
+    weight = (w / _TIE).round()
+    missing = total - int(shares.sum())
+    while missing < 0:  # round-off put a floor one too high: take one back from the smallest fraction
+        spare = torch.where(shares > lo, fraction, torch.full_like(fraction, torch.inf))
+        shares[int(spare.argmin())] -= 1
+        missing += 1
+    while missing > 0:
+        room = shares < hi
+        # Order by (fraction desc, weight desc, index asc): stable sorts from the last key to the first.
+        order = torch.arange(len(shares))
+        order = order[torch.sort(-weight[order], stable=True).indices]
+        order = order[torch.sort(-fraction[order], stable=True).indices]
+        order = order[room[order]][:missing]
+        shares[order] += 1
+        fraction[order] = -1.0  # a second round (only where bounds bind) goes to the others first
+        missing = total - int(shares.sum())
+    return shares
 
 
 def apportion(weights: Tensor, total: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Integer shares [B, S] of ``total`` [B] proportional to ``weights`` [B, S] inside [lo, hi].
 
-    ``lo``/``hi`` [B, S] integer bounds (``hi`` may be large); the caller checks feasibility
-    (sum lo <= total <= sum hi). A row of all-zero weights is split uniformly.
+    ``weights`` finite and non-negative; ``lo``/``hi`` [B, S] integer bounds (``hi`` may be large);
+    the caller checks feasibility (sum lo <= total <= sum hi). A row of all-zero weights is split
+    uniformly. The shares of a row do not change when its weights are scaled by a positive factor.
     """
-    w = weights.double()
-    w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
-    lo_f, hi_f, total_f = lo.double(), hi.double(), total.double()
-    scale = _bisect_scale(w, total_f, lo_f, hi_f)
-    exact = torch.minimum(torch.maximum(scale[:, None] * w, lo_f), hi_f)  # [B, S]
-    shares = exact.floor().long().clamp(min=lo, max=hi)
-    fraction = exact - shares.double()
-    # Hand out what the floors left over, one token per slot with room, largest fraction first
-    # (ties: larger weight, then lower slot id). Rounds repeat only when bounds bind at the edges.
-    while True:
-        missing = total - shares.sum(1)  # [B]
-        if int(missing.min()) < 0:  # float round-off put a floor one too high: take it back
-            over = missing < 0
-            spare = torch.where(shares > lo, -fraction, -torch.inf)
-            shares[over, spare[over].argmax(1)] -= 1
-            continue
-        if int(missing.max()) <= 0:
-            break
-        room = shares < hi
-        priority = torch.where(room, fraction * 4.0 + w / w.amax(1, keepdim=True), -torch.inf)
-        order = priority.argsort(dim=1, descending=True, stable=True)  # [B, S]
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(w.shape[1]).expand_as(order))
-        give = room & (rank < missing[:, None])
-        shares = shares + give.long()
-        fraction = torch.where(give, torch.zeros_like(fraction), fraction)
-    return shares
+    out = []
+    for w, t, low, high in zip(weights.double(), total.tolist(), lo.long(), hi.long(), strict=True):
+        if float(w.max()) <= 0:
+            w = torch.ones_like(w)
+        w = w / w.max()
+        low_f, high_f = low.double(), high.double()
+        exact = _fill(w, low_f, high_f, float(t))
+        zero = w == 0
+        if float(exact.sum()) < t - _TIE * max(1.0, float(t)) and bool(zero.any()):
+            # Every positive-weight share is full: the zero-weight slots share the rest evenly.
+            exact = _fill(zero.double(), exact, torch.where(zero, high_f, exact), float(t))
+        out.append(_round_row(exact, w, low, high, int(t)))
+    return torch.stack(out)

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .match import Matching, bipartite_soft_matching, matching_from_pairs, max_mergeable
+from .limits import max_mergeable
+from .match import Matching, bipartite_soft_matching, matching_from_pairs
 
 #: the optional dependency behind ``matching="optimal"``
 OPTIMAL_EXTRA = "optimal"

@@ -47,14 +47,26 @@ def token_entropy(x: Tensor, sizes: Tensor | None = None) -> Tensor:
         [B] float32 (float64 for float64 input): ``H / log(min(n, C))`` per image, 0 where fewer
         than two tokens have a positive size and a non-zero vector.
     """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"token_entropy expects a tensor of tokens [B, N, C], got {type(x).__name__}")
     if x.dim() != 3:
         raise ValueError(f"token_entropy expects tokens [B, N, C], got shape {tuple(x.shape)}")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"token_entropy expects real tokens, got dtype {x.dtype}")
     batch, num_tokens, channels = x.shape
+    if not bool(torch.isfinite(x).all()):
+        where = tuple(int(i) for i in (~torch.isfinite(x)).nonzero()[0])
+        raise ValueError(
+            f"tokens contain NaN or infinity (first at index {where}); the entropy of their directions is "
+            "undefined: clean the input (e.g. torch.nan_to_num) or find where it overflowed"
+        )
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.detach().to(dtype)
     if sizes is None:
         weight = torch.ones(batch, num_tokens, dtype=dtype, device=x.device)
     else:
+        if not isinstance(sizes, Tensor) or sizes.is_complex():
+            raise TypeError(f"sizes must be a real tensor [B, N] or [B, N, 1], got {type(sizes).__name__}")
         weight = sizes.detach().to(dtype)
         if weight.dim() == 3 and weight.shape[-1] == 1:
             weight = weight[..., 0]
@@ -64,6 +76,11 @@ def token_entropy(x: Tensor, sizes: Tensor | None = None) -> Tensor:
             )
         if bool((weight < 0).any()) or not bool(torch.isfinite(weight).all()):
             raise ValueError("sizes must be finite and non-negative (0 marks a padding token)")
+    if num_tokens == 0 or channels == 0 or batch == 0:
+        return torch.zeros(batch, dtype=dtype, device=x.device)  # no token to spread: entropy 0
+    # Each token divided by its largest entry first: the directions are the same, and norms of very
+    # large or very small tokens no longer overflow or underflow.
+    x = x / x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     norm = x.norm(dim=-1)  # [B, N]
     valid = (weight > 0) & (norm > 0)
     count = valid.sum(dim=1)  # [B] tokens that count

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .group import group_mean
+from .select import unit_vectors
 
 
 def kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
@@ -75,7 +76,7 @@ def merge_similar_groups(
     joined, so two similar but separate objects stay apart. Then renumbers the groups 0..m-1 by
     first appearance in token order. Returns the new assignment [B, N].
     """
-    normed = torch.nn.functional.normalize(features.float(), dim=-1)
+    normed = unit_vectors(features).float()
     out = torch.empty_like(assignment)
     for b in range(features.shape[0]):
         labels = assignment[b].clone()

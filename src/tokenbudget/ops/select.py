@@ -13,13 +13,25 @@ from torch import Tensor
 SCORES = ("cosine", "dot")
 
 
+def unit_vectors(x: Tensor, dim: int = -1) -> Tensor:
+    """``x`` scaled to unit L2 norm along ``dim`` (zero vectors stay zero), without overflow or
+    underflow: each vector is first divided by its largest magnitude, so 1e30 and 1e-30 entries
+    give the same directions as ordinary ones (``F.normalize`` squares them first). Computed and
+    returned in float64 for float64 input, else in float32."""
+    x = x if x.dtype == torch.float64 else x.float()
+    top = x.abs().amax(dim=dim, keepdim=True)
+    scaled = x / top.clamp_min(torch.finfo(x.dtype).tiny)
+    return F.normalize(scaled, dim=dim)
+
+
 def relevance(tokens: Tensor, query: Tensor, score: str = "cosine") -> Tensor:
     """Relevance [B, N] of ``tokens`` [B, N, C] to ``query`` [B, C]: cosine similarity or dot product."""
     if score not in SCORES:
         raise ValueError(f"unknown relevance score {score!r}; use one of {SCORES}")
-    x, q = tokens.float(), query.float()
     if score == "cosine":
-        x, q = F.normalize(x, dim=-1), F.normalize(q, dim=-1)
+        x, q = unit_vectors(tokens).float(), unit_vectors(query).float()
+    else:
+        x, q = tokens.float(), query.float()
     return (x @ q[:, :, None])[..., 0]  # [B, N, C] @ [B, C, 1] -> [B, N]
 
 
@@ -41,7 +53,7 @@ def mmr_select(keys: Tensor, scores: Tensor, k: int, diversity: float) -> Tensor
         raise ValueError(f"diversity must be >= 0 (0 = plain top-k), got {diversity}")
     if diversity == 0:
         return top_k(scores, k)
-    unit = F.normalize(keys.float(), dim=-1)  # [N, D]
+    unit = unit_vectors(keys).float()  # [N, D]
     scores = scores.float()
     redundancy = torch.full_like(scores, float("-inf"))  # [N] max similarity to the kept tokens
     taken = torch.zeros_like(scores, dtype=torch.bool)

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
+from ..config import Auto
 from ..ops.disjoint import disjoint_bipartite_matching
 from ..ops.match import bipartite_soft_matching
 from ..ops.merge import drop_matched, merge_mlerp, merge_weighted, update_token_map
 from ..ops.moments import merge_moment_preserving
 from ..state import TokenState
-from .base import ScheduledStrategy
-
-if TYPE_CHECKING:
-    from ..config import Auto
+from .base import ScheduledStrategy, register
 
 
+@register(Auto)
 class AutoStrategy(ScheduledStrategy):
     """Reduces ``state.merged_per_layer[layer]`` tokens after the attention of block ``layer``."""
 

@@ -7,6 +7,36 @@ from typing import Any
 from ..config import BudgetConfig, ReductionConfig
 from ..schedule import clamp_schedule, resolve_schedule
 
+#: config class -> the strategy class that runs it (filled by :func:`register`)
+STRATEGIES: dict[type, type] = {}
+
+
+def register(*config_classes: type[ReductionConfig]) -> Any:
+    """Class decorator tying a strategy to the config classes it runs::
+
+    @register(ToMe, ToMeDetail)
+    class ToMeStrategy(ScheduledStrategy): ...
+    """
+
+    def decorate(strategy: type) -> type:
+        for config_class in config_classes:
+            STRATEGIES[config_class] = strategy
+        return strategy
+
+    return decorate
+
+
+def make_strategy(config: ReductionConfig, num_layers: int) -> Any:
+    """The strategy object for ``config`` on a model with ``num_layers`` blocks."""
+    for cls in type(config).__mro__:
+        strategy = STRATEGIES.get(cls)
+        if strategy is not None:
+            return strategy(config, num_layers)
+    raise ValueError(
+        f"no strategy runs {type(config).__name__}; registered configs: "
+        f"{sorted(c.__name__ for c in STRATEGIES)}"
+    )
+
 
 class ScheduledStrategy:
     """Plans ``(requested, merged)`` counts per block from a :class:`BudgetConfig`.

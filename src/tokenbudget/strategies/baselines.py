@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
+from ..config import GridPool, RandomDrop
 from ..ops.match import bipartite_soft_matching
 from ..ops.merge import merge_weighted, update_token_map
 from ..ops.prune import random_keep_indices, select_tokens
 from ..state import TokenState
-from .base import ScheduledStrategy
+from .base import ScheduledStrategy, register
 from .guard import EntropyGuard
 
-if TYPE_CHECKING:
-    from ..config import GridPool
 
-
+@register(RandomDrop)
 class RandomDropStrategy(ScheduledStrategy):
     """Drops random non-prefix tokens after each block's attention (seeded per block)."""
 
@@ -29,6 +26,7 @@ class RandomDropStrategy(ScheduledStrategy):
         return select_tokens(x, keep)
 
 
+@register(GridPool)
 class GridPoolStrategy(ScheduledStrategy):
     """Merges each token into its spatially nearest partner: content-blind 2-D average pooling."""
 

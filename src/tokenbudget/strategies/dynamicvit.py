@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..learned.predictor import PredictorSet, load_predictors
+from ..config import DynamicViT
 from ..ops.prune import select_tokens, top_k_split
 from ..state import TokenState
+from .base import register
+from .keep_predictor import PredictorSet, load_predictors
 from .stages import StageStrategy, stage_keep_count
 
 
+@register(DynamicViT)
 class DynamicViTStrategy(StageStrategy):
     """Prunes with the predictors of ``config.predictor`` (or ``predictors`` given directly)."""
 

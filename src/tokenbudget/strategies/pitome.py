@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
+from ..config import PiToMe
 from ..ops.energy import energy_matching, pitome_margin
 from ..ops.merge import merge_weighted, update_token_map
 from ..state import TokenState
-from .base import ScheduledStrategy
-
-if TYPE_CHECKING:
-    from ..config import PiToMe
+from .base import ScheduledStrategy, register
 
 
+@register(PiToMe)
 class PiToMeStrategy(ScheduledStrategy):
     """Merges ``state.merged_per_layer[layer]`` high-energy tokens after block ``layer``'s attention."""
 

@@ -7,11 +7,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import Prune
 from ..ops.prune import fuse_tokens, select_tokens, top_k_split
 from ..state import TokenState
+from .base import register
 from .stages import StageStrategy, stage_keep_count
 
 
+@register(Prune)
 class PruneStrategy(StageStrategy):
     """At each stage keeps ``ceil(keep * M)`` non-prefix tokens by class attention; with ``fuse`` the
     rest become one size-carrying token, their attention-weighted average, appended at the end."""

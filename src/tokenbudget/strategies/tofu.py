@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
+from ..config import ToFu
 from ..ops.match import bipartite_soft_matching
 from ..ops.merge import drop_matched, merge_mlerp, update_token_map
 from ..state import TokenState
-from .base import ScheduledStrategy
+from .base import ScheduledStrategy, register
 from .guard import EntropyGuard
 
-if TYPE_CHECKING:
-    from ..config import ToFu
 
-
+@register(ToFu)
 class ToFuStrategy(ScheduledStrategy):
     """Reduces ``state.merged_per_layer[layer]`` tokens after the attention of block ``layer``:
     blocks before ``config.switch_layer`` drop each matched A token, later blocks MLERP-merge it."""

@@ -10,10 +10,11 @@ from ..config import ToMe
 from ..ops.match import Matching, bipartite_soft_matching, detail_preserving_matching
 from ..ops.merge import merge_weighted, update_token_map
 from ..state import TokenState
-from .base import ScheduledStrategy
+from .base import ScheduledStrategy, register
 from .guard import EntropyGuard
 
 
+@register(ToMe)
 class ToMeStrategy(ScheduledStrategy):
     """Merges ``state.merged_per_layer[layer]`` tokens after the attention of block ``layer``."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -69,6 +70,12 @@ def infer_grid(num_patches: int, grid: tuple[int, int] | None) -> tuple[int, int
                 f"h * w = {num_patches} (and num_prefix= for class/register tokens in front)"
             )
         return side, side
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or any(isinstance(v, bool) or not isinstance(v, Integral) for v in grid)
+    ):
+        raise TypeError(f"grid must be (h, w), two ints; got {grid!r}")
     h, w = (int(v) for v in grid)
     if h < 1 or w < 1 or h * w != num_patches:
         raise ValueError(
@@ -78,26 +85,59 @@ def infer_grid(num_patches: int, grid: tuple[int, int] | None) -> tuple[int, int
     return h, w
 
 
-def check_tokens(tokens: Tensor, num_prefix: int = 0) -> tuple[int, int, int]:
-    """(B, N, C) of ``tokens``, which must be [B, N, C] with at least one patch token after the prefix."""
-    if not isinstance(tokens, Tensor) or tokens.ndim != 3:
-        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+def check_tokens(tokens: Tensor, num_prefix: int = 0, *, finite: bool = False) -> tuple[int, int, int]:
+    """(B, N, C) of ``tokens``, which must be a real [B, N, C] tensor with B, C >= 1 and at least one
+    patch token after the prefix; with ``finite=True`` also free of NaN and infinity."""
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"expected vision tokens, a tensor [B, N, C]; got {type(tokens).__name__}")
+    if tokens.ndim != 3:
         raise ValueError(
-            f"expected vision tokens [B, N, C], got {shape}; add a batch dimension for one image"
+            f"expected vision tokens [B, N, C], got shape {tuple(tokens.shape)}; add a batch dimension "
+            "for one image"
         )
+    if not tokens.is_floating_point():
+        raise TypeError(f"vision tokens must be a float tensor, got dtype {tokens.dtype}")
     batch, n, channels = tokens.shape
+    if batch == 0 or channels == 0:
+        raise ValueError(
+            f"got an empty batch of tokens {tuple(tokens.shape)}: need at least one image (B >= 1) with "
+            "at least one channel (C >= 1)"
+        )
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, Integral):
+        raise TypeError(f"num_prefix must be an int (prefix tokens in front), got {num_prefix!r}")
     if num_prefix < 0 or num_prefix >= n:
-        raise ValueError(f"num_prefix must be in [0, N) = [0, {n}), got {num_prefix}")
+        raise ValueError(
+            f"num_prefix must be in [0, N) = [0, {n}): the tokens need at least one patch token after "
+            f"the prefix; got {num_prefix}"
+        )
+    if finite:
+        check_finite(tokens, "tokens")
     return batch, n, channels
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    """``ValueError`` naming the first NaN or infinite entry of ``x`` ([B, N, ...] or [B, C])."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"NaN or infinity in {name} (first at index {where}): scores and choices made from it would be "
+            "meaningless; clean the input (e.g. torch.nan_to_num) or find where it overflowed"
+        )
 
 
 def check_budget(k: Budget, batch: int, num_patches: int) -> list[int]:
     """The budget per image as a list of B ints, each in [1, num_patches]; clear errors otherwise."""
     if isinstance(k, Tensor):
+        if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
+            raise TypeError(f"k must be an int or one int per image, got a {k.dtype} tensor")
         k = k.flatten().tolist() if k.ndim else int(k)
-    if isinstance(k, bool) or not isinstance(k, (int, Sequence)):
-        raise ValueError(f"k must be an int or one int per image, got {type(k).__name__}")
-    ks = [k] * batch if isinstance(k, int) else [int(v) for v in k]
+    if isinstance(k, bool) or not isinstance(k, (Integral, Sequence)) or isinstance(k, str):
+        raise TypeError(f"k must be an int or one int per image, got {type(k).__name__}")
+    values = [k] * batch if isinstance(k, Integral) else list(k)
+    if any(isinstance(v, bool) or not isinstance(v, Integral) for v in values):
+        raise TypeError(f"k must be an int or one int per image, got {values}")
+    ks = [int(v) for v in values]
     if len(ks) != batch:
         raise ValueError(
             f"got {len(ks)} budgets for a batch of {batch} images; give one per image or one int"

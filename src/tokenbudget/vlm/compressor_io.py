@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..learned.files import load_weights, part_paths, read_part, save_part
+from ..parts import load_weights, part_paths, read_part, save_part
 from .autoencoder import TokenAutoencoder
 from .latent import KINDS, LatentCompressor
 from .resampler import Resampler

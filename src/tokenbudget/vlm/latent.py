@@ -109,7 +109,8 @@ class LatentCompressor(nn.Module):
         grid: the patch grid (h, w) the compressor is trained for (P = h * w).
         k_max: the number of learned queries, the largest budget.
         width: internal width D of the attention layers.
-        depth, heads: encoder layers and attention heads.
+        depth: encoder layers.
+        heads: attention heads.
         decoder_depth: decoder layers (P positional queries attending to the k outputs); default
             the class's ``DECODER_DEPTH``.
         kind: "resampler" or "autoencoder" (what it was trained as; recorded in its config); a

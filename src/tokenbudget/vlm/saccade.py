@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..ops.select import unit_vectors
 from ..ops.slot_merge import merge_to_budget
 from .allocate import query_relevance, relevance_weights
-from .base import check_tokens
+from .base import check_finite, check_tokens
 from .slots import Slots
 
 
@@ -39,19 +41,41 @@ class KnnClassifier:
     """Cosine k-NN over a reference bank: ``probs(features [Q, C]) -> vote shares [Q, classes]``."""
 
     def __init__(self, bank: Tensor, labels: Tensor, k: int = 10, num_classes: int | None = None) -> None:
-        if bank.ndim != 2 or labels.shape != bank.shape[:1]:
+        if not isinstance(bank, Tensor) or not isinstance(labels, Tensor):
+            raise TypeError("bank and labels must be tensors: features [M, C] and class ids [M]")
+        if bank.ndim != 2 or labels.shape != bank.shape[:1] or len(bank) == 0 or bank.shape[1] == 0:
             raise ValueError(
-                f"bank must be [M, C] with labels [M], got {tuple(bank.shape)} and {tuple(labels.shape)}"
+                f"bank must be [M, C] (M, C >= 1) with labels [M], got {tuple(bank.shape)} and {tuple(labels.shape)}"
             )
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.bank = torch.nn.functional.normalize(bank.float(), dim=-1)
+        if not bank.is_floating_point():
+            raise TypeError(f"bank must be a float tensor of features, got dtype {bank.dtype}")
+        if labels.is_floating_point() or labels.dtype == torch.bool or bool((labels < 0).any()):
+            raise ValueError("labels must be integer class ids >= 0")
+        check_finite(bank, "the bank features")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1 (neighbours that vote), got {k!r}")
+        classes = int(labels.max()) + 1
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < classes
+        ):
+            raise ValueError(
+                f"num_classes must be an int >= {classes} (the largest label + 1), got {num_classes!r}"
+            )
+        self.bank = unit_vectors(bank).float()
         self.labels = labels.long()
         self.k = min(k, len(bank))
-        self.num_classes = num_classes or int(labels.max()) + 1
+        self.num_classes = num_classes or classes
 
     def probs(self, features: Tensor) -> Tensor:
-        sims = torch.nn.functional.normalize(features.float(), dim=-1) @ self.bank.T  # [Q, M]
+        """Vote shares [Q, classes] of the k nearest bank features to each of ``features`` [Q, C]."""
+        if not isinstance(features, Tensor) or features.ndim != 2 or features.shape[1] != self.bank.shape[1]:
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise ValueError(
+                f"features must be [Q, {self.bank.shape[1]}] (the bank's width), got {shape}; embed them with "
+                "the backbone the bank was built from"
+            )
+        check_finite(features, "the features")
+        sims = unit_vectors(features).float() @ self.bank.T  # [Q, M]
         top_sim, top = sims.topk(self.k, dim=1)
         votes = torch.zeros(len(features), self.num_classes)
         # Ties between equal vote counts go to the nearer neighbours (tiny similarity bonus).
@@ -144,8 +168,8 @@ class Saccade:
         total: the most tokens to spend (patch tokens; prefix tokens come free).
         coarse_per_slot: tokens per slot in the first pass (fewer if a slot has fewer patches).
         step: tokens added to the chosen slot per saccade.
-        threshold: stop once the target slot's confidence reaches it (needs a classifier;
-            above 1 never stops early).
+        threshold: stop once the target slot's confidence reaches it, in [0, 1] (needs a
+            classifier); ``None`` never stops early.
         classifier: a :class:`KnnClassifier` (or anything with ``probs([Q, C]) -> [Q, classes]``).
         temperature: softmax temperature of query relevance.
     """
@@ -156,25 +180,44 @@ class Saccade:
         *,
         coarse_per_slot: int = 1,
         step: int = 2,
-        threshold: float = 0.9,
+        threshold: float | None = 0.9,
         classifier: KnnClassifier | None = None,
         temperature: float = 0.05,
     ) -> None:
-        if total < 1 or coarse_per_slot < 1 or step < 1:
+        for name, value in (("total", total), ("coarse_per_slot", coarse_per_slot), ("step", step)):
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if threshold is not None and (isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0):
             raise ValueError(
-                f"total, coarse_per_slot and step must be >= 1, got {total}, {coarse_per_slot}, {step}"
+                f"threshold is the target's confidence (a vote share) at which to stop, in [0, 1], or None to "
+                f"never stop early; got {threshold!r}"
+            )
+        if isinstance(temperature, bool) or not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number > 0 (e.g. 0.05), got {temperature!r}")
+        if classifier is not None and not callable(getattr(classifier, "probs", None)):
+            raise TypeError(
+                "classifier must have probs(features [Q, C]) -> [Q, classes], like tb.vlm.KnnClassifier"
             )
         self.total, self.coarse, self.step = int(total), int(coarse_per_slot), int(step)
-        self.threshold, self.classifier, self.temperature = float(threshold), classifier, float(temperature)
+        self.threshold = None if threshold is None else float(threshold)
+        self.classifier, self.temperature = classifier, float(temperature)
 
     def __call__(
         self, tokens: Tensor, slots: Slots, *, num_prefix: int = 0, query: Tensor | None = None
     ) -> SaccadeResult:
         """Run the saccades on ``tokens`` [1, N, C] (or [N, C]) with its ``slots`` (a batch of one)."""
-        tokens = tokens[None] if tokens.ndim == 2 else tokens
-        batch, n, _ = check_tokens(tokens, num_prefix)
+        tokens = tokens[None] if isinstance(tokens, Tensor) and tokens.ndim == 2 else tokens
+        batch, n, _ = check_tokens(tokens, num_prefix, finite=True)
+        if not isinstance(slots, Slots):
+            raise TypeError(
+                f"slots must be a tb.vlm.Slots (e.g. from tb.vlm.cluster_slots), got {type(slots).__name__}"
+            )
         if batch != 1 or slots.assignment.shape != (1, n - num_prefix):
-            raise ValueError("Saccade runs on one image: tokens [1, N, C] and its Slots (batch of one)")
+            raise ValueError(
+                f"Saccade runs on one image: tokens [1, N, C] and its Slots (batch of one) covering the "
+                f"N - num_prefix patch tokens; got tokens {tuple(tokens.shape)} and slots "
+                f"{tuple(slots.assignment.shape)}"
+            )
         patches = tokens[0, num_prefix:].float()  # [P, C]
         labels = slots.assignment[0]  # [P]
         counts = torch.bincount(labels, minlength=slots.max_slots)  # [S]
@@ -186,7 +229,7 @@ class Saccade:
                 f"the coarse pass alone needs {int(budgets.sum())} tokens ({int(present.sum())} slots x "
                 f"{self.coarse}), more than total={self.total}; raise total or lower coarse_per_slot"
             )
-        normed = torch.nn.functional.normalize(patches, dim=-1)
+        normed = unit_vectors(patches)
         means = torch.stack([patches[m].mean(0) if len(m) else torch.zeros_like(patches[0]) for m in members])
         relevance = None
         if query is not None:
@@ -204,7 +247,7 @@ class Saccade:
             if self.classifier is None:
                 residual = torch.zeros(len(counts))
                 for s, (out, _, pos) in merged.items():
-                    z_out = torch.nn.functional.normalize(out, dim=-1)[pos]
+                    z_out = unit_vectors(out)[pos]
                     residual[s] = (normed[members[s]] - z_out).square().sum()
                 nan = torch.full((len(counts),), float("nan"))
                 return residual, nan, torch.full((len(counts),), -1)
@@ -233,7 +276,7 @@ class Saccade:
             slot_tokens = int(budgets[last]) if last >= 0 else spent
             trace.steps.append(SaccadeStep(step, last, slot_tokens, spent, t_conf, t_pred))
             room = present & (budgets < counts)
-            if not math.isnan(t_conf) and t_conf >= self.threshold:
+            if self.threshold is not None and not math.isnan(t_conf) and t_conf >= self.threshold:
                 trace.stopped = "threshold"
                 break
             if spent >= self.total:

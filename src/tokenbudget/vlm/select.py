@@ -23,7 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.select import SCORES, mmr_select, relevance
-from .base import Budget, CompressedTokens, check_budget, check_tokens, infer_grid, pack, prefix_assignment
+from .base import (
+    Budget,
+    CompressedTokens,
+    check_budget,
+    check_finite,
+    check_tokens,
+    infer_grid,
+    pack,
+    prefix_assignment,
+)
 
 Query = Tensor | str | Sequence[str]
 
@@ -62,9 +71,11 @@ def _query_vectors(
             )
         query = text_encoder.encode(texts)
     if not isinstance(query, Tensor):
-        raise ValueError(
+        raise TypeError(
             f"query must be a tensor [C] or [B, C], a string or one string per image; got {type(query).__name__}"
         )
+    if not query.is_floating_point():
+        raise TypeError(f"query must be a float tensor, got dtype {query.dtype}")
     if query.ndim == 1:
         query = query[None]
     if query.ndim != 2 or query.shape[0] not in (1, batch):
@@ -75,6 +86,12 @@ def _query_vectors(
         raise ValueError(
             f"query has {query.shape[1]} channels but the tokens are scored in {dim}: embed the query with the "
             "same backbone (tb.vlm.exemplar_query) or use a text projection trained for this width"
+        )
+    check_finite(query, "the query")
+    if bool((query.abs().amax(dim=-1) == 0).any()):
+        raise ValueError(
+            "the query is all zeros, so it points nowhere: every token would be equally relevant; "
+            "give a query vector with a direction (e.g. tb.vlm.exemplar_query of an example image)"
         )
     return query.expand(batch, -1)
 
@@ -112,17 +129,15 @@ def select(
     """
     if score not in SCORES:
         raise ValueError(f"unknown relevance score {score!r}; use one of {SCORES}")
-    if isinstance(diversity, bool) or not isinstance(diversity, (int, float)) or not diversity >= 0:
-        raise ValueError(f"diversity must be a number >= 0 (0 = plain top-k), got {diversity!r}")
-    batch, n, _ = check_tokens(tokens, num_prefix)
+    _check_diversity(diversity)
+    batch, n, _ = check_tokens(tokens, num_prefix, finite=True)
     infer_grid(n - num_prefix, grid)
     ks = check_budget(k, batch, n - num_prefix)
     if keys is None:
         text = isinstance(query, str) or (isinstance(query, Sequence) and not isinstance(query, Tensor))
         keys = text_encoder.token_space(tokens) if text and text_encoder is not None else tokens
-    elif not isinstance(keys, Tensor) or keys.ndim != 3 or keys.shape[:2] != tokens.shape[:2]:
-        shape = tuple(keys.shape) if isinstance(keys, Tensor) else type(keys).__name__
-        raise ValueError(f"keys must be [B, N, D] with B, N = {tuple(tokens.shape[:2])}, got {shape}")
+    else:
+        _check_keys(keys, tokens)
     q = _query_vectors(query, batch, keys.shape[-1], text_encoder).to(keys.device)
     scores = relevance(keys, q, score)  # [B, N]
     return select_by_scores(
@@ -143,13 +158,25 @@ def select_by_scores(
     """Keep the ``k`` patch tokens with the highest ``scores`` [B, N] (any ranking: relevance, class
     attention, random); ``diversity`` > 0 picks by maximal marginal relevance with redundancy measured
     in ``keys`` (default ``tokens``). Same output as :func:`select`, ``.scores`` = ``scores``."""
+    _check_diversity(diversity)
     batch, n, _ = check_tokens(tokens, num_prefix)
     infer_grid(n - num_prefix, grid)
     ks = check_budget(k, batch, n - num_prefix)
     if not isinstance(scores, Tensor) or scores.shape != tokens.shape[:2]:
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"scores must be [B, N] = {tuple(tokens.shape[:2])}, got {shape}")
-    keys = tokens if keys is None else keys
+    if bool(scores.isnan().any()):
+        where = tuple(int(i) for i in scores.isnan().nonzero()[0])
+        raise ValueError(
+            f"scores contain NaN (first at {where}), which has no rank; give every token a number "
+            "(-inf to never keep one)"
+        )
+    if keys is None:
+        keys = tokens
+    else:
+        _check_keys(keys, tokens)
+    if diversity > 0:
+        check_finite(keys, "the keys (where redundancy is measured)")
     prefix, outputs, rows = tokens[:, :num_prefix], [], []
     for b, kb in enumerate(ks):
         order = mmr_select(keys[b, num_prefix:], scores[b, num_prefix:], kb, float(diversity))
@@ -162,6 +189,26 @@ def select_by_scores(
     return pack(prefix, outputs, assignment, scores)
 
 
+def _check_diversity(diversity: object) -> None:
+    if (
+        isinstance(diversity, bool)
+        or not isinstance(diversity, (int, float))
+        or not 0 <= diversity < float("inf")
+    ):
+        raise ValueError(f"diversity must be a finite number >= 0 (0 = plain top-k), got {diversity!r}")
+
+
+def _check_keys(keys: object, tokens: Tensor) -> None:
+    if not isinstance(keys, Tensor) or keys.ndim != 3 or keys.shape[:2] != tokens.shape[:2]:
+        shape = tuple(keys.shape) if isinstance(keys, Tensor) else type(keys).__name__
+        raise ValueError(f"keys must be [B, N, D] with B, N = {tuple(tokens.shape[:2])}, got {shape}")
+    if not keys.is_floating_point() or keys.shape[2] == 0:
+        raise ValueError(
+            f"keys must be a float tensor [B, N, D] with D >= 1, got {keys.dtype} {tuple(keys.shape)}"
+        )
+    check_finite(keys, "the keys")
+
+
 def exemplar_query(
     backbone: nn.Module, image: Tensor, *, mask: Tensor | None = None, num_prefix: int | None = None
 ) -> Tensor:
@@ -169,16 +216,19 @@ def exemplar_query(
 
     ``image``: model input [3, H, W] or [B, 3, H, W] (normalized as the backbone expects). ``mask``:
     optional [h, w] or [B, h, w] weights on the patch grid (e.g. the exemplar's foreground), so only
-    the object is averaged. ``num_prefix``: prefix tokens of the backbone's output (default: its
-    ``num_prefix_tokens``, else 1). Returns [C] for one image, [B, C] for a batch.
+    the object is averaged. ``num_prefix``: prefix tokens of the backbone's output (default: what
+    its adapter says). Returns [C] for one image, [B, C] for a batch.
     """
     single = image.ndim == 3
     images = image[None] if single else image
     if images.ndim != 4:
         raise ValueError(f"expected an image [3, H, W] or a batch [B, 3, H, W], got {tuple(image.shape)}")
-    prefix = int(getattr(backbone, "num_prefix_tokens", 1) if num_prefix is None else num_prefix)
+    from ..adapters import find_adapter
+
+    adapter = find_adapter(backbone)
+    prefix = adapter.num_prefix if num_prefix is None else int(num_prefix)
     with torch.no_grad():
-        patches = backbone.forward_features(images)[:, prefix:].float()  # [B, P, C]
+        patches = adapter.features(images)[:, prefix:].float()  # [B, P, C]
     if mask is None:
         out = patches.mean(1)
     else:

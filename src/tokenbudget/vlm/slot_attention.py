@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..learned.files import load_weights, read_part, save_part
 from ..learned.report import loss_summary
+from ..parts import load_weights, read_part, save_part
 from .base import check_tokens, infer_grid
 from .slots import Slots, slot_points
 

