@@ -12,6 +12,8 @@ With ``auto`` among the methods it then checks the targets against the best of T
 shift <= random drop's; and prints auto minus the best baseline in k-NN with the paired standard
 error of that difference (the same test images under both methods).
 
+ToFu is printed for reference; the targets compare against ToMe, random drop, grid pool and PiToMe.
+
     PYTHONPATH=src python scripts/textures_eval.py --data textures --n-train 600 --n-test 1050
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 from textures_lib import HEADER, Scorer, Scores, format_row, keeps, load_data
@@ -45,7 +48,7 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=1050)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speedups", default="1.5,2")
-    parser.add_argument("--methods", default="tome,random,pool,pitome,auto")
+    parser.add_argument("--methods", default="tome,random,pool,pitome,tofu,auto")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,6 +60,7 @@ def main() -> None:
     print(
         f"{data.name}: {len(data.train_labels)} train / {n} test images, DINOv2-S at 224 px, k-NN k={scorer.k}"
     )
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (1 min), {args.threads} thread(s)")
     print(HEADER)
     print(format_row(scorer.full), flush=True)
     methods = args.methods.split(",")

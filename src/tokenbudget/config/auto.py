@@ -56,6 +56,13 @@ class Auto(BudgetConfig):
     Give exactly one budget (``r``, ``keep`` or ``tokens``, see :class:`BudgetConfig`); every
     block removes exactly as many tokens as :class:`ToMe` would, so FLOPs are ToMe's.
 
+    The default finds ToMe's pairs (bipartite soft matching on the attention keys) but *drops* the
+    redundant token of each pair instead of averaging the pair: its size moves to its match, so
+    proportional attention and size-weighted pooling still count it. No token is ever an average,
+    so the tokens keep their spread (ToMe's averages smooth the token set, which the model reads as
+    a softer, lower-contrast texture: the bias this reducer exists to avoid). See
+    ``docs/methods/auto.md`` for the measurements behind the choice.
+
     Args:
         matching: ``"greedy"`` (ToMe's: several tokens may merge into one per block) or
             ``"disjoint"`` (one-to-one: a token receives at most one other per block;
@@ -63,12 +70,13 @@ class Auto(BudgetConfig):
         max_size: avoid merged groups of more than this many patches (pairs over the cap merge
             only when a block has too few pairs within it); ``None``: no cap. Needs
             ``matching="disjoint"``.
-        merge: how a group becomes one token: ``"mean"`` (size-weighted average, ToMe),
+        merge: how a matched pair becomes one token: ``"drop"`` (default: the matched token is
+            dropped and its size added to its match), ``"mean"`` (size-weighted average, ToMe),
             ``"mlerp"`` (average rescaled to the longest member's norm, ToFu) or ``"moment"``
             (average moved away from the image's mean token until the group keeps its members'
             second moment: :func:`tokenbudget.ops.moments.merge_moment_preserving`).
-        prune_layers: blocks before this one drop the matched token instead of merging it (its
-            size goes to its match, as in ToFu); 0 merges everywhere.
+        prune_layers: blocks before this one drop the matched token whatever ``merge`` says (its
+            size goes to its match, as in ToFu): prune early, merge late; 0: ``merge`` everywhere.
         prop_attn: proportional attention (log token size added to the attention logits).
         trace_source: track which input patches each token stands for (``state.token_map``).
     """
@@ -76,11 +84,11 @@ class Auto(BudgetConfig):
     method: ClassVar[str] = "auto"
     _flags: ClassVar[tuple[str, ...]] = ("prop_attn", "trace_source")
     _matchings: ClassVar[tuple[str, ...]] = ("greedy", "disjoint")
-    _merges: ClassVar[tuple[str, ...]] = ("mean", "mlerp", "moment")
+    _merges: ClassVar[tuple[str, ...]] = ("drop", "mean", "mlerp", "moment")
 
     matching: str = "greedy"
     max_size: int | None = None
-    merge: str = "mean"
+    merge: str = "drop"
     prune_layers: int = 0
     prop_attn: bool = True
     trace_source: bool = False

@@ -1,4 +1,4 @@
-"""The recommended default reducer: ToMe's counts with a matching and a merge that keep texture statistics."""
+"""The recommended default reducer: ToMe's counts and pairs, the redundant token of each pair dropped."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class AutoStrategy(ScheduledStrategy):
             matching = disjoint_bipartite_matching(keys, r, state.num_prefix, state.size, c.max_size)
         else:
             matching = bipartite_soft_matching(keys, r, state.num_prefix)
-        if layer < c.prune_layers:
+        if c.merge == "drop" or layer < c.prune_layers:
             x, state.size = drop_matched(x, state.size, matching)
         elif c.merge == "mlerp":
             x, state.size = merge_mlerp(x, state.size, matching)
