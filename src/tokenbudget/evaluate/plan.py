@@ -100,14 +100,15 @@ def plan(
     speed_samples: int = 5,
     batch_size: int = 64,
     progress=None,  # noqa: ANN001 - optional callable(int)
+    methods: Sequence[str] = ("tome",),
 ) -> Plan:
-    """Measure ToMe at each ``keep`` on ``data`` (accuracy, FLOPs, speedup at ``speed_batch_size``)
-    and choose the config for the target."""
+    """Measure each of ``methods`` (default ToMe) at each ``keep`` on ``data`` (accuracy, FLOPs,
+    speedup at ``speed_batch_size``) and choose the config for the target among all of them."""
     check_targets(target_speedup, target_flops, max_drop)
     rows = evaluate(
         model,
         data,
-        ("tome",),
+        tuple(methods),
         (1.0, *keeps),
         batch_size=batch_size,
         speed_batch_size=speed_batch_size,

@@ -21,6 +21,7 @@ from . import distributed as dist_utils
 from .budgets import method_config
 from .features import extract_features
 from .metrics import cosine_fidelity, knn_accuracy, linear_probe_accuracy
+from .shift import feature_shift
 
 
 @dataclass
@@ -41,6 +42,9 @@ class EvalRow:
     peak_mb: float | None
     final_tokens: int
     knn_k: int
+    #: bias diagnostic (``evaluate(shift=True)``): the largest fraction of a class gap that the mean
+    #: feature shift covers (:func:`tokenbudget.evaluate.shift.feature_shift`); 0 for full tokens
+    shift: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,12 +62,19 @@ def evaluate(
     speed_samples: int = 5,
     progress: Callable[[int], None] | None = None,
     method_options: dict[str, dict] | None = None,
+    shift: bool = False,
 ) -> list[EvalRow]:
     """Score every (method, keep) on ``data``; ``keep=1.0`` is the full model, listed once.
 
     ``method_options`` maps a method name to further config options (e.g. ``{"dynamicvit":
-    {"predictor": path}}``)."""
+    {"predictor": path}}``). ``shift``: also measure the bias diagnostic of each condition
+    (:attr:`EvalRow.shift`; needs at least two classes in the train labels)."""
     method_options = method_options or {}
+    if shift and len(data.train_labels.unique()) < 2:
+        raise ValueError(
+            f"shift measures the feature shift along between-class directions and needs at least two "
+            f"classes in the train labels; {data.name} has {len(data.train_labels.unique())}"
+        )
     configs = [
         (m, kp, method_config(m, kp, method_options.get(m))) for kp in keeps for m in methods if kp < 1.0
     ]
@@ -124,6 +135,7 @@ def evaluate(
                 peak_mb=speed[0].baseline_peak_mb if speed else None,
                 final_tokens=num_tokens or 0,
                 knn_k=k,
+                shift=0.0 if shift else None,
             )
         )
     for (method, keep, cfg), row in zip(configs, speed, strict=True):
@@ -150,6 +162,7 @@ def evaluate(
                 peak_mb=row.patched_peak_mb,
                 final_tokens=row.final_tokens,
                 knn_k=k,
+                shift=feature_shift(train_full, y_train, test_full, test_reduced).worst if shift else None,
             )
         )
     return rows
