@@ -54,12 +54,15 @@ def main() -> None:
     parser.add_argument("--speedup", type=float, default=2.0)
     parser.add_argument("--candidates", default="tome,random,pool")
     parser.add_argument("--linear", action="store_true", help="also fit the linear probe")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="data seed (skimage: another seed crops other windows)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     model = tb.models.dinov2_small().eval()
-    data = load_data(args.data, model, args.n_train, args.n_test)
+    data = load_data(args.data, model, args.n_train, args.n_test, args.seed)
     scorer = Scorer(model, data, linear=args.linear)
     keep = keeps(model, [args.speedup])[args.speedup]
     textures = args.data.startswith("textures")

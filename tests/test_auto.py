@@ -11,8 +11,9 @@ import tokenbudget as tb
 from conftest import VARIANTS, make_tiny, matching_shapes
 from tokenbudget.ops.disjoint import disjoint_bipartite_matching
 from tokenbudget.ops.match import bipartite_soft_matching, max_mergeable
-from tokenbudget.ops.merge import merge_weighted
+from tokenbudget.ops.merge import drop_matched, merge_weighted
 from tokenbudget.ops.moments import merge_moment_preserving
+from tokenbudget.ops.small_merge import merge_small_groups
 
 shapes = matching_shapes(max_tokens=40, max_r=30, min_tokens=2, min_r=1)
 
@@ -168,10 +169,43 @@ def test_moment_gain_is_capped_when_a_group_cancels_out() -> None:
     assert torch.isfinite(out).all() and out[0, 1:].abs().max() <= 2**0.5 * 1.0 + 1e-9
 
 
+# -- averaging only small groups ------------------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(shapes)
+def test_small_group_merge_spans_drop_and_tome(shape) -> None:
+    batch, n, prefix, r, seed = shape
+    prefix = min(prefix, n)
+    g = torch.Generator().manual_seed(seed)
+    x, metric = torch.randn(batch, n, 5, generator=g), torch.randn(batch, n, 6, generator=g)
+    size = torch.randint(1, 4, (batch, n, 1), generator=g).float()
+    matching = bipartite_soft_matching(metric, r, prefix)
+    mean_x, mean_size = merge_weighted(x, size, matching)
+    drop_x, drop_size = drop_matched(x, size, matching)
+    for cap, want in ((10**6, mean_x), (1, drop_x)):  # every group small: ToMe; none small: drop
+        out, out_size = merge_small_groups(x, size, matching, cap)
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(out_size, mean_size)
+        torch.testing.assert_close(out_size, drop_size)
+    out, out_size = merge_small_groups(x, size, matching, 4)
+    small = (out_size <= 4).expand_as(out)
+    torch.testing.assert_close(out[small], mean_x[small])  # groups within the cap are averaged
+    torch.testing.assert_close(out[~small], drop_x[~small])  # larger ones keep the match's features
+    assert torch.equal(out_size.sum(dim=1), size.sum(dim=1))
+
+
+def test_small_group_merge_rejects_a_bad_cap() -> None:
+    matching = bipartite_soft_matching(torch.randn(1, 6, 4), 2, 1)
+    with pytest.raises(ValueError, match="max_size must be an int >= 1"):
+        merge_small_groups(torch.randn(1, 6, 3), None, matching, 0)
+
+
 # -- the strategy on tiny models -------------------------------------------------------------------------
 
 VARIANTS_OF_AUTO = [
     tb.Auto(r=8),
+    tb.Auto(r=8, mean_up_to=4),
     tb.Auto(r=8, matching="disjoint", max_size=4, merge="moment"),
     tb.Auto(r=8, merge="mlerp", prune_layers=1),
 ]
@@ -189,7 +223,7 @@ def test_zero_budget_is_unpatched_on_every_variant(variant, images) -> None:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("config", VARIANTS_OF_AUTO, ids=lambda c: f"{c.matching}-{c.merge}")
+@pytest.mark.parametrize("config", VARIANTS_OF_AUTO, ids=lambda c: f"{c.matching}-{c.merge}-{c.mean_up_to}")
 def test_auto_on_every_variant(variant, config, images) -> None:
     model = make_tiny(variant)
     with torch.no_grad():
@@ -223,5 +257,26 @@ def test_config_json_and_validation() -> None:
         tb.Auto(r=4, matching="greedy", max_size=8)
     with pytest.raises(ValueError, match="prune_layers must be an int >= 0"):
         tb.Auto(r=4, prune_layers=-1)
+    with pytest.raises(ValueError, match="mean_up_to must be an int >= 2"):
+        tb.Auto(r=4, mean_up_to=1)
+    with pytest.raises(ValueError, match="mean_up_to applies to merge='drop'"):
+        tb.Auto(r=4, merge="mean", mean_up_to=4)
     with pytest.raises(ValueError, match="Auto needs exactly one budget"):
         tb.Auto()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_default_auto_is_tome_matching_with_the_match_dropped(variant, images) -> None:
+    """The default drops in every block: ToFu's pruning step (its blocks before ``switch_layer``)."""
+    model = make_tiny(variant)
+    beyond_the_last_block = 100
+    with torch.no_grad():
+        tb.apply(model, tb.ToFu(r=6, switch_layer=beyond_the_last_block))
+        pruned = model(images)
+        tb.apply(model, tb.Auto(r=6))
+        auto = model(images)
+        tb.apply(model, tb.ToMe(r=6))
+        tome = model(images)
+    tb.remove(model)
+    torch.testing.assert_close(auto, pruned)
+    assert (auto - tome).abs().max() > 1e-4  # and not ToMe's average

@@ -75,6 +75,9 @@ class Auto(BudgetConfig):
             ``"mlerp"`` (average rescaled to the longest member's norm, ToFu) or ``"moment"``
             (average moved away from the image's mean token until the group keeps its members'
             second moment: :func:`tokenbudget.ops.moments.merge_moment_preserving`).
+        mean_up_to: with ``merge="drop"``: a group that stands for at most this many patches after
+            the block is averaged as ToMe does, a larger one drops (``None``: always drop;
+            :func:`tokenbudget.ops.small_merge.merge_small_groups`).
         prune_layers: blocks before this one drop the matched token whatever ``merge`` says (its
             size goes to its match, as in ToFu): prune early, merge late; 0: ``merge`` everywhere.
         prop_attn: proportional attention (log token size added to the attention logits).
@@ -89,6 +92,7 @@ class Auto(BudgetConfig):
     matching: str = "greedy"
     max_size: int | None = None
     merge: str = "drop"
+    mean_up_to: int | None = None
     prune_layers: int = 0
     prop_attn: bool = True
     trace_source: bool = False
@@ -108,6 +112,12 @@ class Auto(BudgetConfig):
                 raise ValueError(
                     "Auto: max_size needs matching='disjoint' (a greedy block can exceed any cap)"
                 )
+        m = self.mean_up_to
+        if m is not None:
+            if isinstance(m, bool) or not isinstance(m, int) or m < 2:
+                raise ValueError(f"Auto: mean_up_to must be an int >= 2 (patches) or None, got {m!r}")
+            if self.merge != "drop":
+                raise ValueError("Auto: mean_up_to applies to merge='drop' (it averages the small groups)")
         p = self.prune_layers
         if isinstance(p, bool) or not isinstance(p, int) or p < 0:
             raise ValueError(f"Auto: prune_layers must be an int >= 0, got {p!r}")

@@ -9,6 +9,7 @@ from ..ops.disjoint import disjoint_bipartite_matching
 from ..ops.match import bipartite_soft_matching
 from ..ops.merge import drop_matched, merge_mlerp, merge_weighted, update_token_map
 from ..ops.moments import merge_moment_preserving
+from ..ops.small_merge import merge_small_groups
 from ..state import TokenState
 from .base import ScheduledStrategy, register
 
@@ -31,7 +32,9 @@ class AutoStrategy(ScheduledStrategy):
             matching = disjoint_bipartite_matching(keys, r, state.num_prefix, state.size, c.max_size)
         else:
             matching = bipartite_soft_matching(keys, r, state.num_prefix)
-        if c.merge == "drop" or layer < c.prune_layers:
+        if c.merge == "drop" and c.mean_up_to is not None and layer >= c.prune_layers:
+            x, state.size = merge_small_groups(x, state.size, matching, c.mean_up_to)
+        elif c.merge == "drop" or layer < c.prune_layers:
             x, state.size = drop_matched(x, state.size, matching)
         elif c.merge == "mlerp":
             x, state.size = merge_mlerp(x, state.size, matching)
