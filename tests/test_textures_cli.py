@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import tokenbudget as tb
 from conftest import write_two_class_folder
@@ -152,3 +153,28 @@ def test_visualize_draws_auto_groups(tmp_path, capsys) -> None:
     argv = ["visualize", "skimage:coffee", "--out", str(out), *TINY, "--methods", "auto", "--r", "12"]
     assert main(argv) == 0
     assert out.stat().st_size > 0 and "197 ->" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("framework", ["hf", "openclip"])
+@pytest.mark.parametrize("config", [tb.Auto(r=4), tb.Auto(r=4, mean_up_to=3), tb.PiToMe(r=4)], ids=repr)
+def test_auto_and_pitome_on_the_other_frameworks(framework, config, images) -> None:
+    """Every framework's adapter runs them at ToMe's counts; zero budget and remove restore the model."""
+    from hf_models import make_hf
+    from openclip_models import make_openclip
+    from tokenbudget.adapters import find_adapter
+
+    model = make_hf("dinov2") if framework == "hf" else make_openclip("tok", 0.5)
+    adapter = find_adapter(model)
+    with torch.no_grad():
+        before = adapter.features(images)
+        tb.apply(model, type(config)(r=0))
+        assert torch.equal(adapter.features(images), before)
+        tb.apply(model, tb.ToMe(r=4))
+        tome = adapter.features(images)
+        tb.apply(model, config)
+        reduced = adapter.features(images)
+        state = tb.last_state(model)
+        assert reduced.shape == tome.shape and not torch.allclose(reduced, tome)
+        assert bool((state.sizes.sum(dim=1) == state.input_tokens).all())
+        tb.remove(model)
+        assert torch.equal(adapter.features(images), before)
