@@ -1,4 +1,4 @@
-"""The recommended default reducer: ToMe's counts and pairs, the redundant token of each pair dropped."""
+"""Auto as a strategy: ToMe's counts and pairs, the redundant token of each pair dropped (by default)."""
 
 from __future__ import annotations
 
