@@ -216,6 +216,7 @@ def test_cache_info_and_clear_cache_by_kind(tmp_path, monkeypatch) -> None:
         "tokens/abc.pt.123.tmp": 7,
         "scenes-0123.npz": 20,
         "anomaly-77.npz": 10,
+        "textures-88.npz": 12,
         "notes.txt": 5,
     }
     for name, size in files.items():
@@ -229,9 +230,10 @@ def test_cache_info_and_clear_cache_by_kind(tmp_path, monkeypatch) -> None:
         "tokens": (2, 150),
         "scenes": (1, 20),
         "anomaly": (1, 10),
+        "textures": (1, 12),
         "other": (1, 5),
     }
-    assert info.total_bytes == 492 and "tokens" in str(info)
+    assert info.total_bytes == 504 and "tokens" in str(info)
     removed = clear_cache("tokens")
     assert (removed.files, removed.bytes) == (2, 150)
     assert (tmp_path / "tokens" / "abc.pt.123.tmp").exists()

@@ -44,6 +44,8 @@ _EXPORTS: dict[str, str] = {
     "ToFu": ".config.merging",
     "RandomDrop": ".config.merging",
     "GridPool": ".config.merging",
+    "PiToMe": ".config.auto",
+    "Auto": ".config.auto",
     "Prune": ".config.pruning",
     "DynamicViT": ".config.pruning",
     "AdaptivePatch": ".config.adaptive",

@@ -28,6 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="instead of --keep: FLOPs-ideal speedups, e.g. 1.5,2 (each becomes the keep that reaches it)",
     )
     _add_batch_options(ev, speed_batch_size=32)
+    ev.add_argument(
+        "--shift",
+        action="store_true",
+        help="also print the bias diagnostic: the largest fraction of a class gap the mean feature shift "
+        "covers (0: no bias towards any class; needs two or more classes)",
+    )
     ev.add_argument("--csv", default=None, help="write the rows as CSV")
     ev.add_argument("--plot", default=None, help="write a Pareto plot (accuracy vs speedup) as PNG")
     options.add_run_options(ev)
@@ -45,10 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     options.add_model_options(pl)
     options.add_data_options(pl, n_train=300, n_test=200, data_note="; the calibration data")
+    methods.add_methods(pl, "tome", "; each is measured at every --keep and the choice is made among all")
     pl.add_argument(
         "--keep", type=options.float_list, default=None, help="candidate keep fractions (default 0.9 ... 0.1)"
     )
-    methods.add_methods(pl, "tome", " (candidates: every method at every keep)")
     methods.add_per_image_options(pl.add_argument_group("per-image budgets"))
     _add_batch_options(pl, speed_batch_size=8)
     options.add_out(pl, None, "write the chosen config JSON here")
@@ -109,6 +115,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for keep in keeps if args.flops_speedup is None else [0.5]:
             method_config(m, keep, method_options[m])
     model, data = options.model_and_data(args)
+    if args.shift and len(data.train_labels.unique()) < 2:
+        raise ValueError(
+            f"--shift measures the shift along between-class directions and needs two or more classes; "
+            f"the train images of {data.name} hold {len(data.train_labels.unique())}"
+        )
     if args.flops_speedup is not None:
         keeps = [1.0] + [keep_for_flops_speedup(model, s) for s in args.flops_speedup]
     for m in chosen:  # apply validates against this model (layers, predictor, class token): fail now,
@@ -135,6 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         speed_samples=args.speed_samples,
         progress=bar.update,
         method_options=method_options,
+        shift=args.shift,
     )
     bar.close()
     if not is_main():
@@ -165,6 +177,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "vs full; cosine: reduced vs full test features; speedup measured at batch "
         f"{args.speed_batch_size} in this run"
     )
+    if args.shift:
+        print(
+            "shift: largest fraction of a class gap (between class means of the full-token train features) "
+            "covered by the mean shift of the reduced test features; random drop's is a fair reference"
+        )
     return 0
 
 

@@ -29,12 +29,14 @@ MODEL_HELP = (
 )
 DATA_HELP = (
     "labelled images: fashion-mnist (the offline copy), skimage (crops of the bundled photos, labelled by "
-    "photo), mix (the heterogeneous dev mix: clothing, textures, photo crops, scenes, inspection), anomaly / anomaly-small (textures labelled by a small flaw: tokenbudget make-anomaly), or a "
+    "photo), mix (the heterogeneous dev mix: clothing, textures, photo crops, scenes, inspection), anomaly / "
+    "anomaly-small (textures labelled by a small flaw: tokenbudget make-anomaly), textures "
+    "(woven fabrics: nominal, a tiny local defect, a subtle global change: tokenbudget make-textures), or a "
     "directory: Fashion-MNIST IDX files, or CLASS/ image folders (split by --test-fraction unless it has "
     "train/ and test/)"
 )
 _COUNT_HELP = (
-    "{split} images (default: {default} of fashion-mnist or anomaly, a class-balanced subset; all of skimage "
+    "{split} images (default: {default} of fashion-mnist, anomaly or textures, a class-balanced subset; all of skimage "
     "or a folder, where a number takes a seeded subset and more than the set holds is an error)"
 )
 

@@ -9,6 +9,7 @@ import importlib
 import pkgutil
 
 from .adaptive import AdaptivePatch
+from .auto import Auto, PiToMe
 from .base import (
     DEFAULT_ENTROPY_FLOOR,
     BudgetConfig,
@@ -25,10 +26,12 @@ from .pruning import DynamicViT, Prune
 __all__ = [
     "DEFAULT_ENTROPY_FLOOR",
     "AdaptivePatch",
+    "Auto",
     "BudgetConfig",
     "DynamicViT",
     "GridPool",
     "PerImage",
+    "PiToMe",
     "Prune",
     "RandomDrop",
     "ReductionConfig",

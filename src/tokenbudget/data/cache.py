@@ -11,6 +11,7 @@ tokens     ``tokens/*.pt``                              embedded backbone tokens
                                                         (:mod:`tokenbudget.data.token_cache`)
 scenes     ``scenes-*.npz``                             generated multi-object scenes
 anomaly    ``anomaly-*.npz``                            the generated anomaly set
+textures   ``textures-*.npz``                           the generated woven-texture set
 partial    ``*.tmp*``                                   writes cut short (safe to delete)
 ========== ============================================ =========================================
 
@@ -35,6 +36,7 @@ CACHE_KINDS: dict[str, tuple[str, ...]] = {
     "tokens": ("tokens/*.pt",),
     "scenes": ("scenes-*.npz",),
     "anomaly": ("anomaly-*.npz",),
+    "textures": ("textures-*.npz",),
 }
 
 

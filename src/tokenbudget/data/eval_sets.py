@@ -41,8 +41,9 @@ def load_eval_data(
     class.
 
     ``n_train`` / ``n_test``: ``None`` takes the set's default (Fashion-MNIST and anomaly:
-    ``default_sizes``; the mix: as many of each of its sources; skimage crops and image folders: every image). A number takes that many: Fashion-MNIST and the
-    anomaly set draw class-balanced subsets (rounded down to a multiple of their 10 / 4 classes), skimage
+    ``default_sizes``; the mix: as many of each of its sources; skimage crops and image folders: every image). A
+    number takes that many: Fashion-MNIST and the anomaly and texture sets draw class-balanced subsets (rounded
+    down to a multiple of their 10 / 4 / 3 classes), skimage
     crops and image folders a seeded random subset, and a ``ValueError`` says what the set holds when
     it holds fewer. ``0`` loads no images of that split (for callers that only train or only test).
     """
@@ -83,6 +84,17 @@ def load_eval_data(
             seed=seed,
             scale=1.0 if source == "anomaly" else 0.5,
         )
+    if source == "textures":
+        from .textures import texture_tensors
+
+        if any(n < 3 for n in counts):
+            raise ValueError(
+                f"the texture set needs at least 3 train and 3 test images (one per class), got {counts}"
+            )
+        tr_x, tr_y, te_x, te_y = texture_tensors(
+            size, mean, std, n_train=counts[0], n_test=counts[1], seed=seed
+        )
+        return EvalData("textures", tr_x, tr_y, te_x, te_y)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(

@@ -2,6 +2,7 @@
 
 * :mod:`.quality`: :func:`evaluate` (accuracy, fidelity and speed per method and budget);
 * :mod:`.features`, :mod:`.metrics`, :mod:`.budgets`, :mod:`.tables`: its parts;
+* :mod:`.shift`: the bias diagnostic (:func:`feature_shift`);
 * :mod:`.plan`: choose a config for a target; :mod:`.adaptive_eval`, :mod:`.exits`,
   :mod:`.budget_predictor`, :mod:`.guard_report`, :mod:`.compressors`, :mod:`.select_scenes`,
   :mod:`.slot_benchmark`: the protocols of adaptive patching, early exit, learned budgets, the entropy
@@ -12,14 +13,17 @@ from .budgets import fastest_keep, keep_for_flops_speedup, method_config
 from .features import extract_features
 from .metrics import accuracy_drop, cosine_fidelity, knn_accuracy, linear_probe_accuracy
 from .quality import EvalRow, evaluate
+from .shift import ShiftReport, feature_shift
 from .tables import format_eval_table, pareto_plot, rows_to_csv
 
 __all__ = [
     "EvalRow",
+    "ShiftReport",
     "accuracy_drop",
     "cosine_fidelity",
     "evaluate",
     "extract_features",
+    "feature_shift",
     "fastest_keep",
     "format_eval_table",
     "keep_for_flops_speedup",

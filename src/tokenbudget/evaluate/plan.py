@@ -103,9 +103,10 @@ def plan(
     batch_size: int = 64,
     progress=None,  # noqa: ANN001 - optional callable(int)
 ) -> Plan:
-    """Measure ``methods`` (default ToMe) at each ``keep`` on ``data`` (accuracy, FLOPs, speedup at
-    ``speed_batch_size``) and choose the config for the target. ``per-image`` is calibrated on the
-    train split at each keep, and its chosen config carries its thresholds."""
+    """Measure each of ``methods`` (default ToMe) at each ``keep`` on ``data`` (accuracy, FLOPs,
+    speedup at ``speed_batch_size``) and choose the config for the target among all of them.
+    ``per-image`` is calibrated on the train split at each keep, and its chosen config carries its
+    thresholds."""
     check_targets(target_speedup, target_flops, max_drop)
     rows = evaluate(
         model,

@@ -22,6 +22,7 @@ from .budgets import method_config
 from .features import extract_features
 from .metrics import cosine_fidelity, knn_accuracy, linear_probe_accuracy
 from .per_image_eval import calibrate_in_run, per_image_mean_flops
+from .shift import feature_shift
 
 
 @dataclass
@@ -42,6 +43,9 @@ class EvalRow:
     peak_mb: float | None
     final_tokens: int
     knn_k: int
+    #: bias diagnostic (``evaluate(shift=True)``): the largest fraction of a class gap that the mean
+    #: feature shift covers (:func:`tokenbudget.evaluate.shift.feature_shift`); 0 for full tokens
+    shift: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,12 +63,19 @@ def evaluate(
     speed_samples: int = 5,
     progress: Callable[[int], None] | None = None,
     method_options: dict[str, dict] | None = None,
+    shift: bool = False,
 ) -> list[EvalRow]:
     """Score every (method, keep) on ``data``; ``keep=1.0`` is the full model, listed once.
 
     ``method_options`` maps a method name to further config options (e.g. ``{"dynamicvit":
-    {"predictor": path}}``)."""
+    {"predictor": path}}``). ``shift``: also measure the bias diagnostic of each condition
+    (:attr:`EvalRow.shift`; needs at least two classes in the train labels)."""
     method_options = method_options or {}
+    if shift and len(data.train_labels.unique()) < 2:
+        raise ValueError(
+            f"shift measures the feature shift along between-class directions and needs at least two "
+            f"classes in the train labels; {data.name} has {len(data.train_labels.unique())}"
+        )
     model = model.eval()
     # Per-image budgets (tb.PerImage) are calibrated here, on the train split, at each budget.
     configs = [
@@ -131,6 +142,7 @@ def evaluate(
                 peak_mb=speed[0].baseline_peak_mb if speed else None,
                 final_tokens=num_tokens or 0,
                 knn_k=k,
+                shift=0.0 if shift else None,
             )
         )
     for (method, keep, cfg), row in zip(configs, speed, strict=True):
@@ -162,6 +174,7 @@ def evaluate(
                 peak_mb=row.patched_peak_mb,
                 final_tokens=row.final_tokens,
                 knn_k=k,
+                shift=feature_shift(train_full, y_train, test_full, test_reduced).worst if shift else None,
             )
         )
     return rows

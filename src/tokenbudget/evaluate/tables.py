@@ -10,16 +10,21 @@ from .quality import EvalRow
 
 
 def format_eval_table(rows: Sequence[EvalRow]) -> str:
+    """One line per row; a ``shift`` column (the bias diagnostic) beside cosine when rows carry it."""
+    with_shift = any(r.shift is not None for r in rows)
     header = (
         f"{'method':<12} {'keep':>5} {'tokens':>6} {'FLOPs':>6} {'k-NN':>7} {'drop':>6} {'linear':>7} {'drop':>6} "
-        f"{'cosine':>7} {'img/s':>7} {'speedup':>7} {'MB':>7}"
+        f"{'cosine':>7} "
+        + (f"{'shift':>6} " if with_shift else "")
+        + f"{'img/s':>7} {'speedup':>7} {'MB':>7}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         mb = f"{r.peak_mb:>7.1f}" if r.peak_mb is not None else f"{'-':>7}"
+        shift = (f"{r.shift:>6.3f} " if r.shift is not None else f"{'-':>6} ") if with_shift else ""
         lines.append(
             f"{r.method:<12} {r.keep:>5.2f} {r.final_tokens:>6} {r.flops_ratio:>6.2f} {r.knn_acc:>7.3f} {r.knn_drop:>6.1f} "
-            f"{r.linear_acc:>7.3f} {r.linear_drop:>6.1f} {r.cosine:>7.4f} {r.img_s:>7.1f} {r.speedup:>6.2f}x {mb}"
+            f"{r.linear_acc:>7.3f} {r.linear_drop:>6.1f} {r.cosine:>7.4f} {shift}{r.img_s:>7.1f} {r.speedup:>6.2f}x {mb}"
         )
     return "\n".join(lines)
 

@@ -1,0 +1,43 @@
+"""Average only small groups: a matched pair is averaged while its group stays small, else the
+redundant token is dropped (its size still moves to its match)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .match import Matching
+
+
+def merge_small_groups(
+    x: Tensor, size: Tensor | None, matching: Matching, max_size: int
+) -> tuple[Tensor, Tensor]:
+    """Apply ``matching`` to tokens ``x`` [B, N, C] with sizes ``size`` [B, N, 1] (``None``: all 1).
+
+    Every destination token whose group after this block stands for at most ``max_size`` patches
+    becomes the size-weighted average of its group (ToMe's merge); a destination whose group
+    would be larger keeps its own features and the tokens matched to it are dropped
+    (:func:`tokenbudget.ops.merge.drop_matched`). Sizes always add up, so they still sum to the
+    input token count.
+
+    Returns ``(x_out [B, N - r, C], size_out [B, N - r, 1])``.
+    """
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+        raise ValueError(f"max_size must be an int >= 1 (patches), got {max_size!r}")
+    batch, num_tokens, channels = x.shape
+    num_out = num_tokens - matching.r
+    kept, src, dst = matching.flat_indices
+    rows = x.reshape(batch * num_tokens, channels)
+    if size is None:
+        size_rows = torch.ones(batch * num_tokens, 1, device=x.device, dtype=x.dtype)
+    else:
+        size_rows = size.reshape(batch * num_tokens, 1).to(x.dtype)
+    kept_size = size_rows.index_select(0, kept)  # [B*(N-r), 1]
+    src_size = size_rows.index_select(0, src)  # [B*r, 1]
+    new_size = kept_size.index_add(0, dst, src_size)  # [B*(N-r), 1] the whole group, dropped included
+    small = (new_size.index_select(0, dst) <= max_size).to(x.dtype)  # [B*r, 1] 1: average this pair
+    weight = src_size * small
+    total = rows.index_select(0, kept) * kept_size
+    total.index_add_(0, dst, rows.index_select(0, src) * weight)
+    out = total / kept_size.index_add(0, dst, weight)
+    return out.view(batch, num_out, channels), new_size.view(batch, num_out, 1)

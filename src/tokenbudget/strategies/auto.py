@@ -1,0 +1,47 @@
+"""Auto as a strategy: ToMe's counts and pairs, the redundant token of each pair dropped (by default)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..config import Auto
+from ..ops.disjoint import disjoint_bipartite_matching
+from ..ops.match import bipartite_soft_matching
+from ..ops.merge import drop_matched, merge_mlerp, merge_weighted, update_token_map
+from ..ops.moments import merge_moment_preserving
+from ..ops.small_merge import merge_small_groups
+from ..state import TokenState
+from .base import ScheduledStrategy, register
+
+
+@register(Auto)
+class AutoStrategy(ScheduledStrategy):
+    """Reduces ``state.merged_per_layer[layer]`` tokens after the attention of block ``layer``."""
+
+    #: the adapter must hand :meth:`reduce` the attention keys [B, N, d].
+    needs_keys = True
+
+    def __init__(self, config: Auto, num_layers: int) -> None:
+        super().__init__(config, num_layers)
+
+    def reduce(self, x: Tensor, keys: Tensor, state: TokenState, layer: int) -> Tensor:
+        """Reduce tokens ``x`` [B, N, C] using ``keys`` [B, N, d]; updates ``state`` in place."""
+        c: Auto = self.config
+        r = state.merged_per_layer[layer]
+        if c.matching == "disjoint":
+            matching = disjoint_bipartite_matching(keys, r, state.num_prefix, state.size, c.max_size)
+        else:
+            matching = bipartite_soft_matching(keys, r, state.num_prefix)
+        if c.merge == "drop" and c.mean_up_to is not None and layer >= c.prune_layers:
+            x, state.size = merge_small_groups(x, state.size, matching, c.mean_up_to)
+        elif c.merge == "drop" or layer < c.prune_layers:
+            x, state.size = drop_matched(x, state.size, matching)
+        elif c.merge == "mlerp":
+            x, state.size = merge_mlerp(x, state.size, matching)
+        elif c.merge == "moment":
+            x, state.size = merge_moment_preserving(x, state.size, matching, state.num_prefix)
+        else:
+            x, state.size = merge_weighted(x, state.size, matching)
+        if state.token_map is not None:
+            state.token_map = update_token_map(state.token_map, matching)
+        return x
