@@ -1,4 +1,4 @@
-"""`tokenbudget demo`: ToMe on the embedded DINOv2 ViT-S/14 at a few budgets, offline.
+"""`tokenbudget demo`: Auto and ToMe on the embedded DINOv2 ViT-S/14 at a few budgets, offline.
 
 Prints a table (tokens, FLOPs, measured speedup, feature fidelity on natural images) and writes a
 merge picture and the numbers as JSON.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .bench import bench, format_table
-from .config import ToMe
+from .config import Auto, ToMe
 from .patch import apply, remove
 
 
@@ -26,7 +26,7 @@ def _features(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _fashion_mnist_slice(model: torch.nn.Module, quick: bool, say) -> list | None:  # noqa: ANN001
-    """A small slice of the quality harness: ToMe vs random drop at half the tokens, if the offline
+    """A small slice of the quality harness: Auto and ToMe vs random drop, if the offline
     Fashion-MNIST copy is installed (scripts/setup.sh installs it)."""
     from .data.eval_sets import load_eval_data
     from .data.images import IMAGENET_MEAN, IMAGENET_STD
@@ -42,7 +42,12 @@ def _fashion_mnist_slice(model: torch.nn.Module, quick: bool, say) -> list | Non
         return None
     say(f"scoring k-NN / linear probe on {n_train}+{n_test} Fashion-MNIST images ...")
     return evaluate(
-        model, data, ("tome", "random"), (1.0, 0.5, 0.25), speed_batch_size=8, speed_samples=2 if quick else 3
+        model,
+        data,
+        ("auto", "tome", "random"),
+        (1.0, 0.5, 0.25),
+        speed_batch_size=8,
+        speed_samples=2 if quick else 3,
     )
 
 
@@ -66,9 +71,9 @@ def run_demo(out_dir: str = "demo_output", quick: bool = False, as_json: bool = 
     full_cls, full_mean = _features(model, images)
 
     configs = (
-        [ToMe(r=8), ToMe(r=16)]
+        [Auto(r=16), ToMe(r=16)]
         if quick
-        else [ToMe(r=4), ToMe(r=8), ToMe(r=16), ToMe(r=(16, -1.0)), ToMe(keep=0.5)]
+        else [Auto(r=8), Auto(r=16), ToMe(r=4), ToMe(r=8), ToMe(r=16), ToMe(r=(16, -1.0)), ToMe(keep=0.5)]
     )
     fidelity = []
     for cfg in configs:
@@ -98,7 +103,7 @@ def run_demo(out_dir: str = "demo_output", quick: bool = False, as_json: bool = 
 
     pictures = []
     for name in ("astronaut",) if quick else ("astronaut", "coffee", "chelsea"):
-        picture, _ = render_merges(model, load_image(f"skimage:{name}"), ToMe(r=16))
+        picture, _ = render_merges(model, load_image(f"skimage:{name}"), Auto(r=16))
         path = os.path.join(out_dir, f"merges_{name}_r16.png")
         Image.fromarray(picture).save(path)
         pictures.append(path)
@@ -127,7 +132,7 @@ def run_demo(out_dir: str = "demo_output", quick: bool = False, as_json: bool = 
             f"{k}={v}" for k, v in fid["config"].items() if v is not None and k in ("r", "keep", "tokens")
         )
         print(
-            f"tome({cfg}){'':<{22 - len(cfg)}} {row.flops_ratio:>6.2f} {fid['cos_class_token']:>17.4f} {fid['cos_mean_patch']:>16.4f}"
+            f"{fid['config']['method']}({cfg}){'':<{26 - len(cfg) - len(fid['config']['method'])}} {row.flops_ratio:>6.2f} {fid['cos_class_token']:>17.4f} {fid['cos_mean_patch']:>16.4f}"
         )
     print()
     if accuracy:
@@ -139,6 +144,6 @@ def run_demo(out_dir: str = "demo_output", quick: bool = False, as_json: bool = 
         )
         print(format_eval_table(accuracy))
         print()
-    print("merge pictures (each colour one merged token, r=16):", ", ".join(pictures))
+    print("merge pictures (tb.Auto(r=16); each colour one token after the last block):", ", ".join(pictures))
     print(f"numbers in {os.path.join(out_dir, 'demo.json')}; demo took {results['seconds']:.0f} s")
     return 0

@@ -1,4 +1,4 @@
-"""Configs of the texture-safe default reducer (:class:`Auto`) and of PiToMe, at ToMe's per-layer counts."""
+"""Configs of the reducer without ToMe's texture bias (:class:`Auto`) and of PiToMe, at ToMe's per-layer counts."""
 
 from __future__ import annotations
 
@@ -63,7 +63,9 @@ class Auto(BudgetConfig):
     a softer, lower-contrast texture: the bias this reducer exists to avoid). See
     ``docs/methods/auto.md`` for the measurements behind the choice. Outside textures dropping
     keeps less than averaging (lower cosine to the full features on photos and Fashion-MNIST, and
-    lower accuracy where small flaws decide the class), so :class:`ToMe` stays the general default.
+    lower accuracy where small flaws decide the class): Auto is the safe choice for data you do not
+    know (it never fell below random dropping), :class:`ToMe` the better one where averaging is known
+    to help.
 
     Args:
         matching: ``"greedy"`` (ToMe's: several tokens may merge into one per block) or
