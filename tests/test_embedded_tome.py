@@ -74,8 +74,11 @@ def test_quick_demo_runs_offline(tmp_path, capsys) -> None:
 
     assert run_demo(out_dir=str(tmp_path), quick=True) == 0
     out = capsys.readouterr().out
-    assert "tome(r=16)" in out and "cos(class token)" in out
+    assert "auto(r=16)" in out and "tome(r=16)" in out and "cos(class token)" in out
     results = json.loads((tmp_path / "demo.json").read_text())
-    assert [row["config"]["r"] for row in results["rows"]] == [8, 16]
+    assert [(row["config"]["method"], row["config"]["r"]) for row in results["rows"]] == [
+        ("auto", 16),
+        ("tome", 16),
+    ]
     assert all(row["cos_class_token"] > 0.95 for row in results["rows"])
     assert (tmp_path / "merges_astronaut_r16.png").stat().st_size > 10_000
