@@ -1,4 +1,4 @@
-"""``tokenbudget demo``: ToMe on the embedded DINOv2 at a few budgets, a table and a merge picture."""
+"""``tokenbudget demo``: Auto and ToMe on the embedded DINOv2 at a few budgets, a table and a merge picture."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from . import options
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``demo``."""
     demo = options.add_command(
-        sub, "demo", cmd_demo, "ToMe on the embedded DINOv2 at a few budgets: table and merge picture"
+        sub,
+        "demo",
+        cmd_demo,
+        "Auto and ToMe on the embedded DINOv2 at a few budgets: table and merge picture",
     )
     options.add_out(demo, "demo_output", "folder for the picture and JSON")
     demo.add_argument("--quick", action="store_true", help="fewer budgets and samples (for smoke tests)")
