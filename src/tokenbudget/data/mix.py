@@ -50,21 +50,12 @@ import torch.nn.functional as F
 from ..models.dinov2 import default_cache_dir
 from .anomaly import ANOMALY_CLASSES
 from .fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_subset, load_fashion_mnist
+from .images import SAMPLE_IMAGES
 
 SOURCES = ("fashion", "texture", "photo", "scene", "inspection")
 TEXTURES = ("gratings", "checks", "blobs", "pink-noise", "dots", "waves", "cells")
-PHOTOS = (
-    "astronaut",
-    "coffee",
-    "chelsea",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-    "camera",
-    "coins",
-    "clock",
-)
+# the photos the rest of the package samples, and two grey ones scikit-image also bundles
+PHOTOS = (*SAMPLE_IMAGES, "coins", "clock")
 #: scene type -> the Fashion-MNIST classes of its three items. Types overlap in two items, so one
 #: item decides between them (sport / summer: sneaker or sandal; winter / autumn: coat or trouser).
 SCENE_TYPES: dict[str, tuple[int, int, int]] = {

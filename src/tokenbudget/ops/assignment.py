@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .limits import max_mergeable
+from .limits import max_mergeable, split_starts
 from .match import Matching, bipartite_soft_matching, matching_from_pairs
 
 #: the optional dependency behind ``matching="optimal"``
@@ -103,7 +103,7 @@ def optimal_bipartite_matching(
         token receives at most one A token, so the order does not change the merged values.
     """
     batch, num_tokens, _ = metric.shape
-    a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
+    a_start, b_start = split_starts(num_prefix)
     num_b = len(range(min(b_start, num_tokens), num_tokens, 2))
     r = max(0, min(r, max_mergeable(num_tokens, num_prefix), num_b))
     if r == 0:

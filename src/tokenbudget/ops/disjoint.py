@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .match import Matching, _layout, max_mergeable
+from .limits import split_starts
+from .match import Matching, _layout, max_mergeable, unmerged_matching
 
 #: added to the score of a pair over the size cap: below any allowed pair (cosines lie in [-1, 1])
 _OVER_CAP = -4.0
@@ -50,12 +51,10 @@ def disjoint_bipartite_matching(
     """
     batch, num_tokens, _ = metric.shape
     r = max(0, min(r, max_mergeable(num_tokens, num_prefix)))
-    prefix_pos, a_pos, b_pos = _layout(num_tokens, num_prefix, metric.device)
-    a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
     if r == 0:
-        kept = torch.cat([prefix_pos, a_pos.unsqueeze(0), b_pos], dim=1).expand(batch, -1)
-        empty = kept.new_empty(batch, 0)
-        return Matching(kept, empty, empty, num_tokens)
+        return unmerged_matching(batch, num_tokens, num_prefix, metric.device)
+    prefix_pos, a_pos, b_pos = _layout(num_tokens, num_prefix, metric.device)
+    a_start, b_start = split_starts(num_prefix)
     with torch.no_grad():
         unit = metric / metric.norm(dim=-1, keepdim=True)
         scores = unit[:, a_start::2] @ unit[:, b_start::2].transpose(1, 2)  # [B, Na, Nb]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .limits import split_starts
+
 
 def _check_tokens(x: Tensor, num_prefix: int) -> None:
     if not isinstance(x, Tensor) or x.dim() != 3:
@@ -40,7 +42,7 @@ def best_match_similarity(metric: Tensor, num_prefix: int = 0) -> Tensor:
         num_prefix: leading tokens that are never merged.
     """
     _check_tokens(metric, num_prefix)
-    a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
+    a_start, b_start = split_starts(num_prefix)
     unit = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
     scores = unit[:, a_start::2] @ unit[:, b_start::2].transpose(1, 2)  # [B, Na, Nb]
     return scores.amax(dim=-1).sort(dim=-1, descending=True).values

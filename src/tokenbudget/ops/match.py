@@ -21,7 +21,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .limits import max_mergeable
+from .limits import max_mergeable, split_starts
 
 
 @dataclass(frozen=True)
@@ -111,12 +111,21 @@ def _layout(num_tokens: int, num_prefix: int, device: torch.device) -> tuple[Ten
     Prefix tokens sit at positions < num_prefix: ceil(p/2) of them in A (even positions), floor(p/2)
     in B (odd). Leaving them out of the score matrix equals masking their rows/columns with -inf.
     """
-    a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
+    a_start, b_start = split_starts(num_prefix)
     return (
         torch.arange(num_prefix, device=device).unsqueeze(0),
         torch.arange(min(a_start, num_tokens), num_tokens, 2, device=device),
         torch.arange(min(b_start, num_tokens), num_tokens, 2, device=device).unsqueeze(0),
     )
+
+
+def unmerged_matching(batch: int, num_tokens: int, num_prefix: int, device: torch.device) -> Matching:
+    """The matching that merges nothing, in ToMe's output layout ([prefix] + [set A] + [set B]):
+    what every bipartite matcher returns for ``r == 0``."""
+    prefix_pos, a_pos, b_pos = _layout(num_tokens, num_prefix, device)
+    kept = torch.cat([prefix_pos, a_pos.unsqueeze(0), b_pos], dim=1).expand(batch, -1)
+    empty = kept.new_empty(batch, 0)
+    return Matching(kept, empty, empty, num_tokens)
 
 
 def bipartite_soft_matching(
@@ -148,13 +157,10 @@ def bipartite_soft_matching(
     """
     batch, num_tokens, _ = metric.shape
     r = max(0, min(r, max_mergeable(num_tokens, num_prefix)))
-    prefix_pos, a_pos, b_pos = _layout(num_tokens, num_prefix, metric.device)
-    a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
-
     if r == 0:
-        kept = torch.cat([prefix_pos, a_pos.unsqueeze(0), b_pos], dim=1).expand(batch, -1)
-        empty = kept.new_empty(batch, 0)
-        return Matching(kept, empty, empty, num_tokens)
+        return unmerged_matching(batch, num_tokens, num_prefix, metric.device)
+    prefix_pos, a_pos, b_pos = _layout(num_tokens, num_prefix, metric.device)
+    a_start, b_start = split_starts(num_prefix)
 
     if similarity not in ("cosine", "neg_sqdist"):
         raise ValueError(f"unknown similarity {similarity!r}; use 'cosine' or 'neg_sqdist'")

@@ -27,6 +27,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from .limits import split_starts
 from .match import Matching, bipartite_soft_matching, max_mergeable
 
 
@@ -40,7 +41,7 @@ def _step_constants(
     out_offsets [B, 1] or None)``; the offsets turn per-image positions into rows of the flattened
     [B*N, C] input and [B*(N-r), C] output (``None`` at batch 1, where they are zero).
     """
-    a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
+    a_start, b_start = split_starts(num_prefix)
     prefix_pos = torch.arange(num_prefix, device=device).expand(batch, -1)
     b_pos = torch.arange(min(b_start, num_tokens), num_tokens, 2, device=device).expand(batch, -1)
     a0 = torch.tensor(a_start, device=device)
@@ -100,7 +101,7 @@ def _match(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Tensor, Ten
     batch, num_tokens, _ = metric.shape
     constants = _cached(_step_constants, batch, num_tokens, num_prefix, r, metric.device)
     prefix_pos, b_pos, a0 = constants[:3]
-    a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
+    a_start, b_start = split_starts(num_prefix)
     if metric.requires_grad:
         metric = metric.detach()  # the choice is not differentiated (ToMe: under no_grad)
     metric = metric / metric.norm(dim=-1, keepdim=True)
