@@ -112,6 +112,24 @@ def assert_concurrent_forwards_match(
         assert batch == len(inputs[i])
 
 
+def assert_reduced_at_counts(
+    model: torch.nn.Module, images: torch.Tensor, out: torch.Tensor, expected: torch.Tensor, counts: list[int]
+) -> None:
+    """Checks of a patched model's last forward (run with ``trace_source=True``), then of its removal:
+    finite outputs that differ from the unpatched ``expected``, the given per-layer token ``counts``,
+    prefix tokens kept in place, sizes and sources partitioning the input; ``tb.remove`` restores
+    ``expected`` exactly."""
+    state = tb.last_state(model)
+    assert torch.isfinite(out).all() and (out - expected).abs().max() > 1e-4
+    assert state.tokens_per_layer == counts
+    p = model.num_prefix_tokens
+    assert torch.equal(state.token_map[:, :p], torch.arange(p).expand(len(images), -1))
+    assert bool((state.sizes.sum(dim=1) == state.input_tokens).all())
+    assert bool((state.source.sum(dim=1) == 1).all())
+    tb.remove(model)
+    assert torch.equal(model(images), expected)
+
+
 def write_two_class_folder(root: Path, *, splits: Sequence[str] = ("",), spread: float = 20.0) -> Path:
     """A tiny seeded image folder for CLI tests: six noisy 40x40 RGB images of a dark and a light
     class under ``root/SPLIT/CLASS/`` for each split (``""``: no split level). Returns ``root``."""
