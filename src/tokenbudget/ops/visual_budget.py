@@ -10,10 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
-from .apportion import apportion
-
 ALLOCATIONS = ("fixed", "adaptive")
 
 
@@ -71,6 +67,10 @@ def visual_token_counts(
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if scores is None or len(scores) != len(available):
         raise ValueError(f"adaptive allocation needs one score per image ({len(available)}), got {scores!r}")
+    import torch  # here, not at module level: configs import this module and must not load torch
+
+    from .apportion import apportion
+
     weights = torch.tensor([[max(0.0, float(s)) for s in scores]], dtype=torch.float64)
     if not bool(torch.isfinite(weights).all()):
         raise ValueError(f"adaptive allocation needs finite scores, got {list(scores)}")
