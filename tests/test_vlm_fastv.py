@@ -1,4 +1,4 @@
-"""FastV inside the LLM (tb.FastV, adapters.hf_vlm_llm.install_fastv) on a tiny random LLaVA.
+"""FastV inside the LLM (tb.FastV, adapters.hf_vlm_llm.install_fastv) on tiny random VLMs of every family.
 
 Checked against the unpatched model: identity at tokens=1.0, the per-layer KV cache lengths at k,
 left-padded batched generate against one row at a time, the recomputed attention row against the
@@ -16,67 +16,7 @@ from tokenbudget.ops.llm_attention import gather_positions, image_spans, keep_po
 
 transformers = pytest.importorskip("transformers")
 
-PAD = 0
-
-
-def tiny_llava(seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
-    """A random LLaVA: CLIP tower on 32x32 images (16 visual tokens), 4-layer GQA Llama."""
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    text = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=128,
-        pad_token_id=PAD,
-    )
-    config = transformers.LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=63,
-        image_seq_length=16,
-        vision_feature_select_strategy="default",
-    )
-    config._attn_implementation = attn
-    torch.manual_seed(seed)
-    return transformers.LlavaForConditionalGeneration(config).eval()
-
-
-def visual_count(model: torch.nn.Module) -> int:
-    vision = model.config.vision_config
-    return (vision.image_size // vision.patch_size) ** 2
-
-
-def batch(model: torch.nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Two rows, one image each, prompts of different lengths, left padded."""
-    gen = torch.Generator().manual_seed(seed)
-    n, token = visual_count(model), model.config.image_token_id
-    rows = [[5, 6, *([token] * n), 7, 8, 9, 10], [11, *([token] * n), 12, 13]]
-    width = max(map(len, rows))
-    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    pixels = torch.randn(
-        2, 3, model.config.vision_config.image_size, model.config.vision_config.image_size, generator=gen
-    )
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
-
-
-def row(inputs: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
-    keep = inputs["attention_mask"][b].bool()
-    return {
-        "input_ids": inputs["input_ids"][b : b + 1, keep],
-        "attention_mask": inputs["attention_mask"][b : b + 1, keep],
-        "pixel_values": inputs["pixel_values"][b : b + 1],
-    }
+from fastv_vlms import FAMILIES, PAD, make_vlm, vlm_batch  # noqa: E402
 
 
 def generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], steps: int = 5) -> torch.Tensor:
@@ -84,37 +24,53 @@ def generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], steps: int
         return model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=PAD)
 
 
-@pytest.fixture(scope="module")
-def llava() -> torch.nn.Module:
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def vlm(family: str) -> torch.nn.Module:
+    """One SDPA model per family for the whole file (building them is the slow part)."""
     torch.set_num_threads(1)
-    return tiny_llava()
+    if family not in _MODELS:
+        _MODELS[family] = make_vlm(family)
+    return _MODELS[family]
 
 
-def test_identity_keeps_logits_and_ids_exactly(llava):
-    inputs = batch(llava)
+@pytest.fixture
+def llava() -> torch.nn.Module:
+    return vlm("llava")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_keeps_logits_and_ids_exactly(family):
+    model = vlm(family)
+    inputs, _, n = vlm_batch(model, family)
     with torch.no_grad():
-        ref_logits = llava(**inputs).logits
-    ref_ids = generate(llava, inputs)
-    handle = install_fastv(llava, tb.FastV(tokens=1.0, layer=2))
+        ref_logits = model(**inputs).logits
+    ref_ids = generate(model, inputs)
+    handle = install_fastv(model, tb.FastV(tokens=1.0, layer=2))
     try:
         with torch.no_grad():
-            logits = llava(**inputs).logits
-        ids = generate(llava, inputs)
-        assert handle.state.visual_tokens == [visual_count(llava)] * 2
+            logits = model(**inputs).logits
+        ids = generate(model, inputs)
+        assert handle.state.visual_tokens == [n, n]
     finally:
         handle.uninstall()
     assert torch.equal(logits, ref_logits)
     assert torch.equal(ids, ref_ids)
 
 
-@pytest.mark.parametrize("layer", [1, 2, 3])
-def test_cache_of_layers_from_k_holds_only_kept_tokens(llava, layer):
-    inputs, k, n = batch(llava), 5, visual_count(llava)
-    cache = transformers.DynamicCache(config=llava.config.text_config)
-    handle = install_fastv(llava, tb.FastV(tokens=k, layer=layer))
+@pytest.mark.parametrize(
+    ("family", "layer"), [("llava", 1), ("llava", 2), ("llava", 3), *((f, 2) for f in FAMILIES[1:])]
+)
+def test_cache_of_layers_from_k_holds_only_kept_tokens(family, layer):
+    model = vlm(family)
+    inputs, _, n = vlm_batch(model, family)
+    k = 5
+    cache = transformers.DynamicCache(config=model.config.get_text_config())
+    handle = install_fastv(model, tb.FastV(tokens=k, layer=layer))
     try:
         with torch.no_grad():
-            out = llava(**inputs, past_key_values=cache, use_cache=True)
+            out = model(**inputs, past_key_values=cache, use_cache=True)
     finally:
         handle.uninstall()
     length = inputs["input_ids"].shape[1]
@@ -125,34 +81,36 @@ def test_cache_of_layers_from_k_holds_only_kept_tokens(llava, layer):
     assert state.method == "fastv" and state.available == [n, n]
     assert state.visual_tokens == [k, k] and state.kv_visual_tokens == [k, k]
     # the kept positions: every text position, k of the image's, in order
-    image = inputs["input_ids"] == llava.config.image_token_id
+    image = inputs["input_ids"] == model.config.image_token_id
     kept_image = gather_positions(image, state.keep, dim=1)
     assert kept_image.sum(1).tolist() == [k, k] and bool((state.keep.diff(dim=1) > 0).all())
     assert (~kept_image).sum(1).tolist() == (~image).sum(1).tolist()
 
 
 def test_fraction_budget_and_generate_through_the_cut_cache(llava):
-    inputs = batch(llava)
+    inputs, _, n = vlm_batch(llava, "llava")
     handle = install_fastv(llava, tb.FastV(tokens=0.25, layer=2))
     try:
         out = generate(llava, inputs, steps=6)
         state = handle.state
     finally:
         handle.uninstall()
-    assert state.visual_tokens == [visual_count(llava) // 4] * 2
+    assert state.visual_tokens == [round(0.25 * n)] * 2
     assert out.shape == (2, inputs["input_ids"].shape[1] + 6)
     assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
 
 
-def test_left_padded_batch_generates_what_each_row_does_alone(llava):
-    inputs = batch(llava)
-    handle = install_fastv(llava, tb.FastV(tokens=4, layer=2))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_generates_what_each_row_does_alone(family):
+    model = vlm(family)
+    inputs, rows, _ = vlm_batch(model, family)
+    handle = install_fastv(model, tb.FastV(tokens=4, layer=2))
     try:
-        together = generate(llava, inputs, steps=6)
+        together = generate(model, inputs, steps=6)
         keep_together = handle.state.keep
         alone = []
         for b in range(2):
-            alone.append(generate(llava, row(inputs, b), steps=6))
+            alone.append(generate(model, rows[b], steps=6))
             pad = int((inputs["attention_mask"][b] == 0).sum())
             # the same visual tokens were chosen (positions shifted by the row's padding)
             assert torch.equal(handle.state.keep[0] + pad, keep_together[b, pad:])
@@ -161,11 +119,11 @@ def test_left_padded_batch_generates_what_each_row_does_alone(llava):
     prompt = inputs["input_ids"].shape[1]
     assert torch.equal(together[:, :prompt], inputs["input_ids"])
     for b in range(2):
-        assert torch.equal(together[b, prompt:], alone[b][0, alone[b].shape[1] - 6 :])
+        assert torch.equal(together[b, prompt:], alone[b][0, -6:])
 
 
 def test_fastv_changes_the_output_at_small_budgets(llava):
-    inputs = batch(llava)
+    inputs, _, _ = vlm_batch(llava, "llava")
     with torch.no_grad():
         ref = llava(**inputs).logits[:, -1]
         handle = install_fastv(llava, tb.FastV(tokens=1, layer=1))
@@ -176,26 +134,29 @@ def test_fastv_changes_the_output_at_small_budgets(llava):
     assert not torch.allclose(cut, ref)
 
 
-def test_recomputed_score_row_equals_eager_attention(llava):
-    inputs, layer = batch(llava), 2
-    handle = install_fastv(llava, tb.FastV(tokens=4, layer=layer))
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_recomputed_score_row_equals_eager_attention(family):
+    model, layer = vlm(family), 2
+    inputs, _, _ = vlm_batch(model, family)
+    handle = install_fastv(model, tb.FastV(tokens=4, layer=layer))
     try:
         with torch.no_grad():
-            llava(**inputs)  # SDPA: the row is recomputed, never read from attention maps
+            model(**inputs)  # SDPA: the row is recomputed, never read from attention maps
         scores = handle.state.scores
     finally:
         handle.uninstall()
-    eager = tiny_llava(attn="eager")
-    eager.load_state_dict(llava.state_dict())
+    eager = make_vlm(family, attn="eager")
+    eager.load_state_dict(model.state_dict())
     with torch.no_grad():
         maps = eager(**inputs, output_attentions=True).attentions
+    assert len(maps) == model.config.get_text_config().num_hidden_layers
     reference = maps[layer][:, :, -1, :].mean(dim=1)  # the last token's row, mean over heads
     torch.testing.assert_close(scores, reference, atol=1e-5, rtol=0)
     assert bool((scores[inputs["attention_mask"] == 0] == 0).all())  # padding gets no attention
 
 
 def test_uninstall_restores_exactly(llava):
-    inputs = batch(llava)
+    inputs, _, _ = vlm_batch(llava, "llava")
     keys = list(llava.state_dict())
     with torch.no_grad():
         ref = llava(**inputs).logits
@@ -219,10 +180,11 @@ def test_bad_layers_budgets_and_models(llava):
     for tokens in (0, 1.5, -2):
         with pytest.raises(ValueError, match="tokens|count|fraction"):
             tb.FastV(tokens=tokens)
-    handle = install_fastv(llava, tb.FastV(tokens=visual_count(llava) + 1, layer=2))
+    inputs, _, n = vlm_batch(llava, "llava")
+    handle = install_fastv(llava, tb.FastV(tokens=n + 1, layer=2))
     try:
         with pytest.raises(ValueError, match="larger than"):
-            llava(**batch(llava))
+            llava(**inputs)
     finally:
         handle.uninstall()
     with pytest.raises(ValueError, match="vision-language"):
