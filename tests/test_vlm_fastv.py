@@ -12,7 +12,13 @@ import torch
 
 import tokenbudget as tb
 from tokenbudget.adapters.hf_vlm_llm import install_fastv
-from tokenbudget.ops.llm_attention import gather_positions, image_spans, keep_positions
+from tokenbudget.ops.llm_attention import (
+    apply_rope,
+    gather_positions,
+    image_spans,
+    keep_positions,
+    repeat_kv_heads,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -213,3 +219,43 @@ def test_ops_keep_the_top_tokens_of_each_span_in_order():
     assert keep_positions(scores, spans, [1, 1, 2]).tolist() == [[0, 1, 3, 6], [0, 4, 5, 6]]
     with pytest.raises(ValueError, match="same count"):
         keep_positions(scores, spans, [1, 1, 3])
+
+
+def test_image_tokens_found_from_inputs_embeds_too(llava):
+    inputs, _, _ = vlm_batch(llava, "llava")
+    embeds = llava.get_input_embeddings()(inputs["input_ids"])
+    handle = install_fastv(llava, tb.FastV(tokens=3, layer=2))
+    try:
+        with torch.no_grad():
+            from_ids = llava(**inputs).logits
+            keep = handle.state.keep
+            from_embeds = llava(
+                inputs_embeds=embeds,
+                attention_mask=inputs["attention_mask"],
+                pixel_values=inputs["pixel_values"],
+            ).logits
+        assert torch.equal(handle.state.keep, keep) and handle.state.visual_tokens == [3, 3]
+    finally:
+        handle.uninstall()
+    assert torch.equal(from_ids, from_embeds)
+
+
+def test_a_static_cache_is_refused_clearly(llava):
+    inputs, _, _ = vlm_batch(llava, "llava")
+    handle = install_fastv(llava, tb.FastV(tokens=3, layer=2))
+    try:
+        with pytest.raises(NotImplementedError, match="DynamicCache"):
+            llava.generate(**inputs, max_new_tokens=2, cache_implementation="static", pad_token_id=PAD)
+    finally:
+        handle.uninstall()
+
+
+def test_rope_and_head_repeat_match_transformers():
+    from transformers.models.llama import modeling_llama
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    ref_q, ref_k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(apply_rope(q, cos, sin), ref_q) and torch.equal(apply_rope(k, cos, sin), ref_k)
+    assert torch.equal(repeat_kv_heads(k, 2), modeling_llama.repeat_kv(k, 2))
