@@ -213,11 +213,10 @@ def _lengths(pooled: Any) -> list[int] | None:
 
 
 def _layer_wrapper(run: _Run, config: FastV, layer: nn.Module, idx: int, n_layers: int, original: Any) -> Any:
-    names = [
-        p.name
-        for p in inspect.signature(original).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
+    # the class's signature names the positional arguments even when ``original`` is another
+    # library's (*args, **kwargs) wrapper (e.g. accelerate's device hooks); drop ``self``
+    params = list(inspect.signature(type(layer).forward).parameters.values())[1:]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         call = dict(zip(names, args, strict=False))
@@ -324,7 +323,8 @@ def _query_index(mask: torch.Tensor | None, batch: int, length: int, device: tor
     if mask is None:
         return torch.full((batch,), length - 1, device=device)
     if mask.ndim == 4:
-        diag = mask[:, 0, torch.arange(length), torch.arange(length)]
+        steps = torch.arange(length, device=mask.device)
+        diag = mask[:, 0, steps, steps]
         valid = diag if diag.dtype == torch.bool else diag.float() > torch.finfo(diag.dtype).min / 2
     else:
         valid = mask[:, :length].bool()
@@ -373,7 +373,7 @@ def _scatter_back(out: Any, run: _Run) -> Any:
     entered layer K (so logits keep their shape; the last token, the one generate reads, is kept)."""
     hidden = out[0] if isinstance(out, tuple) else out
     index = run.keep[..., None].expand(-1, -1, hidden.shape[-1])
-    full = run.entry.to(hidden.dtype).scatter(1, index, hidden)
+    full = run.entry.to(hidden.device, hidden.dtype).scatter(1, index, hidden)
     run.entry = None
     return (full, *out[1:]) if isinstance(out, tuple) else full
 

@@ -139,6 +139,7 @@ def gather_positions(x: torch.Tensor, positions: torch.Tensor, dim: int, batch_d
     of its batch dimension ``batch_dim`` (size B, or 1: broadcast to B). E.g. ``cos`` ``(B, L, D)``
     with ``dim=1``; a 4-D mask ``(B, 1, Lq, Lk)`` with ``dim=2`` (rows) or ``dim=3`` (columns)."""
     dim, batch_dim = dim % x.ndim, batch_dim % x.ndim
+    positions = positions.to(x.device)
     shape = list(x.shape)
     shape[batch_dim] = positions.shape[0]
     x = x.expand(shape)
