@@ -19,6 +19,7 @@ from tokenbudget.ops.llm_attention import (
     keep_positions,
     repeat_kv_heads,
 )
+from tokenbudget.ops.visual_budget import visual_token_counts
 
 transformers = pytest.importorskip("transformers")
 
@@ -259,3 +260,35 @@ def test_rope_and_head_repeat_match_transformers():
     ref_q, ref_k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
     assert torch.equal(apply_rope(q, cos, sin), ref_q) and torch.equal(apply_rope(k, cos, sin), ref_k)
     assert torch.equal(repeat_kv_heads(k, 2), modeling_llama.repeat_kv(k, 2))
+
+
+@pytest.mark.parametrize("allocation", ["fixed", "adaptive"])
+def test_two_adjacent_images_in_one_prompt_are_two_images(llava, allocation):
+    inputs, _, n = vlm_batch(llava, "llava")
+    token = llava.config.image_token_id
+    ids = torch.tensor([[5, *([token] * (2 * n)), 7, 8]])  # no text between the images
+    two = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": inputs["pixel_values"]}
+    handle = install_fastv(llava, tb.FastV(tokens=4, layer=2, allocation=allocation))
+    try:
+        with torch.no_grad():
+            llava(**two)
+        state = handle.state
+    finally:
+        handle.uninstall()
+    assert state.available == [n, n] and sum(state.visual_tokens) == 8
+    if allocation == "fixed":
+        assert state.visual_tokens == [4, 4]
+    else:  # spread by the attention mass each image receives from the last token
+        mass = [float(state.scores[0, 1 + i * n : 1 + (i + 1) * n].sum()) for i in range(2)]
+        assert state.visual_tokens == visual_token_counts(4, [n, n], allocation="adaptive", scores=mass)
+
+
+def test_adaptive_allocation_spreads_within_each_row_of_a_batch(llava):
+    inputs, _, n = vlm_batch(llava, "llava")
+    handle = install_fastv(llava, tb.FastV(tokens=4, layer=2, allocation="adaptive"))
+    try:
+        out = generate(llava, inputs, steps=3)  # rows keep equal counts: the batch stays rectangular
+        assert handle.state.visual_tokens == [4, 4] and handle.state.kv_visual_tokens == [4, 4]
+    finally:
+        handle.uninstall()
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3

@@ -270,9 +270,12 @@ def _begin(run: _Run, config: FastV, layer: nn.Module, hidden: torch.Tensor, cal
     with torch.no_grad():  # a choice of positions: no gradient flows through the scores
         scores = last_row_scores(layer, hidden, call.get("position_embeddings"), call.get("attention_mask"))
     spans = image_spans(mask, run.image_lengths)
-    available = [end - start for row in spans for start, end in row]
-    mass = [float(scores[b, s:e].detach().sum()) for b, row in enumerate(spans) for s, e in row]
-    counts = visual_token_counts(config.tokens, available, allocation=config.allocation, scores=mass)
+    available, counts = [], []
+    for b, row in enumerate(spans):  # adaptive spreads within a row, so every row keeps the same total
+        sizes = [end - start for start, end in row]
+        mass = [float(scores[b, start:end].sum()) for start, end in row]
+        available += sizes
+        counts += visual_token_counts(config.tokens, sizes, allocation=config.allocation, scores=mass)
     run.keep = keep_positions(scores, spans, counts)
     run.prompt_len, run.entry, run.mode = hidden.shape[1], hidden, "cut"
     run.cache = weakref.ref(cache) if cache is not None else None

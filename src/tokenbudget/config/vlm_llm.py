@@ -25,8 +25,8 @@ class FastV(VisualTokens):
         layer: the decoder layer K (0-based) at whose input the tokens are scored and cut; layers
             0..K-1 see every token. Must be >= 1 (layer 0 has no attention to score with yet) and
             smaller than the language model's number of layers (checked when installed).
-        allocation: ``"fixed"`` or ``"adaptive"`` (the same total spread over the images of a call
-            in proportion to the attention each image receives from the last token).
+        allocation: ``"fixed"`` or ``"adaptive"`` (each prompt's total spread over its images in
+            proportion to the attention each image receives from the prompt's last token).
     """
 
     method: ClassVar[str] = "fastv"
