@@ -292,3 +292,19 @@ def test_adaptive_allocation_spreads_within_each_row_of_a_batch(llava):
     finally:
         handle.uninstall()
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_a_prompt_without_images_passes_through(llava):
+    inputs, _, _ = vlm_batch(llava, "llava")
+    text = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        ref = llava(input_ids=text).logits
+        handle = install_fastv(llava, tb.FastV(tokens=2, layer=1))
+        try:
+            llava(**inputs)
+            assert handle.state.visual_tokens == [2, 2]
+            out = llava(input_ids=text).logits
+            assert handle.state.visual_tokens == [] and handle.state.available == []
+        finally:
+            handle.uninstall()
+    assert torch.equal(out, ref)

@@ -266,6 +266,7 @@ def _begin(run: _Run, config: FastV, layer: nn.Module, hidden: torch.Tensor, cal
     run.keep, run.mode = None, None
     mask = run.image_mask
     if mask is None or mask.shape != hidden.shape[:2] or not bool(mask.any()):
+        run.state = FastVState(config.layer)  # a prompt without images: nothing cut
         return
     with torch.no_grad():  # a choice of positions: no gradient flows through the scores
         scores = last_row_scores(layer, hidden, call.get("position_embeddings"), call.get("attention_mask"))
