@@ -51,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "AdaptivePatch": ".config.adaptive",
     "PerImage": ".config.per_image",
     "DEFAULT_ENTROPY_FLOOR": ".config.base",
+    "FastV": ".config.vlm_llm",
     "config_from_dict": ".config.base",
     "config_from_json": ".config.base",
     "method_names": ".config.base",
