@@ -276,7 +276,7 @@ class VLMAdapter:
                 "an image's placeholder tokens span two prompts; build the inputs with the processor"
             )
         maps = self._index_maps(kwargs, len(feats)) if self.family.layout == "anyres" else None
-        keep = ~is_image
+        keep = ~is_image & (mask != 0)  # padding is laid out anew
         new_feats = []
         for i, (f, span, k) in enumerate(zip(feats, spans, counts, strict=True)):
             if self.tower_tokens is not None or k == f.shape[0]:

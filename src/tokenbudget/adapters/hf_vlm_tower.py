@@ -17,9 +17,9 @@ from . import hf_vlm_parts as parts
 
 def prepare_tower(
     base: nn.Module, family: Any, config: TowerReduce
-) -> tuple[tuple[Any, Any], tuple[int, int]]:
-    """((adapter, context) of the reducer in ``base.vision_tower``, (visual tokens per image before,
-    after)). Only one-view families: anyres packing and Qwen's packed tower need every grid whole."""
+) -> tuple[tuple[Any, Any] | None, tuple[int, int]]:
+    """((adapter, context) of the reducer in ``base.vision_tower`` or ``None`` when it keeps every
+    token, (visual tokens per image before, after)). Only one-view families: anyres packing and Qwen's packed tower need every grid whole."""
     if family.layout == "qwen":
         raise NotImplementedError(
             "TowerReduce cannot run inside Qwen's vision tower: it packs every image into one sequence with "
@@ -48,6 +48,8 @@ def prepare_tower(
         raise ValueError(
             f"TowerReduce: with select strategy 'full' the class token is one of the {k} tokens; give >= 2"
         )
+    if k == visual:  # nothing to cut: leave the tower untouched (bit-identical outputs)
+        return None, (visual, k)
     cls = config_class(config.reducer)
     options = dict(config.options or {})
     if issubclass(cls, BudgetConfig):

@@ -97,7 +97,12 @@ class VisionZip(VisualTokens):
     def __post_init__(self) -> None:
         super().__post_init__()
         c = self.contextual
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0 or (isinstance(c, float) and c >= 1):
+        if (
+            isinstance(c, bool)
+            or not isinstance(c, (int, float))
+            or c < 0
+            or (isinstance(c, float) and c >= 1)
+        ):
             raise ValueError(
                 f"VisionZip: contextual is a count of merged tokens per image (e.g. 10) or a fraction of the "
                 f"budget in [0, 1) (e.g. 0.15); got {c!r}"
@@ -195,7 +200,9 @@ def vlm_config(method: str, tokens: int | float, **options: Any) -> VisualTokens
         try:
             cls = config_class("fastv")
         except ValueError:
-            raise NotImplementedError("FastV's config is not available in this build of tokenbudget") from None
+            raise NotImplementedError(
+                "FastV's config is not available in this build of tokenbudget"
+            ) from None
         return cls(tokens=tokens, **options)
     if method in tower_reducer_names():
         return TowerReduce(tokens=tokens, reducer=method, options=options or None)

@@ -1,0 +1,230 @@
+"""The VLM contract on tiny random transformers VLMs of every family, for every visual-token cut:
+generate on a left-padded batch of 2, bit-identical at tokens=1.0, exactly k visual tokens reaching
+the language model (counted at its input), the prompt kept in generate's output, remove restoring
+the model exactly, clear errors for bad budgets and unsupported models."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import tokenbudget as tb
+from vlm_models import FAMILIES, make_vlm
+
+torch.set_num_threads(1)
+
+METHODS = {
+    "random": lambda t: tb.VisualRandom(tokens=t, seed=3),
+    "pool": lambda t: tb.VisualPool(tokens=t),
+    "select": lambda t: tb.VisualSelect(tokens=t),
+    "visionzip": lambda t: tb.VisionZip(tokens=t),
+    "tower": lambda t: tb.TowerReduce(tokens=t, reducer="tome"),
+}
+# a ViT reducer needs whole grids: anyres packing and Qwen's packed tower refuse it (clearly)
+NO_TOWER = {"llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"}
+
+_CACHE: dict[str, tuple] = {}
+
+
+def vlm(family: str) -> tuple[torch.nn.Module, object, dict]:
+    """(model, batch builder, reference outputs of the unpatched model), built once per family."""
+    if family not in _CACHE:
+        model, make_batch = make_vlm(family)
+        with torch.no_grad():
+            ref = {"logits": model(**make_batch()).logits, "ids": generate(model, make_batch())}
+        _CACHE[family] = (model, make_batch, ref)
+    model, make_batch, ref = _CACHE[family]
+    tb.remove(model)
+    return model, make_batch, ref
+
+
+def generate(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return model.generate(**batch, max_new_tokens=3, do_sample=False)
+
+
+class LLMInputs:
+    """Forward pre-hooks: per call, the image tokens of each row the multimodal model scatters the
+    visual features into (its input_ids, after any cut), and the sequence the language model gets."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.image_token = model.config.image_token_id
+        self.images: list[list[int]] = []  # image tokens per row, per call
+        self.rows: list[list[int]] = []  # non-padding tokens per row, per call
+        self.lengths: list[int] = []  # sequence length the language model received, per call
+        self.positions: list[torch.Tensor] = []
+        self.handles = [
+            model.model.register_forward_pre_hook(self.outer, with_kwargs=True),
+            model.model.language_model.register_forward_pre_hook(self.inner, with_kwargs=True),
+        ]
+
+    def outer(self, module, args, kwargs):
+        given = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        ids, mask = given["input_ids"], given["attention_mask"]
+        self.images.append((ids == self.image_token).sum(1).tolist())
+        self.rows.append(mask.sum(1).tolist())
+
+    def inner(self, module, args, kwargs):
+        self.lengths.append(kwargs["inputs_embeds"].shape[1])
+        self.positions.append(kwargs.get("position_ids"))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def text_tokens(model: torch.nn.Module, batch: dict) -> list[int]:
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return ((ids != model.config.image_token_id) & (mask == 1)).sum(1).tolist()
+
+
+def supported(family: str, method: str) -> bool:
+    return not (method == "tower" and family in NO_TOWER)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_identity_at_full_budget(family, method):
+    model, make_batch, ref = vlm(family)
+    if not supported(family, method):
+        with pytest.raises(NotImplementedError, match="use tb.VisionZip"):
+            tb.apply(model, METHODS[method](1.0))
+        assert not tb.is_patched(model)
+        return
+    tb.apply(model, METHODS[method](1.0))
+    with torch.no_grad():
+        assert torch.equal(model(**make_batch()).logits, ref["logits"])
+        assert torch.equal(generate(model, make_batch()), ref["ids"])
+    state = tb.last_state(model)
+    assert state.visual_tokens == state.available
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    ("family", "method"), [(f, m) for m in METHODS for f in FAMILIES if supported(f, m)]
+)  # the others are refused with a clear error (test_identity_at_full_budget)
+def test_k_visual_tokens_reach_the_llm(family, method):
+    model, make_batch, ref = vlm(family)
+    k = 5
+    tb.apply(model, METHODS[method](k))
+    batch = make_batch()
+    seen = LLMInputs(model)
+    try:
+        with torch.no_grad():
+            logits = model(**batch).logits
+            out = generate(model, make_batch())
+    finally:
+        seen.remove()
+    expected = [t + k for t in text_tokens(model, batch)]  # one image per prompt
+    assert seen.images[0] == seen.images[1] == [k, k]  # forward, generate's prefill
+    assert seen.rows[0] == seen.rows[1] == expected
+    assert seen.lengths[0] == seen.lengths[1] == logits.shape[1] == max(expected)
+    assert tb.last_state(model).visual_tokens == [k, k]
+    assert tb.last_state(model).method == METHODS[method](k).method
+    assert out.shape == ref["ids"].shape
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])  # the prompt is kept
+    assert not torch.equal(logits[:, -1], ref["logits"][:, -1])  # the cut changed what the LLM saw
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+def test_fraction_and_adaptive_budgets(family):
+    model, make_batch, _ = vlm(family)
+    tb.apply(model, tb.VisualPool(tokens=0.25))
+    with torch.no_grad():
+        model(**make_batch())
+    state = tb.last_state(model)
+    assert state.visual_tokens == [max(1, round(0.25 * n)) for n in state.available]
+    tb.apply(model, tb.VisualRandom(tokens=0.25, allocation="adaptive"))
+    with torch.no_grad():
+        generate(model, make_batch())
+    state = tb.last_state(model)
+    assert sum(state.visual_tokens) == sum(max(1, round(0.25 * n)) for n in state.available)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_keeps_the_3d_positions_of_surviving_tokens(family):
+    model, make_batch, ref = vlm(family)
+    batch = make_batch()
+    full = LLMInputs(model)
+    with torch.no_grad():
+        generate(model, make_batch())
+    full.remove()
+    tb.apply(model, tb.VisualRandom(tokens=5))
+    cut = LLMInputs(model)
+    with torch.no_grad():
+        generate(model, make_batch())
+    cut.remove()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    full_pos, cut_pos = full.positions[0][-3:], cut.positions[0][-3:]  # the 3 rope rows [3, B, L]
+    for row in range(2):
+        real = full_pos[:, row, mask[row] == 1]
+        kept = cut_pos[:, row, cut_pos.shape[2] - cut.rows[0][row] :]
+        text = real[:, ids[row][mask[row] == 1] != model.config.image_token_id]
+        # every kept position is one of the full prompt's, in order, all text positions among them
+        assert all(any(torch.equal(c, r) for r in real.T) for c in kept.T)
+        assert all(any(torch.equal(t, c) for c in kept.T) for t in text.T)
+    # decoding continues where the full prompt would: the first new token's positions match
+    assert torch.equal(cut.positions[1][-3:], full.positions[1][-3:])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_remove_restores_exactly_and_keys_unchanged(family):
+    model, make_batch, ref = vlm(family)
+    keys = list(model.state_dict())
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    tb.apply(model, tb.VisionZip(tokens=4))
+    tb.apply(model, tb.VisualSelect(tokens=6))  # applying again replaces the patch
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        generate(model, make_batch())
+    assert tb.last_state(model).visual_tokens == [6, 6]
+    tb.remove(model)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+    assert "get_rope_index" not in model.model.__dict__
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
+    with torch.no_grad():
+        assert torch.equal(model(**make_batch()).logits, ref["logits"])
+        assert torch.equal(generate(model, make_batch()), ref["ids"])
+
+
+def test_bad_budgets_and_models_fail_clearly():
+    model, make_batch, _ = vlm("llava")
+    with pytest.raises(ValueError, match="larger than image 0's 16 tokens"):
+        tb.apply(model, tb.VisualPool(tokens=17))
+    assert not tb.is_patched(model)
+    for bad in (0, 1.5, -3, "64"):
+        with pytest.raises(ValueError, match="token"):
+            tb.VisionZip(tokens=bad)
+    with pytest.raises(ValueError, match="reducer must be one of"):
+        tb.TowerReduce(tokens=4, reducer="nope")
+    anyres, make_anyres, _ = vlm("llava_next")  # images of 52 and 36 tokens
+    tb.apply(anyres, tb.VisualPool(tokens=40))
+    with pytest.raises(ValueError, match="larger than image 1's 36 tokens"), torch.no_grad():
+        anyres(**make_anyres())
+    import transformers as T
+
+    llm = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=32))  # fmt: skip
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration"):
+        tb.apply(llm, tb.VisionZip(tokens=4))
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0)
+    with pytest.raises(ValueError, match="transformers VLMs"):
+        tb.apply(vit, tb.VisualRandom(tokens=4))
+
+
+def test_tower_budget_counts_at_the_layer_the_projector_reads():
+    model, make_batch, _ = vlm("llava")
+    assert model.config.vision_feature_layer == -2
+    tb.apply(model, tb.TowerReduce(tokens=6, reducer="tome"))
+    captured = []
+    layers = [m for m in model.model.vision_tower.modules() if type(m).__name__ == "CLIPEncoderLayer"]
+    handle = layers[-2].register_forward_hook(
+        lambda m, a, o: captured.append(o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.no_grad():
+        model(**make_batch())
+    handle.remove()
+    assert captured[0].shape[1] == 6 + 1  # 6 visual tokens + the class token the projector drops
+    assert tb.last_state(model).visual_tokens == [6, 6]
