@@ -228,3 +228,90 @@ def test_tower_budget_counts_at_the_layer_the_projector_reads():
     handle.remove()
     assert captured[0].shape[1] == 6 + 1  # 6 visual tokens + the class token the projector drops
     assert tb.last_state(model).visual_tokens == [6, 6]
+
+
+def test_visionzip_keeps_the_tokens_the_class_token_attends_to_most():
+    model, make_batch, _ = vlm("llava")
+    batch = make_batch()
+    tower = model.model.vision_tower
+    tower.set_attn_implementation("eager")  # attention weights for the reference
+    try:
+        with torch.no_grad():
+            out = tower(batch["pixel_values"], output_attentions=True, output_hidden_states=True)
+    finally:
+        tower.set_attn_implementation("sdpa")
+    layer = len(out.attentions) + model.config.vision_feature_layer  # the layer the projector reads (-2)
+    cls_attention = out.attentions[layer][:, :, 0, 1:].mean(1)  # [images, patches]
+    with torch.no_grad():
+        projected = model.model.multi_modal_projector(
+            out.hidden_states[model.config.vision_feature_layer][:, 1:]
+        )
+    tb.apply(model, tb.VisionZip(tokens=4, contextual=0))
+    scattered = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: scattered.append(kw["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    embeds = scattered[0]
+    for image in range(2):
+        top = cls_attention[image].topk(4).indices.sort().values
+        got = embeds[image][
+            (embeds[image][:, None] - projected[image][top][None]).abs().amax(-1).min(1).values < 1e-5
+        ]
+        assert got.shape[0] == 4  # exactly the 4 dominant tokens' projected features reached the LLM
+
+
+def test_vlm_config_names_and_json():
+    assert tb.vlm_config("full", 8) is None
+    assert tb.vlm_config("random", 8, seed=2) == tb.VisualRandom(tokens=8, seed=2)
+    assert tb.vlm_config("pool", 0.5) == tb.VisualPool(tokens=0.5)
+    assert tb.vlm_config("visionzip", 8) == tb.VisionZip(tokens=8)
+    assert tb.vlm_config("select", 8) == tb.VisualSelect(tokens=8)
+    assert tb.vlm_config("tome", 8) == tb.TowerReduce(tokens=8, reducer="tome")
+    names = tb.vlm_method_names()
+    assert names[:6] == ["full", "random", "pool", "visionzip", "select", "fastv"]
+    assert {"tome", "pitome", "auto"} <= set(names)
+    with pytest.raises(ValueError, match="choose from full, random"):
+        tb.vlm_config("nope", 8)
+    for config in (tb.VisualRandom(tokens=8, seed=2), tb.VisionZip(tokens=0.3, contextual=2),
+                   tb.TowerReduce(tokens=8, reducer="pitome", options={"prop_attn": False})):  # fmt: skip
+        assert tb.config_from_json(config.to_json()) == config
+
+
+def test_cut_ops():
+    from tokenbudget.ops.visual_cut import (
+        compact,
+        grid_cells,
+        keep_random,
+        pool_cells,
+        question_scores,
+        visionzip,
+    )
+
+    for rows, cols, k in [(4, 4, 5), (4, 6, 7), (3, 5, 1), (4, 4, 16), (2, 9, 13)]:
+        cells = grid_cells(rows, cols, k)
+        assert cells.unique().numel() == k  # exactly k non-empty cells
+        x = torch.randn(rows * cols, 3)
+        feats, kept = pool_cells(x, cells, k)
+        assert feats.shape == (k, 3) and kept.tolist() == sorted(kept.tolist())
+        for j in range(k):  # each feature is the mean of the cell of its representative token
+            assert torch.allclose(feats[j], x[cells == cells[kept[j]]].mean(0))
+    x = torch.randn(16, 3)
+    assert torch.equal(pool_cells(x, grid_cells(4, 4, 16), 16)[0], x)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(keep_random(20, 6, g1), keep_random(20, 6, g2))
+    visual = torch.randn(10, 8)
+    query = visual[[3, 7]] * 2.0  # the question "talks about" tokens 3 and 7
+    assert set(question_scores(visual, query).topk(2).indices.tolist()) == {3, 7}
+    scores = torch.arange(10.0)
+    feats, kept = visionzip(visual, scores, visual, 5, 2)
+    assert feats.shape == (5, 8) and {7, 8, 9} <= set(kept.tolist())  # 3 dominant + 2 contextual
+    assert torch.allclose(feats[[kept.tolist().index(i) for i in (7, 8, 9)]], visual[[7, 8, 9]])
+    merged = feats[[j for j, i in enumerate(kept.tolist()) if i not in (7, 8, 9)]]
+    # the 7 other tokens are averaged onto 2 centres: the group means, weighted by size, give their mean
+    assert merged.shape == (2, 8) and not any(torch.allclose(m, v) for m in merged for v in visual[7:])
+    keep = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]]).bool()
+    source, valid = compact(keep, left=True)
+    assert source[0, 2:].tolist() == [1, 2, 4] and valid[0].tolist() == [False, False, True, True, True]

@@ -261,7 +261,9 @@ class VLMAdapter:
             counts = [int(f.shape[0]) for f in feats]
         else:
             available = [int(f.shape[0]) for f in feats]
-            scores = [float(((f - f.mean(0)) ** 2).sum(-1).mean()) for f in feats]
+            scores = None
+            if config.allocation == "adaptive":  # how varied each image's tokens are
+                scores = [float(((f.detach() - f.detach().mean(0)) ** 2).sum(-1).mean()) for f in feats]
             counts = visual_token_counts(
                 config.tokens, available, allocation=config.allocation, scores=scores
             )
@@ -349,7 +351,8 @@ class VLMAdapter:
             return f[kept], kept
         if isinstance(config, VisionZip):
             scores, keys = self._zip_scores(i, n, capture, maps, kwargs)
-            c = config.contextual if isinstance(config.contextual, int) else round(config.contextual * k)
+            c = config.contextual
+            c = c if isinstance(c, int) else (max(1, round(c * k)) if c > 0 else 0)
             return visionzip(f, scores.to(f.device), keys.to(f.device), k, c)
         raise NotImplementedError(f"{type(config).__name__} has no cut on {self.family.name}")
 

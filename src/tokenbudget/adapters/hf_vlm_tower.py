@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config.base import BudgetConfig, config_class
+from ..config.base import config_class
 from ..config.vlm import TowerReduce
 from ..ops.visual_budget import visual_token_counts
 from ..schedule import schedule_to_target
@@ -51,11 +51,6 @@ def prepare_tower(
     if k == visual:  # nothing to cut: leave the tower untouched (bit-identical outputs)
         return None, (visual, k)
     cls = config_class(config.reducer)
-    options = dict(config.options or {})
-    if issubclass(cls, BudgetConfig):
-        schedule = schedule_to_target(side * side + prefix, prefix, read + 1, target)
-        inner = cls(r=schedule + [0] * (len(layers) - read - 1), **options)
-    else:  # prune: one stage at the middle of the layers before the read one, no fused token
-        patches = target - prefix
-        inner = cls(keep=(patches - 0.5) / (side * side), layers=(read // 2,), fuse=False, **options)
+    schedule = schedule_to_target(side * side + prefix, prefix, read + 1, target)
+    inner = cls(r=schedule + [0] * (len(layers) - read - 1), **dict(config.options or {}))
     return prepare_blocks(tower, inner), (visual, k)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from ..ops.visual_budget import check_visual_budget
 from .base import ReductionConfig
 
 
@@ -33,6 +32,9 @@ class VisualTokens(ReductionConfig):
     allocation: str = "fixed"
 
     def __post_init__(self) -> None:
+        # imported here: configs load without torch (ops.visual_budget imports it)
+        from ..ops.visual_budget import check_visual_budget
+
         check_visual_budget(type(self).__name__, self.tokens, self.allocation)
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,8 +88,8 @@ class VisionZip(VisualTokens):
 
     Args:
         contextual: contextual tokens per image: an int count or a fraction of each image's budget
-            (VisionZip's 10 of 64 is about 0.15). At least one whenever tokens are dropped, and
-            always fewer than the budget.
+            (VisionZip's 10 of 64 is about 0.15; a positive fraction gives at least one). Always
+            fewer than the budget; 0 keeps only the dominant tokens.
     """
 
     method: ClassVar[str] = "visionzip"
@@ -147,7 +149,8 @@ class TowerReduce(VisualTokens):
 
     Args:
         reducer: a ViT method name of ``tb.method_names()`` with a per-layer budget (``"tome"``,
-            ``"auto"``, ``"pitome"``, ``"tofu"``, ``"random"``, ``"pool"``, ...) or ``"prune"``.
+            ``"auto"``, ``"pitome"``, ``"tofu"``, ``"random"``, ``"pool"``, ...). Class-attention
+            pruning (``"prune"``) is not offered: the transformers towers do not expose that attention.
         options: extra options of the reducer's config (e.g. ``{"prop_attn": False}``).
     """
 
@@ -171,10 +174,11 @@ class TowerReduce(VisualTokens):
 
 
 def tower_reducer_names() -> list[str]:
-    """ViT methods :class:`TowerReduce` can run in a vision tower: those with a per-layer budget, and prune."""
+    """ViT methods :class:`TowerReduce` can run in a vision tower: those with a per-layer budget (the
+    schedule is what makes the read layer hold exactly the budget)."""
     from .base import _REGISTRY, BudgetConfig
 
-    return [n for n, c in _REGISTRY.items() if issubclass(c, BudgetConfig) or n == "prune"]
+    return [n for n, c in _REGISTRY.items() if issubclass(c, BudgetConfig)]
 
 
 #: short CLI names of the cuts this module defines -> their config classes' registry names

@@ -103,7 +103,7 @@ def visionzip(x: Tensor, scores: Tensor, keys: Tensor, k: int, contextual: int) 
     n = x.shape[0]
     if k >= n:
         return x, torch.arange(n, device=x.device)
-    contextual = max(1, min(contextual, k - 1, n - k + 1)) if k > 1 else 0
+    contextual = max(0, min(contextual, k - 1, n - k + 1))
     dominant = keep_top(scores, k - contextual).to(x.device)
     rest = torch.ones(n, dtype=torch.bool, device=x.device)
     rest[dominant] = False
