@@ -302,16 +302,16 @@ def test_cut_ops():
     assert torch.equal(pool_cells(x, grid_cells(4, 4, 16), 16)[0], x)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     assert torch.equal(keep_random(20, 6, g1), keep_random(20, 6, g2))
-    visual = torch.randn(10, 8)
+    visual = torch.randn(10, 256, generator=torch.Generator().manual_seed(0))
     query = visual[[3, 7]] * 2.0  # the question "talks about" tokens 3 and 7
     assert set(question_scores(visual, query).topk(2).indices.tolist()) == {3, 7}
     scores = torch.arange(10.0)
     feats, kept = visionzip(visual, scores, visual, 5, 2)
-    assert feats.shape == (5, 8) and {7, 8, 9} <= set(kept.tolist())  # 3 dominant + 2 contextual
+    assert feats.shape == (5, 256) and {7, 8, 9} <= set(kept.tolist())  # 3 dominant + 2 contextual
     assert torch.allclose(feats[[kept.tolist().index(i) for i in (7, 8, 9)]], visual[[7, 8, 9]])
     merged = feats[[j for j, i in enumerate(kept.tolist()) if i not in (7, 8, 9)]]
     # the 7 other tokens are averaged onto 2 centres: the group means, weighted by size, give their mean
-    assert merged.shape == (2, 8) and not any(torch.allclose(m, v) for m in merged for v in visual[7:])
+    assert merged.shape == (2, 256) and not any(torch.allclose(m, v) for m in merged for v in visual[7:])
     keep = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]]).bool()
     source, valid = compact(keep, left=True)
     assert source[0, 2:].tolist() == [1, 2, 4] and valid[0].tolist() == [False, False, True, True, True]
