@@ -315,3 +315,41 @@ def test_cut_ops():
     keep = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]]).bool()
     source, valid = compact(keep, left=True)
     assert source[0, 2:].tolist() == [1, 2, 4] and valid[0].tolist() == [False, False, True, True, True]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_right_padding_sampling_and_labels(family):
+    model, make_batch, _ = vlm(family)
+    batch = make_batch()
+    pads = (batch["attention_mask"] == 0).sum(1).tolist()
+    right = {k: v for k, v in batch.items()}
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in right:
+            right[key] = torch.stack([row.roll(-p) for row, p in zip(right[key], pads, strict=True)])
+    with torch.no_grad():
+        ref = model(**right).logits
+    tb.apply(model, tb.VisualPool(tokens=1.0))
+    with torch.no_grad():
+        assert torch.equal(model(**right).logits, ref)
+    tb.apply(model, tb.VisualPool(tokens=4))
+    seen = LLMInputs(model)
+    with torch.no_grad():
+        model(**right)
+        out = model.generate(**make_batch(), max_new_tokens=2, do_sample=True, num_return_sequences=2,
+                             return_dict_in_generate=True)  # fmt: skip
+    seen.remove()
+    assert seen.images[0] == [4, 4] and seen.rows[0] == [t + 4 for t in text_tokens(model, batch)]
+    prompt = batch["input_ids"].repeat_interleave(2, 0)
+    assert torch.equal(out.sequences[:, : prompt.shape[1]], prompt)
+    labeled = make_batch()
+    labeled["labels"] = labeled["input_ids"].clone()
+    loss = model(**labeled).loss
+    loss.backward()  # gradients flow through the cut features into the projector
+    projector = next(p for n, p in model.named_parameters() if "visual" in n or "projector" in n)
+    assert torch.isfinite(loss) and projector.grad is not None
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(NotImplementedError, match="input_ids"):
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        model(
+            inputs_embeds=embeds, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+        )

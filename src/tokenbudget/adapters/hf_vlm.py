@@ -174,6 +174,14 @@ class VLMAdapter:
             n = self._square_tokens()
             visual_token_counts(config.tokens, [n])  # a count larger than the image's tokens fails now
 
+    def __getstate__(self) -> dict:
+        # thread-local slots belong to one process: a copied or loaded model starts with fresh ones
+        return {k: v for k, v in self.__dict__.items() if k != "local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.local = threading.local()
+
     # -- structure -----------------------------------------------------------------------------
     def _check_tower(self) -> None:
         tower = getattr(self.base, "vision_tower", None)
