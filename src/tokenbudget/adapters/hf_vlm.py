@@ -451,12 +451,23 @@ class FastVAdapter:
 
     def install(self, ctx: VLMContext) -> None:
         self.handle = self._install(self.model, self.config)
-        ctx.last_state = getattr(self.handle, "last_state", ctx.last_state)
+        ctx.last_state = _HandleState(self.handle)  # the handle records what FastV did
 
     def uninstall(self) -> None:
         if self.handle is not None:
             self.handle.uninstall()
             self.handle = None
+
+
+class _HandleState:
+    """``last_state()`` of a FastV patch: its handle's ``last_state()`` or ``state``."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def __call__(self) -> Any:
+        last = getattr(self.handle, "last_state", None)
+        return last() if callable(last) else getattr(self.handle, "state", None)
 
 
 @register_installer(VisualTokens)
