@@ -353,3 +353,33 @@ def test_right_padding_sampling_and_labels(family):
         model(
             inputs_embeds=embeds, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
         )
+
+
+def test_several_feature_layers_and_the_full_select_strategy():
+    import transformers as T
+
+    import vlm_models as V
+
+    torch.manual_seed(0)
+    config = T.LlavaConfig(
+        vision_config=T.CLIPVisionConfig(**V.VISION), text_config=T.LlamaConfig(**V.TEXT),
+        image_token_id=V.IMAGE_TOKEN, vision_feature_layer=[-3, -2], vision_feature_select_strategy="full",
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    model = T.LlavaForConditionalGeneration(config).eval()
+    tokens = (V.VISION["image_size"] // V.VISION["patch_size"]) ** 2 + 1  # the class token is a visual token
+    ids = torch.tensor([[5] + [V.IMAGE_TOKEN] * tokens + [6, 7]] * 2)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(2, 3, 32, 32),
+    }
+    with pytest.raises(ValueError, match="cannot reach 6 tokens.*give a larger budget"):
+        tb.apply(model, tb.TowerReduce(tokens=6))  # one layer before layer -3 merges at most half
+    for config in (tb.TowerReduce(tokens=9), tb.VisionZip(tokens=6), tb.VisualPool(tokens=6)):
+        tb.apply(model, config)
+        seen = LLMInputs(model)
+        with torch.no_grad():
+            model(**batch)
+        seen.remove()
+        assert seen.images[0] == [config.tokens] * 2

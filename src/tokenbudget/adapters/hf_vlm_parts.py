@@ -25,18 +25,18 @@ def _module_function(module: nn.Module, name: str) -> Any:
     return fn
 
 
-def feature_layer_index(config: Any, num_layers: int) -> int:
+def feature_layer_index(config: Any, num_layers: int, *, deepest: bool = True) -> int:
     """0-based index of the vision layer whose output the projector reads (``vision_feature_layer``:
-    hidden_states[i] is the output of layer i - 1; a list: its deepest entry)."""
-    layer = getattr(config, "vision_feature_layer", -1)
-    if isinstance(layer, (list, tuple)):
-        layer = max(x if x >= 0 else num_layers + 1 + x for x in layer)
-    index = (layer if layer >= 0 else num_layers + 1 + layer) - 1
-    if not 0 <= index < num_layers:
+    hidden_states[i] is the output of layer i - 1; a list of layers: its deepest, or with
+    ``deepest=False`` its shallowest)."""
+    given = getattr(config, "vision_feature_layer", -1)
+    layers = list(given) if isinstance(given, (list, tuple)) else [given]
+    indices = [(x if x >= 0 else num_layers + 1 + x) - 1 for x in layers]
+    if not all(0 <= i < num_layers for i in indices):
         raise ValueError(
-            f"vision_feature_layer {layer} reads no layer of the {num_layers}-layer vision tower"
+            f"vision_feature_layer {given} reads no layer of the {num_layers}-layer vision tower"
         )
-    return index
+    return max(indices) if deepest else min(indices)
 
 
 def tower_layers(tower: nn.Module) -> list[nn.Module]:

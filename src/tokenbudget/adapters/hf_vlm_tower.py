@@ -37,7 +37,9 @@ def prepare_tower(
     mconfig = base.config
     tower = base.vision_tower
     layers = parts.tower_layers(tower)
-    read = parts.feature_layer_index(mconfig, len(layers))
+    # several read layers (concatenated features): reduce only before the shallowest, so they all
+    # hold the same tokens
+    read = parts.feature_layer_index(mconfig, len(layers), deepest=False)
     side = int(mconfig.vision_config.image_size) // int(mconfig.vision_config.patch_size)
     prefix = 1 if parts.has_class_token(tower) else 0
     full = getattr(mconfig, "vision_feature_select_strategy", "full") == "full"
@@ -51,6 +53,12 @@ def prepare_tower(
     if k == visual:  # nothing to cut: leave the tower untouched (bit-identical outputs)
         return None, (visual, k)
     cls = config_class(config.reducer)
-    schedule = schedule_to_target(side * side + prefix, prefix, read + 1, target)
+    try:
+        schedule = schedule_to_target(side * side + prefix, prefix, read + 1, target)
+    except ValueError as error:
+        raise ValueError(
+            f"TowerReduce: {error} (the {read + 1} vision layers up to the one the projector reads); give a "
+            "larger budget, or cut after the projector (tb.VisionZip, tb.VisualPool, ...)"
+        ) from None
     inner = cls(r=schedule + [0] * (len(layers) - read - 1), **dict(config.options or {}))
     return prepare_blocks(tower, inner), (visual, k)
