@@ -301,7 +301,8 @@ class VLMAdapter:
         pad = getattr(mconfig.get_text_config(), "pad_token_id", None)
         new = {k: v for k, v in kwargs.items() if k not in _PIXELS}
         new["input_ids"] = gather_seq(ids, source, valid, 0 if pad is None else pad)
-        new["attention_mask"] = gather_seq(mask, source, valid, 0)
+        if kwargs.get("attention_mask") is not None or not bool(valid.all()):  # no mask given, none needed
+            new["attention_mask"] = gather_seq(mask, source, valid, 0)
         for key, fill in (("labels", -100), ("token_type_ids", 0), ("mm_token_type_ids", 0)):
             if isinstance(kwargs.get(key), Tensor):
                 new[key] = gather_seq(kwargs[key], source, valid, fill)
