@@ -19,6 +19,7 @@ METHODS = {
     "random": lambda t: tb.VisualRandom(tokens=t, seed=3),
     "pool": lambda t: tb.VisualPool(tokens=t),
     "select": lambda t: tb.VisualSelect(tokens=t),
+    "select-attention": lambda t: tb.VisualSelect(tokens=t, query="attention"),
     "visionzip": lambda t: tb.VisionZip(tokens=t),
     "tower": lambda t: tb.TowerReduce(tokens=t, reducer="tome"),
 }
@@ -64,8 +65,12 @@ class LLMInputs:
         ids, mask = given["input_ids"], given["attention_mask"]
         self.images.append((ids == self.image_token).sum(1).tolist())
         self.rows.append(mask.sum(1).tolist())
+        self.pending = True
 
     def inner(self, module, args, kwargs):
+        if not getattr(self, "pending", False):
+            return  # not a model call (VisualSelect's attention query runs the LLM's first layers itself)
+        self.pending = False
         self.lengths.append(kwargs["inputs_embeds"].shape[1])
         self.positions.append(kwargs.get("position_ids"))
 
@@ -383,3 +388,33 @@ def test_several_feature_layers_and_the_full_select_strategy():
             model(**batch)
         seen.remove()
         assert seen.images[0] == [config.tokens] * 2
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_select_attention_query_matches_the_llm_own_attention(family):
+    from tokenbudget.adapters import hf_vlm_parts as parts
+    from tokenbudget.patch import installed
+
+    model, make_batch, _ = vlm(family)
+    batch = make_batch()
+    language_model = model.model.language_model
+    language_model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = model(**batch, output_attentions=True).attentions[1]  # layer 1 [B, H, L, L]
+    finally:
+        language_model.set_attn_implementation("sdpa")
+    tb.apply(model, tb.VisualSelect(tokens=4, query="attention"))
+    adapter = installed(model)[0]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        feats = list(model.model.get_image_features(**{k: v for k, v in batch.items() if "pixel" in k or
+                     k in ("image_sizes", "image_grid_thw")}, return_dict=True).pooler_output)  # fmt: skip
+    llm = adapter._layer_queries(batch, ids, mask, ids == model.config.image_token_id, feats)
+    causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    row = int(mask.sum(1).argmax())  # the prompt without padding
+    weights = torch.softmax(
+        (llm.q[row] @ llm.k[row].transpose(-1, -2) * llm.scaling).masked_fill(~causal, -1e9), -1
+    )
+    assert torch.allclose(weights, attentions[row].float(), atol=1e-5)
+    assert isinstance(llm, parts.LayerQueries)

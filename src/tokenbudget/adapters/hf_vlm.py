@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import threading
-import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from ..config.vlm import TowerReduce, VisionZip, VisualPool, VisualRandom, VisualSelect, VisualTokens
-from ..context import ForwardGate
 from ..ops.visual_budget import visual_token_counts
 from ..ops.visual_cut import (
     compact,
@@ -49,6 +47,7 @@ from ..ops.visual_cut import (
 from ..state import VLMState
 from . import hf_vlm_parts as parts
 from .base import register_installer
+from .hf_vlm_fastv import FastVAdapter, VLMContext
 
 
 @dataclass(frozen=True)
@@ -81,31 +80,6 @@ def vlm_family(model: nn.Module) -> Family:
         f"visual-token cuts patch transformers VLMs ({', '.join(FAMILIES)}); got "
         f"{type(model).__module__}.{name}. ViT configs such as tb.ToMe patch vision transformers"
     )
-
-
-class VLMContext:
-    """What a VLM patch carries: the config (as ``strategy.config``), its gate and the latest state."""
-
-    def __init__(self, config: VisualTokens) -> None:
-        self.strategy = types.SimpleNamespace(config=config)
-        self.gate = ForwardGate()
-        self.costs = None
-        self.latest: Any = None
-        self._local = threading.local()
-
-    def finish(self, state: Any) -> None:
-        self._local.last = state
-        self.latest = state
-
-    def last_state(self) -> Any:
-        return getattr(self._local, "last", None) or self.latest
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "latest")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._local, self.latest = threading.local(), None
 
 
 class _Method:
@@ -287,6 +261,8 @@ class VLMAdapter:
             )
         maps = self._index_maps(kwargs, len(feats)) if self.family.layout == "anyres" else None
         keep = ~is_image & (mask != 0)  # padding is laid out anew
+        if isinstance(config, VisualSelect) and config.query == "attention" and counts != available:
+            self.local.llm = self._layer_queries(kwargs, ids, mask, is_image, feats)
         new_feats = []
         for i, (f, span, k) in enumerate(zip(feats, spans, counts, strict=True)):
             if self.tower_tokens is not None or k == f.shape[0]:
@@ -318,14 +294,14 @@ class VLMAdapter:
         rope = self._positions(kwargs, mask, new, source, valid) if self.family.layout == "qwen" else None
         return new, VLMState(config.method, available, [int(g.shape[0]) for g in new_feats]), rope
 
-    def _positions(self, kwargs: dict, mask: Tensor, new: dict, source: Tensor, valid: Tensor) -> tuple:
-        """Qwen: 3-D positions [3, B, L'] of the kept tokens, from the full prompt, and the rope deltas."""
+    def _full_positions(self, kwargs: dict, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Qwen: the 3-D rope positions [3, B, L] and deltas [B, 1] of the full prompt."""
         if kwargs.get("mm_token_type_ids") is None:
             raise ValueError(
                 "Qwen VLMs need mm_token_type_ids (the processor returns it) to place image tokens"
             )
         inner = self.base
-        positions, deltas = type(inner).get_rope_index(
+        return type(inner).get_rope_index(
             inner,
             kwargs["input_ids"],
             mm_token_type_ids=kwargs["mm_token_type_ids"],
@@ -333,6 +309,10 @@ class VLMAdapter:
             video_grid_thw=kwargs.get("video_grid_thw"),
             attention_mask=mask,
         )
+
+    def _positions(self, kwargs: dict, mask: Tensor, new: dict, source: Tensor, valid: Tensor) -> tuple:
+        """Qwen: 3-D positions [3, B, L'] of the kept tokens, from the full prompt, and the rope deltas."""
+        positions, deltas = self._full_positions(kwargs, mask)
         kept = gather_seq(positions, source, valid, 0, dim=2)
         dropped = (mask.sum(1) - valid.sum(1)).to(deltas.device).unsqueeze(1)
         return new["input_ids"], kept, deltas + dropped
@@ -354,9 +334,7 @@ class VLMAdapter:
             cells = segment_cells(layout, split_budget(k, [r * c for r, c in layout]))
             return pool_cells(f, cells, k)
         if isinstance(config, VisualSelect):
-            query = self._question(span, ids, mask)
-            scores = question_scores(f, query) if query.numel() else torch.zeros(n, device=f.device)
-            kept = keep_top(scores, k).to(f.device)
+            kept = keep_top(self._select_scores(f, span, ids, mask), k).to(f.device)
             return f[kept], kept
         if isinstance(config, VisionZip):
             scores, keys = self._zip_scores(i, n, capture, maps, kwargs)
@@ -375,19 +353,46 @@ class VLMAdapter:
             return parts.anyres_layout(maps[i], self._crop_tokens(), side)
         return parts.square_layout(n, side) or [(1, n)]
 
-    def _question(self, span: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-        """Input embeddings [Q, D] of the text after the image in its prompt (up to the next image;
+    def _question(self, span: Tensor, ids: Tensor, mask: Tensor) -> tuple[int, Tensor]:
+        """(row, positions [L] bool) of the text after the image in its prompt (up to the next image;
         the whole prompt's text when none follows)."""
         row, end = int(span[0, 0]), int(span[-1, 1]) + 1
-        tokens, text = ids[row], (mask[row] != 0) & (ids[row] != self.model.config.image_token_id)
+        text = (mask[row] != 0) & (ids[row] != self.model.config.image_token_id)
         after = text.clone()
         after[:end] = False
         later = (~text[end:]).nonzero()
         if later.numel():
             after[end + int(later[0]) :] = False
-        chosen = tokens[after] if bool(after.any()) else tokens[text]
+        return row, after if bool(after.any()) else text
+
+    def _select_scores(self, f: Tensor, span: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """VisualSelect's score [N] of each of an image's tokens for its prompt's question."""
+        row, where = self._question(span, ids, mask)
+        if not bool(where.any()):
+            return torch.zeros(f.shape[0], device=f.device)
+        if self.config.query == "embeddings":
+            with torch.no_grad():
+                return question_scores(f, self.model.get_input_embeddings()(ids[row][where]))
+        llm = self.local.llm  # the question's attention in the LLM's layer 1 (see _layer_queries)
+        queries = where.nonzero().squeeze(1)
+        q = llm.q[row][:, queries]  # [H, Q, d]
+        logits = q @ llm.k[row].transpose(-1, -2) * llm.scaling  # [H, Q, L]
+        keys = torch.arange(ids.shape[1], device=ids.device)
+        allowed = (keys.unsqueeze(0) <= queries.unsqueeze(1)) & (mask[row] != 0).unsqueeze(0)  # causal
+        weights = torch.softmax(logits.masked_fill(~allowed.to(logits.device), float("-inf")), dim=-1)
+        return weights[:, :, span[:, 1].to(weights.device)].mean((0, 1))
+
+    def _layer_queries(self, kwargs: dict, ids: Tensor, mask: Tensor, is_image: Tensor, feats: list) -> Any:
+        """Queries and keys of the LLM's decoder layer 1 on the full prompt (images scattered in as the
+        model does), for ``VisualSelect(query="attention")``."""
         with torch.no_grad():
-            return self.model.get_input_embeddings()(chosen)
+            embeds = self.model.get_input_embeddings()(ids)
+            embeds[is_image.to(embeds.device)] = torch.cat(feats).to(embeds.device, embeds.dtype)
+            if self.family.layout == "qwen":
+                positions = self._full_positions(kwargs, mask)[0]
+            else:
+                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            return parts.llm_layer_queries(self.base.language_model, embeds, mask, positions, layer=1)
 
     # -- VisionZip's attention -------------------------------------------------------------------
     def _attention_hook(self) -> tuple[Any, Any]:
@@ -434,41 +439,6 @@ class VLMAdapter:
         s = torch.where(newline, flat_s.min() - 1, flat_s[index.clamp(min=0)])
         k = torch.where(newline.unsqueeze(1), torch.zeros_like(flat_k[:1]), flat_k[index.clamp(min=0)])
         return s, k
-
-
-class FastVAdapter:
-    """Installs FastV (a cut inside the language model) through ``tokenbudget.adapters.hf_vlm_llm``."""
-
-    name = "hf-vlm-llm"
-
-    def __init__(self, model: nn.Module, config: VisualTokens) -> None:
-        try:
-            from .hf_vlm_llm import install_fastv
-        except ImportError:
-            raise NotImplementedError(
-                "FastV's LLM-side patch (tokenbudget.adapters.hf_vlm_llm) is not in this build"
-            ) from None
-        self.model, self.config, self._install, self.handle = model, config, install_fastv, None
-
-    def install(self, ctx: VLMContext) -> None:
-        self.handle = self._install(self.model, self.config)
-        ctx.last_state = _HandleState(self.handle)  # the handle records what FastV did
-
-    def uninstall(self) -> None:
-        if self.handle is not None:
-            self.handle.uninstall()
-            self.handle = None
-
-
-class _HandleState:
-    """``last_state()`` of a FastV patch: its handle's ``last_state()`` or ``state``."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def __call__(self) -> Any:
-        last = getattr(self.handle, "last_state", None)
-        return last() if callable(last) else getattr(self.handle, "state", None)
 
 
 @register_installer(VisualTokens)

@@ -179,3 +179,52 @@ def anyres_crops(base_model: nn.Module, image_sizes: Tensor) -> list[int]:
         )
         for s in image_sizes
     ]
+
+
+class _Stop(Exception):
+    """Raised by :class:`LayerQueries` once it has what it needs: the rest of the LLM need not run."""
+
+
+class LayerQueries:
+    """Forward pre-hook on one LLM decoder layer's self-attention: its rotated queries and keys
+    [B, H, L, d] (keys repeated over the query groups), computed with the layer's own projections,
+    q/k norms and rope function; then stops the forward (nothing after that layer runs)."""
+
+    def __init__(self) -> None:
+        self.q: Tensor | None = None
+        self.k: Tensor | None = None
+        self.scaling = 1.0
+
+    @torch.no_grad()
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, L, C]
+        cos, sin = kwargs["position_embeddings"]
+        batch, length, _ = h.shape
+        d = module.head_dim
+        q = module.q_proj(h).view(batch, length, -1, d)
+        k = module.k_proj(h).view(batch, length, -1, d)
+        if hasattr(module, "q_norm"):
+            q, k = module.q_norm(q), module.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q, k = _module_function(module, "apply_rotary_pos_emb")(q, k, cos, sin)
+        self.q, self.k = q.float(), k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).float()
+        self.scaling = float(getattr(module, "scaling", d**-0.5))
+        raise _Stop
+
+
+def llm_layer_queries(language_model: nn.Module, embeds: Tensor, mask: Tensor, positions: Tensor, layer: int) -> LayerQueries:  # fmt: skip
+    """Run ``language_model`` on ``embeds`` [B, L, C] up to decoder layer ``layer`` and return its
+    attention's queries and keys (see :class:`LayerQueries`)."""
+    capture = LayerQueries()
+    layers = language_model.layers
+    attention = layers[min(layer, len(layers) - 1)].self_attn
+    handle = attention.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if capture.q is None:
+        raise NotImplementedError(f"{type(language_model).__name__}'s decoder layer {layer} was not reached")
+    return capture

@@ -112,7 +112,7 @@ class VisionZip(VisualTokens):
 
 
 #: where :class:`VisualSelect` takes its query from
-SELECT_QUERIES = ("embeddings",)
+SELECT_QUERIES = ("embeddings", "attention")
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,14 @@ class VisualSelect(VisualTokens):
     visual tokens into the space of those input embeddings (that is what the LLM reads them as), so the
     comparison needs no extra text encoder and works with any tokenizer or vocabulary.
 
+    With ``query="attention"`` the score is instead the attention the question tokens pay each
+    visual token in the language model's second decoder layer (after one layer has mixed image and
+    text), recomputed from that layer's own queries and keys with its rope; this costs one decoder
+    layer over the full prompt before the cut.
+
     Args:
-        query: ``"embeddings"`` (the LLM's input embeddings of the question tokens).
+        query: ``"embeddings"`` (the LLM's input embeddings of the question tokens) or
+            ``"attention"`` (their attention in the LLM's layer 1).
     """
 
     method: ClassVar[str] = "vlm-select"
