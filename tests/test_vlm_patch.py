@@ -418,3 +418,32 @@ def test_select_attention_query_matches_the_llm_own_attention(family):
     )
     assert torch.allclose(weights, attentions[row].float(), atol=1e-5)
     assert isinstance(llm, parts.LayerQueries)
+
+
+def test_qwen_video_passes_uncut_beside_cut_images():
+    from vlm_models import IMAGE_TOKEN
+
+    model, make_batch, _ = vlm("qwen2_vl")
+    batch = make_batch()
+    vc = model.config.vision_config
+    grid = torch.tensor([[2, 4, 4]])  # a 2-frame video: 2 * 4 * 4 / 4 = 8 tokens
+    video, n = model.config.video_token_id, int(grid.prod()) // vc.spatial_merge_size**2
+    ids = torch.cat([batch["input_ids"], torch.tensor([[video] * n + [20], [0] * (n + 1)])], 1)
+    mask = torch.cat([batch["attention_mask"], torch.tensor([[1] * (n + 1), [0] * (n + 1)])], 1)
+    ids[1], mask[1] = ids[1].roll(n + 1), mask[1].roll(n + 1)  # row 1 left-padded (a padding column too)
+    pixels = torch.randn(int(grid.prod()), 3 * vc.temporal_patch_size * vc.patch_size**2)
+    batch.update(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels, video_grid_thw=grid,
+                 mm_token_type_ids=(ids == IMAGE_TOKEN).int() + 2 * (ids == video).int())  # fmt: skip
+    with torch.no_grad():
+        ref, ref_ids = model(**batch).logits, generate(model, dict(batch))
+    tb.apply(model, tb.VisualPool(tokens=1.0))
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, ref) and torch.equal(generate(model, dict(batch)), ref_ids)
+    tb.apply(model, tb.VisualPool(tokens=4))
+    seen = LLMInputs(model)
+    with torch.no_grad():
+        out = generate(model, dict(batch))
+    seen.remove()
+    assert seen.images[0] == [4, 4] and tb.last_state(model).visual_tokens == [4, 4]
+    assert seen.rows[0] == (mask.sum(1) - torch.tensor([16 - 4, 24 - 4])).tolist()  # the video tokens stay
+    assert torch.equal(out[:, : ids.shape[1]], ids)

@@ -225,14 +225,9 @@ class VLMAdapter:
         ids = kwargs["input_ids"]
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
-        encode = self.base.get_image_features
-        names = inspect.signature(encode).parameters
-        enc = {
-            k: kwargs[k] for k in names if k not in ("kwargs", "return_dict") and kwargs.get(k) is not None
-        }
         capture, handle = self._attention_hook() if isinstance(config, VisionZip) else (None, None)
         try:
-            encoded = encode(**enc, return_dict=True)
+            encoded = self._encode(self.base.get_image_features, kwargs)
         finally:
             if handle is not None:
                 handle.remove()
@@ -273,7 +268,11 @@ class VLMAdapter:
             rows, cols = span[:, 0], span[:, 1]
             keep[rows[kept.to(rows.device)], cols[kept.to(cols.device)]] = True
         left = not bool((mask[:, -1] == 0).any())
-        source, valid = compact(keep, left)
+        if counts == available:  # nothing cut: the same layout, padding columns included
+            source = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            valid = torch.ones_like(ids, dtype=torch.bool)
+        else:
+            source, valid = compact(keep, left)
         pad = getattr(mconfig.get_text_config(), "pad_token_id", None)
         new = {k: v for k, v in kwargs.items() if k not in _PIXELS}
         new["input_ids"] = gather_seq(ids, source, valid, 0 if pad is None else pad)
@@ -291,8 +290,21 @@ class VLMAdapter:
             torch.cat(new_feats) if isinstance(pooled, Tensor) else type(pooled)(new_feats)
         )
         new["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
+        if kwargs.get("pixel_values_videos") is not None:  # videos pass uncut, but encoded here too:
+            new["mm_encoder_outputs"]["video"] = self._encode(self.base.get_video_features, kwargs)
+            del new["pixel_values_videos"]  # the model takes pixels or encoder outputs, not both
         rope = self._positions(kwargs, mask, new, source, valid) if self.family.layout == "qwen" else None
         return new, VLMState(config.method, available, [int(g.shape[0]) for g in new_feats]), rope
+
+    @staticmethod
+    def _encode(encode: Any, kwargs: dict) -> Any:
+        """``encode`` (the model's ``get_image_features`` / ``get_video_features``) on the inputs of
+        the call it takes (as ``generate`` does)."""
+        names = inspect.signature(encode).parameters
+        given = {
+            k: kwargs[k] for k in names if k not in ("kwargs", "return_dict") and kwargs.get(k) is not None
+        }
+        return encode(**given, return_dict=True)
 
     def _full_positions(self, kwargs: dict, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Qwen: the 3-D rope positions [3, B, L] and deltas [B, 1] of the full prompt."""
@@ -314,7 +326,7 @@ class VLMAdapter:
         """Qwen: 3-D positions [3, B, L'] of the kept tokens, from the full prompt, and the rope deltas."""
         positions, deltas = self._full_positions(kwargs, mask)
         kept = gather_seq(positions, source, valid, 0, dim=2)
-        dropped = (mask.sum(1) - valid.sum(1)).to(deltas.device).unsqueeze(1)
+        dropped = (mask.sum(1) - gather_seq(mask, source, valid, 0).sum(1)).to(deltas.device).unsqueeze(1)
         return new["input_ids"], kept, deltas + dropped
 
     # -- the cuts ------------------------------------------------------------------------------
