@@ -36,6 +36,7 @@ configs = {
     "pool": tb.VisualPool(tokens=64),
     "visionzip": tb.VisionZip(tokens=64),
     "select": tb.VisualSelect(tokens=64),
+    "select-attn": tb.VisualSelect(tokens=64, query="attention"),
     "tower-tome": tb.TowerReduce(tokens=64, reducer="tome"),
 }
 times: dict[str, list[float]] = {name: [] for name in configs}
