@@ -265,3 +265,21 @@ class PerImageState(TokenState):
             "mean_flops": self.mean_flops,
             "group_sizes": {str(k): v for k, v in self.group_sizes.items()},
         }
+
+
+@dataclass
+class VLMState:
+    """What one call of a VLM patched with a visual-token cut did (``tb.last_state(vlm)``).
+
+    Attributes:
+        method: the config's method name (``"visionzip"``, ``"vlm-pool"``, ...).
+        available: visual tokens of each image before the cut (the images of the call, in order).
+        visual_tokens: visual tokens of each image that reached the language model.
+        kv_visual_tokens: for cuts inside the LLM (FastV), the visual entries per image held by the
+            layers after the cut; ``None`` otherwise.
+    """
+
+    method: str
+    available: list[int]
+    visual_tokens: list[int]
+    kv_visual_tokens: list[int] | None = None
