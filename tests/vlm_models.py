@@ -38,14 +38,15 @@ VISION = dict(
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
 
-def _build(family: str) -> torch.nn.Module:
+def _build(family: str, text_layers: int | None = None) -> torch.nn.Module:
     import transformers as T
 
     sdpa = {"attn_implementation": "sdpa"}
+    text_kw = TEXT if text_layers is None else dict(TEXT, num_hidden_layers=text_layers)
     if family == "llava":
         config = T.LlavaConfig(
             vision_config=T.CLIPVisionConfig(**VISION),
-            text_config=T.LlamaConfig(**TEXT),
+            text_config=T.LlamaConfig(**text_kw),
             image_token_id=IMAGE_TOKEN,
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
@@ -55,7 +56,7 @@ def _build(family: str) -> torch.nn.Module:
     if family == "llava_next":
         config = T.LlavaNextConfig(
             vision_config=T.CLIPVisionConfig(**VISION),
-            text_config=T.LlamaConfig(**TEXT),
+            text_config=T.LlamaConfig(**text_kw),
             image_token_id=IMAGE_TOKEN,
             image_grid_pinpoints=PINPOINTS,
             **sdpa,
@@ -64,7 +65,7 @@ def _build(family: str) -> torch.nn.Module:
     if family == "llava_onevision":
         config = T.LlavaOnevisionConfig(
             vision_config=T.SiglipVisionConfig(**VISION),
-            text_config=T.Qwen2Config(**TEXT),
+            text_config=T.Qwen2Config(**text_kw),
             image_token_id=IMAGE_TOKEN,
             image_grid_pinpoints=PINPOINTS,
             vision_feature_layer=-1,
@@ -74,7 +75,7 @@ def _build(family: str) -> torch.nn.Module:
         return T.LlavaOnevisionForConditionalGeneration(config)
     if family in ("qwen2_vl", "qwen2_5_vl"):
         text = dict(
-            TEXT,
+            text_kw,
             bos_token_id=1,
             eos_token_id=2,
             rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]},
@@ -110,7 +111,7 @@ def _build(family: str) -> torch.nn.Module:
         )
         return T.Qwen2_5_VLForConditionalGeneration(config)
     if family == "paligemma":
-        text = dict(TEXT, head_dim=8)
+        text = dict(text_kw, head_dim=8)
         config = T.PaliGemmaConfig(
             vision_config=T.SiglipVisionConfig(**VISION),
             text_config=T.GemmaConfig(**text),
@@ -137,10 +138,13 @@ def _pixels(family: str, model: torch.nn.Module, gen: torch.Generator) -> dict:
     return {"pixel_values": torch.randn(rows, width, generator=gen), "image_grid_thw": grids}
 
 
-def make_vlm(family: str, seed: int = 0) -> tuple[torch.nn.Module, Callable[[], dict]]:
-    """A tiny random ``family`` VLM (eval mode, SDPA) and a builder of a left-padded batch of 2."""
+def make_vlm(
+    family: str, seed: int = 0, text_layers: int | None = None
+) -> tuple[torch.nn.Module, Callable[[], dict]]:
+    """A tiny random ``family`` VLM (eval mode, SDPA) and a builder of a left-padded batch of 2.
+    ``text_layers``: decoder layers of its language model (default ``TEXT``'s 2)."""
     torch.manual_seed(seed)
-    model = _build(family).eval()
+    model = _build(family, text_layers).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     pixels = _pixels(family, model, gen)
     with torch.no_grad():
@@ -165,3 +169,22 @@ def make_vlm(family: str, seed: int = 0) -> tuple[torch.nn.Module, Callable[[], 
         return {k: v.clone() for k, v in batch.items()}
 
     return model, make_batch
+
+
+def row_alone(batch: dict, row: int) -> dict:
+    """Row ``row`` of a ``make_vlm`` batch on its own: its tokens without the padding, its image."""
+    real = batch["attention_mask"][row].bool()
+    alone = {}
+    for key, value in batch.items():
+        if key in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
+            alone[key] = value[row : row + 1, real]
+    if "image_grid_thw" in batch:  # Qwen: the images' patches are concatenated, grid by grid
+        grids = batch["image_grid_thw"]
+        start = int(grids[:row].prod(-1).sum())
+        alone["pixel_values"] = batch["pixel_values"][start : start + int(grids[row].prod())]
+        alone["image_grid_thw"] = grids[row : row + 1]
+    else:  # one image per row
+        for key in ("pixel_values", "image_sizes"):
+            if key in batch:
+                alone[key] = batch[key][row : row + 1]
+    return alone

@@ -34,9 +34,12 @@ from torch import nn
 from ..config.vlm_llm import FastV
 from ..ops.llm_attention import (
     apply_rope,
+    causal_allowed,
     gather_positions,
     image_spans,
     keep_positions,
+    left_pack,
+    mask_padding_slots,
     query_row_attention,
     repeat_kv_heads,
     row_mask_bias,
@@ -50,6 +53,7 @@ SUPPORTED_FASTV = (
     "LlavaOnevisionForConditionalGeneration",
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
+    "PaliGemmaForConditionalGeneration",
 )
 
 
@@ -59,8 +63,11 @@ class FastVState:
 
     ``available``/``visual_tokens``/``kv_visual_tokens``: one entry per image of the call (row-major):
     its visual tokens, those kept from layer K on, and those held by the KV cache of layers >= K
-    (empty when the call used no cache). ``scores`` ``(B, L)``: the last prompt token's attention at
-    layer K (mean over heads); ``keep`` ``(B, L')``: the prompt positions layers >= K saw.
+    (empty when the call used no cache). ``layer``: K as installed (a ``FastV(layer=None)`` resolved).
+    ``scores`` ``(B, L)``: the last prompt token's attention at layer K (mean over heads); ``keep``
+    ``(B, L')``: the prompt positions layers >= K saw, each row's kept text and visual tokens in order,
+    left-padded with -1 where a row keeps fewer than the longest (those slots are masked out).
+    ``None`` when nothing was cut (e.g. ``tokens=1.0``: layers >= K see the prompt as it is).
     """
 
     layer: int
@@ -77,8 +84,11 @@ class _Run:
 
     def __init__(self) -> None:
         self.image_mask: torch.Tensor | None = None  # (B, L) of the current VLM call
+        self.real: torch.Tensor | None = None  # (B, L) not-padding tokens of the current call
         self.image_lengths: list[int] | None = None  # tokens per image of the current call
-        self.keep: torch.Tensor | None = None  # (B, L') of the last prefill
+        self.keep: torch.Tensor | None = None  # (B, L') positions layers >= K see at the last prefill
+        self.valid: torch.Tensor | None = None  # (B, L') False at the left-padding slots of ``keep``
+        self.padded = False  # whether ``valid`` has any padding slot
         self.prompt_len = 0
         self.entry: torch.Tensor | None = None  # hidden states entering layer K at prefill
         self.cache: weakref.ref | None = None
@@ -145,22 +155,28 @@ def install_fastv(model: nn.Module, config: FastV) -> FastVHandle:
         raise ValueError(f"install_fastv takes a tb.FastV config, got {type(config).__name__}")
     inner, llm, token = _parts(model)
     layers = llm.layers
-    if not 1 <= config.layer < len(layers):
-        raise ValueError(
-            f"FastV(layer={config.layer}): the language model of {type(model).__name__} has {len(layers)} "
-            f"decoder layers; give a layer in 1..{len(layers) - 1} (layer 0 has nothing to score with)"
-        )
+    layer_k = resolve_layer(config.layer, len(layers), type(model).__name__)
     types = getattr(llm.config, "layer_types", None) or []
-    if any(t != "full_attention" for t in types[config.layer :]):
-        raise NotImplementedError("FastV supports full-attention decoder layers only (no sliding windows)")
+    if any(t != "full_attention" for t in types[layer_k:]):
+        raise NotImplementedError(
+            f"FastV supports full-attention decoder layers only; layers {layer_k}.. of {type(llm).__name__} "
+            f"include {sorted(set(types[layer_k:]) - {'full_attention'})} (a sliding-window cache cannot hold "
+            "the cut prompt)"
+        )
     run, undo = _Run(), []
 
+    names = list(inspect.signature(type(inner).forward).parameters)[1:]  # the inner model's arguments
+
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
+        call = {**dict(zip(names, args, strict=False)), **kwargs}
+        ids, embeds, mask = call.get("input_ids"), call.get("inputs_embeds"), call.get("attention_mask")
         # generate encodes the images before prefill and passes them in: read their lengths there
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        encoded = (call.get("mm_encoder_outputs") or {}).get("image")
         run.image_lengths = _lengths(getattr(encoded, "pooler_output", None))
+        tokens = ids if ids is not None else embeds
+        # the caller's padding (a 2-D mask of this call's tokens): FastV never keeps padding
+        padding = isinstance(mask, torch.Tensor) and mask.ndim == 2 and tokens is not None
+        run.real = mask.bool() if padding and mask.shape == tokens.shape[:2] else None
         if ids is not None:
             run.image_mask = ids == token
         elif embeds is not None:  # placeholders are the image token's embedding until the scatter
@@ -171,11 +187,29 @@ def install_fastv(model: nn.Module, config: FastV) -> FastVHandle:
 
     undo.append(inner.register_forward_pre_hook(on_call, with_kwargs=True).remove)
     _wrap(inner, "get_image_features", _record_lengths(run, inner.get_image_features), undo)
-    for idx in range(config.layer, len(layers)):
+    for idx in range(layer_k, len(layers)):
         layer = layers[idx]
         original = layer.forward
-        _wrap(layer, "forward", _layer_wrapper(run, config, layer, idx, len(layers), original), undo)
+        _wrap(layer, "forward", _layer_wrapper(run, config, layer_k, layer, idx, len(layers), original), undo)
     return FastVHandle(config, run, undo)
+
+
+def resolve_layer(layer: int | None, n_layers: int, name: str = "the model") -> int:
+    """The decoder layer K where FastV cuts: ``layer`` if given (checked to be in 1..N-1), else 2 as in
+    the paper, or N-1 (the last layer with one before it) when the language model has 2 layers or fewer."""
+    if layer is None:
+        if n_layers < 2:
+            raise ValueError(
+                f"FastV needs a language model of at least 2 decoder layers (one to score with, one to cut "
+                f"from); {name} has {n_layers}: use a cut before the LLM (e.g. tb.VisionZip) instead"
+            )
+        return min(2, n_layers - 1)
+    if not 1 <= layer < n_layers:
+        raise ValueError(
+            f"FastV(layer={layer}): the language model of {name} has {n_layers} decoder layers; give a layer "
+            f"in 1..{n_layers - 1} (layer 0 has nothing to score with), or layer=None for the default"
+        )
+    return layer
 
 
 def _wrap(module: nn.Module, name: str, replacement: Any, undo: list) -> None:
@@ -212,30 +246,33 @@ def _lengths(pooled: Any) -> list[int] | None:
     return None
 
 
-def _layer_wrapper(run: _Run, config: FastV, layer: nn.Module, idx: int, n_layers: int, original: Any) -> Any:
+def _layer_wrapper(
+    run: _Run, config: FastV, layer_k: int, layer: nn.Module, idx: int, n_layers: int, original: Any
+) -> Any:
     # the class's signature names the positional arguments even when ``original`` is another
     # library's (*args, **kwargs) wrapper (e.g. accelerate's device hooks); drop ``self``
     params = list(inspect.signature(type(layer).forward).parameters.values())[1:]
     names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    # a layer that gets no mask from the decoder gets one in this format when the cut pads rows
+    flash = "flash" in str(getattr(layer.self_attn.config, "_attn_implementation", ""))
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         call = dict(zip(names, args, strict=False))
         call.update(kwargs)
         hidden = call[names[0]]
         cache = call.get("past_key_values")
-        if idx == config.layer:
-            _begin(run, config, layer, hidden, call, cache)
+        if idx == layer_k:
+            _begin(run, config, layer_k, layer, hidden, call, cache)
         if run.mode == "cut":
-            keep = run.keep
-            if idx == config.layer:
-                call[names[0]] = gather_positions(hidden, keep, dim=1)
-            _slice_prefill(call, keep, run.prompt_len)
+            if idx == layer_k:
+                call[names[0]] = gather_positions(hidden, run.keep, dim=1)
+            _slice_prefill(call, run, flash)
         elif run.mode == "continue":
-            _slice_decode(call, run, cache, idx, hidden.shape[1])
+            _slice_decode(call, run, cache, idx, hidden.shape[1], flash)
         out = original(**call)
         if idx == n_layers - 1 and run.mode == "cut":
             out = _scatter_back(out, run)
-            _finish(run, config, cache)
+            _finish(run, layer_k, cache)
         if idx == n_layers - 1:
             run.mode = None
         return out
@@ -257,16 +294,18 @@ def _cache_len(cache: Any, idx: int) -> int:
     return layers[idx].get_seq_length()
 
 
-def _begin(run: _Run, config: FastV, layer: nn.Module, hidden: torch.Tensor, call: dict, cache: Any) -> None:
+def _begin(
+    run: _Run, config: FastV, layer_k: int, layer: nn.Module, hidden: torch.Tensor, call: dict, cache: Any
+) -> None:
     """At layer K: decide whether this forward is a prefill to cut, a decode step to slice, or neither."""
-    if _cache_len(cache, config.layer) > 0:
+    if _cache_len(cache, layer_k) > 0:
         same = run.cache is not None and run.cache() is cache
         run.mode = "continue" if same and run.keep is not None else None
         return
-    run.keep, run.mode = None, None
+    run.keep, run.valid, run.mode = None, None, None
     mask = run.image_mask
     if mask is None or mask.shape != hidden.shape[:2] or not bool(mask.any()):
-        run.state = FastVState(config.layer)  # a prompt without images: nothing cut
+        run.state = FastVState(layer_k)  # a prompt without images: nothing cut
         return
     with torch.no_grad():  # a choice of positions: no gradient flows through the scores
         scores = last_row_scores(layer, hidden, call.get("position_embeddings"), call.get("attention_mask"))
@@ -277,10 +316,18 @@ def _begin(run: _Run, config: FastV, layer: nn.Module, hidden: torch.Tensor, cal
         mass = [float(scores[b, start:end].sum()) for start, end in row]
         available += sizes
         counts += visual_token_counts(config.tokens, sizes, allocation=config.allocation, scores=mass)
-    run.keep = keep_positions(scores, spans, counts)
+    state = FastVState(layer_k, available, counts, [], scores.detach(), None)
+    run.state = state
+    if counts == available:  # nothing to drop (e.g. tokens=1.0): the layers run exactly as unpatched
+        state.kv_visual_tokens = list(counts) if cache is not None else []
+        return
+    real = run.real if run.real is not None and run.real.shape == mask.shape else None
+    # every row keeps its real text tokens + k per image; rows keeping fewer are left-padded
+    run.keep, run.valid = left_pack(keep_positions(scores, spans, counts, real))
+    run.padded = not bool(run.valid.all())
     run.prompt_len, run.entry, run.mode = hidden.shape[1], hidden, "cut"
     run.cache = weakref.ref(cache) if cache is not None else None
-    run.state = FastVState(config.layer, available, counts, [], scores.detach(), run.keep)
+    state.keep = run.keep.masked_fill(~run.valid, -1)
 
 
 def last_row_scores(
@@ -319,7 +366,8 @@ def last_row_scores(
     else:  # a 2-D padding mask (flash attention): padding and causality
         mask_row = mask[:, :length].bool() & (torch.arange(length, device=x.device) <= query_index[:, None])
     bias = row_mask_bias(mask_row, query_index, length)
-    return query_row_attention(q[:, :, 0], k, attn.scaling, bias)
+    softcap = getattr(attn, "attn_logit_softcapping", None)  # Gemma-2-style capped logits
+    return query_row_attention(q[:, :, 0], k, attn.scaling, bias, softcap=softcap)
 
 
 def _query_index(mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -337,7 +385,7 @@ def _query_index(mask: torch.Tensor | None, batch: int, length: int, device: tor
 
 
 def _slice_positional(call: dict, keep: torch.Tensor, length: int) -> None:
-    """cos/sin and position ids of the kept positions."""
+    """cos/sin and position ids of the kept positions (their original positions: 1-D or Qwen's 3-D)."""
     pe = call.get("position_embeddings")
     if pe is not None:
         call["position_embeddings"] = tuple(gather_positions(t, keep, dim=-2, batch_dim=-3) for t in pe)
@@ -346,43 +394,69 @@ def _slice_positional(call: dict, keep: torch.Tensor, length: int) -> None:
         call["position_ids"] = gather_positions(ids, keep, dim=-1, batch_dim=-2)
 
 
-def _slice_prefill(call: dict, keep: torch.Tensor, length: int) -> None:
-    _slice_positional(call, keep, length)
-    mask = call.get("attention_mask")
-    if isinstance(mask, torch.Tensor):
-        if mask.ndim == 4:
-            mask = gather_positions(mask, keep, dim=2)
-        call["attention_mask"] = gather_positions(mask, keep, dim=-1)
+def _check_mask(mask: Any) -> None:
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise NotImplementedError(
+            f"FastV slices tensor attention masks (SDPA, eager, flash attention); this layer got a "
+            f"{type(mask).__name__} (e.g. flex attention's BlockMask): load the model with "
+            "attn_implementation='sdpa'"
+        )
 
 
-def _slice_decode(call: dict, run: _Run, cache: Any, idx: int, new: int) -> None:
-    """Decode step: mask columns of the kept prompt positions plus every later token's."""
+def _slice_prefill(call: dict, run: _Run, flash: bool) -> None:
+    """Prefill of layers >= K: the kept positions only, padding slots masked out as keys."""
+    keep, valid = run.keep, run.valid
+    _slice_positional(call, keep, run.prompt_len)
     mask = call.get("attention_mask")
-    if not isinstance(mask, torch.Tensor):
-        return  # no mask: attend to the whole (already cut) cache
-    width = mask.shape[-1]
+    _check_mask(mask)
+    if mask is None:
+        if not run.padded:
+            return  # plain causal attention over the kept tokens, as before the cut
+        allowed = causal_allowed(valid, keep.shape[1])  # the decoder skipped its causal mask
+        mask = valid.long() if flash else allowed
+    elif mask.ndim == 4:
+        mask = gather_positions(gather_positions(mask, keep, dim=2), keep, dim=-1)
+    else:  # a 2-D padding mask (flash attention)
+        mask = gather_positions(mask, keep, dim=-1)
+    call["attention_mask"] = mask_padding_slots(mask, valid, rows=valid if mask.ndim == 4 else None)
+
+
+def _slice_decode(call: dict, run: _Run, cache: Any, idx: int, new: int, flash: bool) -> None:
+    """Decode step: mask columns of the kept prompt positions plus every later token's; the prompt's
+    padding slots stay masked out."""
+    mask = call.get("attention_mask")
+    _check_mask(mask)
     held = _cache_len(cache, idx)
-    if width - run.prompt_len != held + new - run.keep.shape[1]:
+    later = held + new - run.keep.shape[1]  # tokens after the prompt, the new ones included
+    valid = torch.cat([run.valid, run.valid.new_ones(run.valid.shape[0], later)], dim=1)
+    if mask is None:
+        if run.padded:
+            call["attention_mask"] = valid.long() if flash else causal_allowed(valid, new)
+        return  # otherwise: attend to the whole (already cut) cache
+    width = mask.shape[-1]
+    if width - run.prompt_len != later:
         raise RuntimeError(
             f"FastV: layer {idx}'s KV cache holds {held} entries, which does not match a mask of width {width} "
             f"for a prompt of {run.prompt_len} cut to {run.keep.shape[1]}; was the cache edited in between?"
         )
-    later = torch.arange(run.prompt_len, width, device=mask.device).expand(run.keep.shape[0], -1)
-    columns = torch.cat([run.keep.to(mask.device), later], dim=1)
-    call["attention_mask"] = gather_positions(mask, columns, dim=-1)
+    steps = torch.arange(run.prompt_len, width, device=mask.device).expand(run.keep.shape[0], -1)
+    columns = torch.cat([run.keep.to(mask.device), steps], dim=1)
+    call["attention_mask"] = mask_padding_slots(gather_positions(mask, columns, dim=-1), valid)
 
 
 def _scatter_back(out: Any, run: _Run) -> Any:
     """The last layer's output at full prompt length: kept positions from ``out``, the rest as they
     entered layer K (so logits keep their shape; the last token, the one generate reads, is kept)."""
     hidden = out[0] if isinstance(out, tuple) else out
-    index = run.keep[..., None].expand(-1, -1, hidden.shape[-1])
-    full = run.entry.to(hidden.device, hidden.dtype).scatter(1, index, hidden)
+    full = run.entry.to(hidden.device, hidden.dtype).clone()
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(run.keep)
+    valid = run.valid.to(hidden.device)  # padding slots are not written back
+    full[rows[valid], run.keep.to(hidden.device)[valid]] = hidden[valid]
     run.entry = None
     return (full, *out[1:]) if isinstance(out, tuple) else full
 
 
-def _finish(run: _Run, config: FastV, cache: Any) -> None:
+def _finish(run: _Run, layer_k: int, cache: Any) -> None:
     state = run.state
-    if state is not None and cache is not None and _cache_len(cache, config.layer) == run.keep.shape[1]:
+    if state is not None and cache is not None and _cache_len(cache, layer_k) == run.keep.shape[1]:
         state.kv_visual_tokens = list(state.visual_tokens)

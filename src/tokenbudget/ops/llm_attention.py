@@ -57,15 +57,22 @@ def row_mask_bias(mask_row: torch.Tensor | None, query_index: torch.Tensor, leng
 
 
 def query_row_attention(
-    query: torch.Tensor, keys: torch.Tensor, scaling: float, bias: torch.Tensor | None = None
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention weights of one query per batch row, averaged over heads: ``(B, L)``.
 
     ``query`` ``(B, H, D)``, ``keys`` ``(B, H, L, D)`` (heads already repeated for GQA), ``bias``
-    ``(B, L)`` additive (``row_mask_bias``). The logits are computed in the inputs' dtype and the
-    softmax in float32, as the eager attention of transformers does, so the rows agree.
+    ``(B, L)`` additive (``row_mask_bias``). ``softcap``: Gemma-2-style logit soft-capping
+    (``tanh(logits / softcap) * softcap`` before the mask). The logits are computed in the inputs'
+    dtype and the softmax in float32, as the eager attention of transformers does, so the rows agree.
     """
     logits = torch.einsum("bhd,bhld->bhl", query, keys) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     logits = logits.float()
     if bias is not None:
         logits = logits + bias[:, None, :]
@@ -107,15 +114,19 @@ def image_spans(
 
 
 def keep_positions(
-    scores: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]]], counts: Sequence[int]
+    scores: torch.Tensor,
+    spans: Sequence[Sequence[tuple[int, int]]],
+    counts: Sequence[int],
+    real: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sorted positions kept per row, ``(B, L')``: every position outside the spans, plus in span
-    ``i`` (row-major over all rows' spans) the ``counts[i]`` positions of highest ``scores`` ``(B, L)``.
-
-    ``ValueError`` when the rows would keep different numbers of positions (a batch must stay
-    rectangular: give every row the same number of visual tokens).
+    """The positions kept per row, ``(B, L)`` bool: every real position outside the spans, plus in
+    span ``i`` (row-major over all rows' spans) the ``counts[i]`` positions of highest ``scores``
+    ``(B, L)``. ``real`` ``(B, L)`` bool marks the tokens that are not padding (``None``: all are);
+    padding is never kept, so rows may keep different numbers of positions (see :func:`left_pack`).
     """
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep = (
+        torch.ones_like(scores, dtype=torch.bool) if real is None else real.to(scores.device).bool().clone()
+    )
     image = 0
     for b, row_spans in enumerate(spans):
         for start, end in row_spans:
@@ -124,14 +135,66 @@ def keep_positions(
             top = torch.topk(scores[b, start:end].float(), k, sorted=False).indices
             keep[b, start + top] = True
             image += 1
-    per_row = keep.sum(dim=1)
-    if bool((per_row != per_row[0]).any()):
-        raise ValueError(
-            f"FastV keeps {per_row.tolist()} tokens in the rows of this batch; a batch needs the same count "
-            "per row: give every row the same number of images and visual tokens, a fixed count, or run "
-            "the rows one at a time"
-        )
-    return torch.nonzero(keep)[:, 1].reshape(keep.shape[0], -1)
+    return keep
+
+
+def left_pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different kept counts as one left-padded batch.
+
+    ``keep`` ``(B, L)`` bool -> ``(index, valid)``, both ``(B, L')`` with ``L'`` the largest kept count:
+    ``index`` the kept positions of each row in order, right-aligned; the padding slots before them
+    (``valid`` False) repeat the row's first kept position, so gathering by ``index`` stays in range and
+    finite (the slots must then be masked out of attention, e.g. with :func:`mask_padding_slots`).
+    """
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if keep.numel() else 0
+    length = keep.shape[1]
+    positions = torch.arange(length, device=keep.device).expand_as(keep)
+    # kept positions first, in order, then the rest: a stable sort by "not kept"
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    slots = torch.arange(width, device=keep.device)
+    pad = (width - counts)[:, None]  # padding slots per row
+    valid = slots[None, :] >= pad
+    source = (slots[None, :] - pad).clamp(min=0)  # padding slots read the row's first kept position
+    index = torch.gather(torch.gather(positions, 1, order), 1, source)
+    return index, valid
+
+
+def mask_padding_slots(
+    mask: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """An attention mask with the padding slots of :func:`left_pack` masked out as keys.
+
+    ``mask``: ``(B, 1, Lq, Lk)`` bool (True = may attend) or additive float (0 / dtype minimum), or a
+    ``(B, Lk)`` padding mask (flash attention: 1 = token). ``valid`` ``(B, Lk)`` bool: False at the
+    keys to hide. ``rows`` ``(B, Lq)`` bool, optional: False at padding-slot queries, which are then
+    let to attend to their own key only (the diagonal), so no query row is fully masked (SDPA would
+    return NaN there); their outputs are never read.
+    """
+    valid = valid.to(mask.device)
+    if mask.ndim == 2:
+        return mask * valid.to(mask.dtype) if mask.dtype != torch.bool else mask & valid
+    cols = valid[:, None, None, :]
+    self_only = None
+    if rows is not None:
+        q, k = mask.shape[-2], mask.shape[-1]
+        eye = torch.eye(q, k, dtype=torch.bool, device=mask.device)
+        self_only = eye[None, None] & ~rows.to(mask.device)[:, None, :, None]
+    if mask.dtype == torch.bool:
+        out = mask & cols
+        return out if self_only is None else out | self_only
+    out = mask.masked_fill(~cols, torch.finfo(mask.dtype).min)
+    return out if self_only is None else out.masked_fill(self_only, 0.0)
+
+
+def causal_allowed(valid: torch.Tensor, queries: int) -> torch.Tensor:
+    """``(B, 1, queries, Lk)`` bool causal mask over keys whose last ``queries`` are the queries,
+    with the keys where ``valid`` ``(B, Lk)`` is False hidden (a mask for a layer that got none)."""
+    length = valid.shape[1]
+    keys = torch.arange(length, device=valid.device)
+    query_pos = torch.arange(length - queries, length, device=valid.device)
+    causal = keys[None, :] <= query_pos[:, None]  # (queries, Lk)
+    return causal[None, None] & valid[:, None, None, :]
 
 
 def gather_positions(x: torch.Tensor, positions: torch.Tensor, dim: int, batch_dim: int = 0) -> torch.Tensor:
