@@ -8,15 +8,18 @@ at every call of the VLM, which input positions are image tokens. At prefill, la
    for that one query row from layer K's own ``input_layernorm``, q/k projections (+ q/k norms),
    the rotary function of the model's module with the decoder's cos/sin, and GQA head repeat, with
    the row's own mask (so SDPA or flash attention stay in use; nothing is forced to eager);
-2. keeps the top-k image tokens of every image (order kept) and every text token;
+2. keeps the top-k image tokens of every image (order kept) and every text token that is not
+   padding; rows keeping fewer positions than the longest are left-padded (slots repeating the
+   row's first kept position, masked out as keys in every later mask);
 3. hands layer K and all later layers only those positions: hidden states, cos/sin, mask rows and
    columns, position ids. Their attention therefore writes only the kept tokens to the KV cache.
 
 After the last layer the kept hidden states are scattered back into the full prompt length (the
 dropped positions hold the hidden state they had entering layer K), so logits keep their usual
 shape. During decoding the decoder sizes its mask from layer 0's (full) cache; layers >= K get the
-columns of their kept prompt positions plus the new tokens'. Decode positions continue from the
-full prompt, as FastV keeps every token's original position.
+columns of their kept prompt positions (padding slots masked) plus the new tokens'. Decode
+positions continue from the full prompt, as FastV keeps every token's original position. When
+nothing would be dropped (``tokens=1.0``) the layers run untouched.
 """
 
 from __future__ import annotations
