@@ -28,7 +28,7 @@ from tokenbudget.ops.visual_budget import visual_token_counts
 
 transformers = pytest.importorskip("transformers")
 
-from vlm_models import FAMILIES, PAD, make_vlm, row_alone  # noqa: E402
+from vlm_models import FAMILIES, PAD, make_vlm, row_alone, text_tokens  # noqa: E402
 
 LAYERS = 4  # decoder layers of the test LLMs: FastV's default K=2 has 2 layers before and after it
 STEPS = 3
@@ -54,11 +54,6 @@ def generate(model: torch.nn.Module, inputs: dict, steps: int = STEPS, **options
 def last_logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits[:, -1]
-
-
-def text_tokens(model: torch.nn.Module, batch: dict) -> list[int]:
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    return ((ids != model.config.image_token_id) & (mask == 1)).sum(1).tolist()
 
 
 def hook_count(model: torch.nn.Module) -> int:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tokenbudget as tb
-from vlm_models import FAMILIES, make_vlm
+from vlm_models import FAMILIES, make_vlm, text_tokens
 
 torch.set_num_threads(1)
 
@@ -77,11 +77,6 @@ class LLMInputs:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def text_tokens(model: torch.nn.Module, batch: dict) -> list[int]:
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    return ((ids != model.config.image_token_id) & (mask == 1)).sum(1).tolist()
 
 
 def supported(family: str, method: str) -> bool:

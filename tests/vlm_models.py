@@ -188,3 +188,9 @@ def row_alone(batch: dict, row: int) -> dict:
             if key in batch:
                 alone[key] = batch[key][row : row + 1]
     return alone
+
+
+def text_tokens(model: torch.nn.Module, batch: dict) -> list[int]:
+    """Per row of ``batch``: its tokens that are neither padding nor image placeholders."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return ((ids != model.config.image_token_id) & (mask == 1)).sum(1).tolist()
