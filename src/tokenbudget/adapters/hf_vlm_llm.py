@@ -151,6 +151,7 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module, int]:
 def install_fastv(model: nn.Module, config: FastV) -> FastVHandle:
     """Install ``config`` on a VLM in place; ``handle.uninstall()`` restores it exactly.
 
+    ``config.layer=None`` is resolved here (:func:`resolve_layer`: 2, or N-1 when N <= 2).
     ``ValueError`` for a layer outside 1..N-1 (N: the language model's decoder layers) or a model
     that is not a VLM; ``NotImplementedError`` for a VLM whose language model is not supported.
     """
