@@ -39,6 +39,7 @@ from tokenbudget.cli import main
 from tokenbudget.cli.vlm_eval import budget_list
 from tokenbudget.config.vlm import VisualTokens
 from tokenbudget.evaluate.vlm_answers import first_line, load_vqa, normalise_answer
+from tokenbudget.models.vlm import kv_cache_bytes
 from tokenbudget.ops.visual_budget import visual_token_counts
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER", "ASSISTANT", ":", "question", "answer", "what",
@@ -212,13 +213,14 @@ def test_limit_table_and_out(tiny: SimpleNamespace, capsys: pytest.CaptureFixtur
     out = tmp_path / "rows.json"
     code, text, err = _run(
         capsys, "--model", str(tiny.model), "--data", str(tiny.files["chat"]), "--methods", "full", "--limit", "4",
-        "--max-new-tokens", str(MAX_NEW), "--out", str(out),
+        "--max-new-tokens", str(MAX_NEW), "--out", str(out), "--no-timing",
     )  # fmt: skip
     assert code == 0, err
     assert text.splitlines()[0].split()[:4] == ["method", "tokens", "n", "accuracy"]
     assert "color" in text.splitlines()[0] and text.splitlines()[2].split()[0] == "full"
     rows = json.loads(out.read_text())
     assert rows[0]["n"] == 4 and rows[0]["accuracy"] == pytest.approx(len(RIGHT & set(range(4))) / 4)
+    assert rows[0]["prefill_ratio"] is None and rows[0]["generate_ratio"] == 1.0
 
 
 def test_llava_conversations(tiny: SimpleNamespace, capsys: pytest.CaptureFixture) -> None:
@@ -354,6 +356,17 @@ def test_normalise_and_first_line() -> None:
     assert normalise_answer("An apple, a pear!") == "apple pear"
     assert normalise_answer("theory") == "theory"  # articles only as whole words
     assert first_line("  two\nthree") == "two"
+
+
+def test_kv_cache_bytes() -> None:
+    keys = [torch.zeros(2, 1, 7 - i, 16) for i in range(3)]  # layers may hold fewer entries
+    expected = 2 * sum(k.numel() for k in keys) * 4
+    assert kv_cache_bytes([(k, k.clone()) for k in keys]) == expected
+    assert (
+        kv_cache_bytes(SimpleNamespace(layers=[SimpleNamespace(keys=k, values=k) for k in keys])) == expected
+    )
+    with pytest.raises(ValueError, match="use_cache"):
+        kv_cache_bytes(None)
 
 
 def test_budget_list() -> None:
