@@ -186,6 +186,22 @@ def test_full_accuracy_is_what_plain_generate_scores(
         assert key in full
 
 
+def test_a_tokenizer_without_pad_token_pads_with_its_eos(
+    tiny: SimpleNamespace, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    bare = tmp_path / "no_pad"
+    shutil.copytree(tiny.model, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoProcessor.from_pretrained(bare).tokenizer.pad_token is None
+    rows = _rows(
+        capsys, "--model", str(bare), "--data", str(tiny.files["chat"]), "--methods", "full", "--batch-size", "3",
+        "--max-new-tokens", str(MAX_NEW),
+    )  # fmt: skip
+    assert rows[0]["accuracy"] == pytest.approx(len(RIGHT) / len(tiny.lines))
+
+
 def test_prompt_template_path(tiny: SimpleNamespace, capsys: pytest.CaptureFixture) -> None:
     args = (
         "--model",

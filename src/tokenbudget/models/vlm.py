@@ -55,7 +55,8 @@ def load_vlm(
     Returns:
         ``(model, processor)``: the model in eval mode with SDPA attention on ``device``; the
         processor's tokenizer pads on the left (generation appends on the right, so every prompt
-        must end at the last column) and has a pad token (its end-of-sequence token where it had none).
+        must end at the last column) and has a pad token (where it had none: its end-of-sequence,
+        unknown or first token).
     """
     transformers = _transformers()
     path = Path(path)
@@ -96,9 +97,9 @@ def load_vlm(
         )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"{path}: the tokenizer has neither a pad token nor an end-of-sequence token")
-        tokenizer.pad_token = tokenizer.eos_token
+        # Pad positions are masked out, so any token of the vocabulary pads correctly; adding a new
+        # one would give ids the embedding does not have.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     return model.to(device).eval(), processor
 
 
