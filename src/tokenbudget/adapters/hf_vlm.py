@@ -416,7 +416,7 @@ class VLMAdapter:
             layers = parts.tower_layers(tower)
             layer = layers[parts.feature_layer_index(self.model.config, len(layers))]
             capture = parts.CrossAttentionScores(parts.has_class_token(tower))
-            attention = layer.self_attn
+            attention = parts.layer_attention(layer)
         return capture, attention.register_forward_pre_hook(capture, with_kwargs=True)
 
     def _crop_tokens(self) -> int:

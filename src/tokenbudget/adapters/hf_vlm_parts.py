@@ -40,14 +40,23 @@ def feature_layer_index(config: Any, num_layers: int, *, deepest: bool = True) -
 
 
 def tower_layers(tower: nn.Module) -> list[nn.Module]:
-    """The encoder layers of a CLIP / SigLIP vision tower."""
-    inner = getattr(tower, "vision_model", tower)
-    return list(inner.encoder.layers)
+    """The encoder layers of a CLIP / SigLIP (``encoder.layers``) or DINOv2 (``encoder.layer``) tower."""
+    encoder = getattr(tower, "vision_model", tower).encoder
+    layers = getattr(encoder, "layers", None)
+    return list(layers if layers is not None else encoder.layer)
+
+
+def layer_attention(layer: nn.Module) -> nn.Module:
+    """The self-attention module of one tower layer (CLIP / SigLIP ``self_attn``, DINOv2 ``attention``),
+    whose forward takes the normed hidden states [B, N, C] first."""
+    attention = getattr(layer, "self_attn", None)
+    return attention if attention is not None else layer.attention
 
 
 def has_class_token(tower: nn.Module) -> bool:
-    inner = getattr(tower, "vision_model", tower)
-    return hasattr(inner.embeddings, "class_embedding")
+    """Whether the tower puts a class token first (CLIP ``class_embedding``, DINOv2 ``cls_token``)."""
+    embeddings = getattr(tower, "vision_model", tower).embeddings
+    return hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token")
 
 
 class CrossAttentionScores:
@@ -64,10 +73,12 @@ class CrossAttentionScores:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         h = args[0] if args else kwargs["hidden_states"]  # [B, N, C]
         batch, n, _ = h.shape
-        heads, dim = module.num_heads, module.head_dim
+        heads = getattr(module, "num_heads", None) or module.num_attention_heads
+        dim = module.head_dim
+        scale = getattr(module, "scale", None) or module.scaling
         q = module.q_proj(h).view(batch, n, heads, dim).transpose(1, 2).float()
         k = module.k_proj(h).view(batch, n, heads, dim).transpose(1, 2).float()
-        attn = torch.softmax(q @ k.transpose(-1, -2) * module.scale, dim=-1).mean(1)  # [B, N, N]
+        attn = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1).mean(1)  # [B, N, N]
         self.scores = attn[:, 0] if self.class_token else attn.mean(1)
         self.keys = k.mean(1)
 
