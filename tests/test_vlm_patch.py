@@ -230,8 +230,9 @@ def test_tower_budget_counts_at_the_layer_the_projector_reads():
     assert tb.last_state(model).visual_tokens == [6, 6]
 
 
-def test_visionzip_keeps_the_tokens_the_class_token_attends_to_most():
-    model, make_batch, _ = vlm("llava")
+@pytest.mark.parametrize("family", ["llava", "llava_dinov2"])  # CLIP and DINOv2 towers
+def test_visionzip_keeps_the_tokens_the_class_token_attends_to_most(family):
+    model, make_batch, _ = vlm(family)
     batch = make_batch()
     tower = model.model.vision_tower
     tower.set_attn_implementation("eager")  # attention weights for the reference
@@ -317,7 +318,7 @@ def test_cut_ops():
     assert source[0, 2:].tolist() == [1, 2, 4] and valid[0].tolist() == [False, False, True, True, True]
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_dinov2", "qwen2_vl"])
 def test_right_padding_sampling_and_labels(family):
     model, make_batch, _ = vlm(family)
     batch = make_batch()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "paligemma")
+FAMILIES = ("llava", "llava_dinov2", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "paligemma")
 
 VOCAB = 96
 IMAGE_TOKEN = VOCAB - 1  # the placeholder id; read back from model.config by the library
@@ -46,6 +46,18 @@ def _build(family: str, text_layers: int | None = None) -> torch.nn.Module:
     if family == "llava":
         config = T.LlavaConfig(
             vision_config=T.CLIPVisionConfig(**VISION),
+            text_config=T.LlamaConfig(**text_kw),
+            image_token_id=IMAGE_TOKEN,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            **sdpa,
+        )
+        return T.LlavaForConditionalGeneration(config)
+    if family == "llava_dinov2":  # the small VLM's layout: a DINOv2 tower (class token, LayerScale)
+        dino = dict(VISION, mlp_ratio=2)
+        del dino["intermediate_size"]
+        config = T.LlavaConfig(
+            vision_config=T.Dinov2Config(**dino),
             text_config=T.LlamaConfig(**text_kw),
             image_token_id=IMAGE_TOKEN,
             vision_feature_layer=-2,
@@ -125,7 +137,7 @@ def _build(family: str, text_layers: int | None = None) -> torch.nn.Module:
 
 def _pixels(family: str, model: torch.nn.Module, gen: torch.Generator) -> dict:
     """Pixel inputs of two images (of different sizes where the family allows)."""
-    if family in ("llava", "paligemma"):
+    if family in ("llava", "llava_dinov2", "paligemma"):
         return {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen)}
     if family in ("llava_next", "llava_onevision"):
         # image 0: a wide 32x64 image (base view + 2 tiles); image 1: 32x32 (base view + 1 tile)
