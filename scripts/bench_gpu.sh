@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU throughput of baseline vs ToMe with timm's SDPA attention, fp32 and bf16, batch 1 and 256; each
+# GPU throughput of baseline vs ToMe with timm's SDPA attention, fp32 and bf16, batch 1 and 256 (and a
+# LLaVA-1.5-shaped VLM under every visual-token cut, last); each
 # table has the fixed cost per merging block ("ovh ms": patched minus free-reduction ceiling time,
 # per merging block). One short run (about 10 minutes on an H100).
 # Usage on a machine with CUDA: bash scripts/bench_gpu.sh  -> results/gpu/*.txt (+ batch1_*.json)
@@ -24,3 +25,7 @@ done
 # Every budget-scheduled method at 1.5x and 2x FLOPs-ideal, interleaved against one baseline.
 "$tb" bench --model dinov2_small --methods tome,tome-detail,tofu,random,pool --keep 0.3808,0.0566 \
   --batch-size 256 --device cuda --dtype bf16 --samples 10 --quiet | tee "$out/dinov2_small_methods_bf16.txt"
+# VLM: prefill of a LLaVA-1.5-7B-shaped model (random weights: 576 visual tokens, 32-layer Llama) unpatched
+# vs every visual-token cut at 50 / 25 / 11 % of the visual tokens, and the language model's share.
+PYTHONPATH=src "$py" scripts/bench_vlm.py --shape llava-1.5 --device cuda --dtype bf16 --batch-size 8 \
+  --tokens 0.5,0.25,0.11 --samples 10 --out "$out/vlm_llava15_bf16.json" | tee "$out/vlm_llava15_bf16.txt"
