@@ -26,6 +26,7 @@ GROUPS = (
     "vlm_select",
     "vlm_compress",
     "vlm_slots",
+    "vlm_train",
     "data",
     "cache",
     "demo",

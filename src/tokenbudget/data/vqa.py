@@ -198,7 +198,8 @@ def generate_vqa(
 ) -> tuple[np.ndarray, list[VQAItem]]:
     """``num_scenes`` scenes (uint8 [S, size, size, 3]) and ``questions_per_scene`` questions each.
 
-    Seeded and sequential: the same arguments give the same scenes and questions. Question ``j`` has
+    Seeded and sequential: the same arguments give the same scenes and questions, and any
+    ``questions_per_scene >= len(KINDS)`` gives the same scenes. Question ``j`` has
     kind ``KINDS[j % len(KINDS)]``; when a scene cannot pose that kind (e.g. no shape occurs once),
     it is redrawn until one can, so every kind keeps its share.
     """
@@ -212,14 +213,25 @@ def generate_vqa(
     rng = np.random.default_rng([seed, _SPLIT_SEED[split]])
     images = np.zeros((num_scenes, size, size, 3), np.uint8)
     items: list[VQAItem] = []
+    first = min(questions_per_scene, len(KINDS))
     for s in range(num_scenes):
         kinds = [KINDS[(s * questions_per_scene + q) % len(KINDS)] for q in range(questions_per_scene)]
         while True:  # redraw the scene until it can pose every kind it must
             objects = _scene(rng)
-            posed = [_question(kind, objects, rng) for kind in kinds]
+            posed = [_question(kind, objects, rng) for kind in kinds[:first]]
             if all(p is not None for p in posed):
                 break
         images[s] = _draw(objects, size, rng)
+        # Questions past one of each kind come from the scene's own generator, so asking more of them
+        # keeps the scenes (and any features cached from them) the same; they avoid repeating a
+        # question already asked about the scene where a few redraws allow.
+        extra = np.random.default_rng([seed, _SPLIT_SEED[split], s])
+        for kind in kinds[first:]:
+            for _ in range(10):
+                question = _question(kind, objects, extra)
+                if question[0] not in {q for q, _ in posed}:
+                    break
+            posed.append(question)
         items.extend(VQAItem(s, q, a, k) for (q, a), k in zip(posed, kinds, strict=True))
     return images, items
 
@@ -251,12 +263,15 @@ def write_vqa(
     n_train: int,
     n_test: int,
     *,
-    questions_per_scene: int = 3,
+    questions_per_scene: int = 18,
+    test_questions_per_scene: int = 3,
     size: int = 224,
     seed: int = 0,
 ) -> dict[str, Path]:
-    """Write ``n_train`` / ``n_test`` questions (scenes of ``questions_per_scene`` questions each, the
-    last scene possibly with fewer) as PNG images plus ``train.jsonl`` / ``test.jsonl`` under ``out``.
+    """Write ``n_train`` / ``n_test`` questions (scenes of ``questions_per_scene`` /
+    ``test_questions_per_scene`` questions each, the last scene possibly with fewer; six per train scene
+    lets training share one image among many questions, fewer per test scene spreads the test over more
+    scenes) as PNG images plus ``train.jsonl`` / ``test.jsonl`` under ``out``.
 
     Returns ``{"train": path, "test": path}`` of the JSONL files.
     """
@@ -264,11 +279,16 @@ def write_vqa(
 
     root = Path(out).expanduser()
     paths = {}
-    for split, n in (("train", n_train), ("test", n_test)):
+    for split, n, per in (
+        ("train", n_train, questions_per_scene),
+        ("test", n_test, test_questions_per_scene),
+    ):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n_{split} must be an int >= 1 (questions), got {n!r}")
-        scenes = -(-n // questions_per_scene)
-        images, items = generate_vqa(scenes, questions_per_scene, split=split, size=size, seed=seed)
+        if isinstance(per, bool) or not isinstance(per, int) or per < 1:
+            raise ValueError(f"questions per {split} scene must be an int >= 1, got {per!r}")
+        scenes = -(-n // per)
+        images, items = generate_vqa(scenes, per, split=split, size=size, seed=seed)
         folder = root / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
         for s, image in enumerate(images):
