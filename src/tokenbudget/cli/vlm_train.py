@@ -29,15 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     tv.add_argument(
         "--n-test", type=int, default=900, help="test questions, three per scene (default 900: 300 scenes)"
     )
-    tv.add_argument("--epochs", type=float, default=8.0, help="passes over the train scenes (default 8)")
+    tv.add_argument("--epochs", type=float, default=2.0, help="passes over the train scenes (default 2)")
     group = tv.add_argument_group("model and optimizer")
-    group.add_argument("--hidden-size", type=int, default=256, help="Llama width (default 256)")
+    group.add_argument("--hidden-size", type=int, default=128, help="Llama width (default 128)")
     group.add_argument("--layers", type=int, default=4, help="Llama decoder layers (default 4)")
     group.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     group.add_argument(
         "--batch-size", type=int, default=8, help="scenes per step, all their questions (default 8)"
     )
-    group.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 0.001)")
+    group.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 0.002)")
     group.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
     options.add_seed(tv)
     options.add_run_options(tv, threads=None, json="print the results as JSON")

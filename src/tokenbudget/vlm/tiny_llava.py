@@ -131,7 +131,7 @@ def build_tiny_llava(
     tower: Any,
     processor: Any,
     *,
-    hidden_size: int = 256,
+    hidden_size: int = 128,
     num_layers: int = 4,
     num_heads: int = 4,
     intermediate_size: int | None = None,
