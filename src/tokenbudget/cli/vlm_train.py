@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     group.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 0.002)")
     group.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
+    group.add_argument(
+        "--init",
+        default=None,
+        help="continue training this saved model folder (fresh schedule) instead of a new one",
+    )
     options.add_seed(tv)
     options.add_run_options(tv, threads=None, json="print the results as JSON")
 
@@ -87,6 +92,7 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+        init=args.init,
         bars=lambda total, desc: options.progress(total, desc, disable=args.quiet),
     )
     if args.json:

@@ -364,6 +364,7 @@ def train_vqa_llava(
     batch_size: int = 8,
     lr: float = 2e-3,
     max_seconds: float | None = None,
+    init: str | os.PathLike[str] | None = None,
     bars: Callable[[int, str], Any] | None = None,
 ) -> dict[str, Any]:
     """The whole recipe: write the VQA set to ``out/data``, build the model around the embedded DINOv2-S,
@@ -371,7 +372,8 @@ def train_vqa_llava(
     Auto classes and score the test split per kind (greedy ``generate``). Writes ``out/results.json``
     and returns the same dict (``accuracy``: :func:`per_kind_accuracy`; ``train``: the report; sizes).
 
-    ``bars(total, desc)`` makes a progress bar (an object with ``update(n)`` and ``close()``).
+    ``init``: a saved folder to continue training from (a fresh schedule over ``epochs``) instead of a
+    new model. ``bars(total, desc)`` makes a progress bar (an object with ``update(n)`` and ``close()``).
     """
     import json
 
@@ -382,11 +384,20 @@ def train_vqa_llava(
     folder = Path(out).expanduser()
     files = write_vqa(folder / "data", n_train, n_test, seed=seed)
     train, test = read_vqa(files["train"]), read_vqa(files["test"])
-    tower = dinov2_small_hf()
-    processor = build_processor(tower.config, vocabulary())
-    model = build_tiny_llava(
-        tower, processor, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, seed=seed
-    )
+    if init is not None:  # continue training a saved model (its own sizes and processor)
+        model, processor = load_tiny_llava(init)
+        text = model.config.text_config
+        hidden_size, num_layers, num_heads = (
+            text.hidden_size,
+            text.num_hidden_layers,
+            text.num_attention_heads,
+        )
+    else:
+        tower = dinov2_small_hf()
+        processor = build_processor(tower.config, vocabulary())
+        model = build_tiny_llava(
+            tower, processor, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, seed=seed
+        )
     paths, index = scene_indices(train)
     bar = bars(len(paths), "tower features") if bars else None
     features = tower_features(model, processor, paths, progress=bar.update if bar else None)
@@ -437,6 +448,7 @@ def train_vqa_llava(
             "batch_size": batch_size,
             "lr": lr,
             "train_scenes": scenes,
+            "init": None if init is None else str(init),
         },
         "threads": torch.get_num_threads(),
     }
