@@ -27,6 +27,7 @@ GROUPS = (
     "vlm_compress",
     "vlm_slots",
     "vlm_eval",
+    "vlm_train",
     "data",
     "cache",
     "demo",

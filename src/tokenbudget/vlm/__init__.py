@@ -14,6 +14,11 @@ Objects: :func:`cluster_slots` (k-means slots) and :class:`SlotAttention` group 
 :func:`allocate` splits a total budget across slots (exact sums); :func:`compress_slots` merges
 within each slot to its budget; :class:`Saccade` spends tokens step by step where the query or the
 uncertainty points.
+
+A small VLM to measure cuts on answers: :func:`build_tiny_llava` / :func:`train_vqa_llava` build and
+train a real ``LlavaForConditionalGeneration`` (frozen DINOv2-S tower) on the shapes VQA set;
+:func:`load_tiny_llava` loads a saved one (default folder :func:`vlm_dir`); :func:`answer_questions`
+and :func:`per_kind_accuracy` score it.
 """
 
 from .allocate import (
@@ -50,6 +55,8 @@ from .text import (
     load_text_projection,
     save_text_projection,
 )
+from .tiny_llava import build_processor, build_tiny_llava, load_tiny_llava, save_tiny_llava, vlm_dir
+from .tiny_llava_train import answer_questions, per_kind_accuracy, train_vqa_llava
 from .train import train_compressor
 
 __all__ = [
@@ -70,7 +77,10 @@ __all__ = [
     "TextProjection",
     "TokenAutoencoder",
     "allocate",
+    "answer_questions",
     "best_match_iou",
+    "build_processor",
+    "build_tiny_llava",
     "check_budget",
     "check_tokens",
     "cluster_slots",
@@ -82,17 +92,22 @@ __all__ = [
     "load_compressor",
     "load_slot_attention",
     "load_text_projection",
+    "load_tiny_llava",
     "merge_slots",
+    "per_kind_accuracy",
     "pool",
     "query_relevance",
     "relevance_weights",
     "save_compressor",
     "save_slot_attention",
     "save_text_projection",
+    "save_tiny_llava",
     "select",
     "select_by_scores",
     "slot_complexity",
     "slot_means",
     "train_compressor",
     "train_slot_attention",
+    "train_vqa_llava",
+    "vlm_dir",
 ]
