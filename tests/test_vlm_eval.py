@@ -457,3 +457,31 @@ def test_bad_model_and_method(tiny: SimpleNamespace, capsys: pytest.CaptureFixtu
     assert "pip install 'tokenbudget[hf]'" in _error(
         capsys, "--model", str(tiny.model), *data, "--methods", "full"
     )
+
+
+def test_real_methods_cut_and_a_refused_budget_leaves_the_others(
+    tiny: SimpleNamespace, capsys: pytest.CaptureFixture
+) -> None:
+    """Every kind of cut through tb.vlm_config on the saved model: before the LLM (visionzip), inside
+    the tower (tome) and inside the LLM (fastv); a count larger than an image's tokens is reported on
+    its row and the other rows still run."""
+    import warnings
+
+    data = ("--model", str(tiny.model), "--data", str(tiny.files["chat"]), "--batch-size", "5")
+    rows = _rows(capsys, *data, "--methods", "full,visionzip,tome,fastv", "--tokens", "0.5", "--no-timing")
+    full, *cut = rows
+    available = full["visual_tokens"]
+    assert [r["method"] for r in cut] == ["visionzip", "tome", "fastv"]
+    for row in cut:
+        assert row["error"] is None and row["n"] == full["n"] and 0 <= row["accuracy"] <= 1
+        assert row["visual_tokens"] == round(0.5 * available)  # what reached the LLM (fastv: from layer K)
+    assert cut[2]["kv_visual_tokens"] == round(0.5 * available)
+    assert cut[0]["kv_bytes"] < full["kv_bytes"]  # a shorter prompt, a smaller cache
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = _rows(
+            capsys, *data, "--methods", "full,pool", "--tokens", f"{int(available) + 1},2", "--no-timing"
+        )
+    assert rows[1]["error"] is not None and "larger than" in rows[1]["error"] and rows[1]["accuracy"] is None
+    assert rows[2]["error"] is None and rows[2]["visual_tokens"] == 2
+    assert any("cannot run on this model" in str(w.message) for w in caught)

@@ -25,6 +25,9 @@ def format_answer_table(rows: Sequence[AnswerRow]) -> str:
     )
     lines = [header, "-" * len(header)]
     for r in rows:
+        if r.error is not None:
+            lines.append(f"{r.method:<12} {str(r.tokens):>6}  not run: {r.error}")
+            continue
         accuracy = f"{r.accuracy:.3f}±{r.se:.3f}"
         tokens = "all" if r.method == "full" else str(r.tokens)
         lines.append(

@@ -24,6 +24,7 @@ import re
 import statistics
 import string
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -228,6 +229,8 @@ class AnswerRow:
     kv_ratio: float
     seconds_per_question: float
     config: dict[str, Any] | None = None
+    #: why the method could not run on this model (its other fields are then ``None`` / empty)
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,6 +262,17 @@ def _median_ratio(values: Sequence[float], full: Sequence[float]) -> float | Non
     if not values:
         return None
     return statistics.median(v / f for v, f in zip(values, full, strict=True))
+
+
+def _failed_row(method: str, tokens: Budget, config: Any, error: str) -> AnswerRow:
+    """The row of a method that this model refused (e.g. a tower reducer on a tiled tower)."""
+    none: Any = None
+    return AnswerRow(
+        method=method, tokens=tokens, n=0, accuracy=none, se=none, relative=None, per_kind={},
+        visual_tokens=none, kv_visual_tokens=None, prefill_ratio=None, generate_ratio=None,
+        kv_bytes=none, kv_ratio=none, seconds_per_question=none,
+        config=config.to_dict() if hasattr(config, "to_dict") else None, error=error,
+    )  # fmt: skip
 
 
 def _row(method: str, tokens: Budget, config: Any, tally: _Tally, full: _Tally, kinds: list) -> AnswerRow:
@@ -429,6 +443,9 @@ def evaluate_vlm(
     }
     full = _Tally()
     tallies = [_Tally() for _ in methods]
+    # A method this model cannot take (refused at apply or on its first batch) gets a row that says
+    # why, and the others still run: one unsupported name never costs the whole comparison.
+    failed: dict[int, str] = {}
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
             batch = _Batch(
@@ -439,10 +456,17 @@ def evaluate_vlm(
             _run(model, batch, full, settings=settings, patched=False)
             if progress:
                 progress(1)
-            for (_, _, config), tally in zip(methods, tallies, strict=True):
-                patch.apply(model, config)
+            for index, ((name, _, config), tally) in enumerate(zip(methods, tallies, strict=True)):
+                if index in failed:
+                    continue
                 try:
+                    patch.apply(model, config)
                     _run(model, batch, tally, settings=settings, patched=True)
+                except (ValueError, NotImplementedError) as err:
+                    if start:  # it ran on earlier batches: a failure now is a real error
+                        raise
+                    failed[index] = f"{type(err).__name__}: {err}"
+                    warnings.warn(f"eval-vlm: {name} cannot run on this model: {err}", stacklevel=2)
                 finally:
                     patch.remove(model)
                 if progress:
@@ -450,7 +474,9 @@ def evaluate_vlm(
     kinds = [item.kind for item in items]
     rows = [_row("full", 1.0, None, full, full, kinds)]
     rows += [
-        _row(name, tokens, config, t, full, kinds)
-        for (name, tokens, config), t in zip(methods, tallies, strict=True)
+        _failed_row(name, tokens, config, failed[i])
+        if i in failed
+        else _row(name, tokens, config, t, full, kinds)
+        for i, ((name, tokens, config), t) in enumerate(zip(methods, tallies, strict=True))
     ]
     return rows
