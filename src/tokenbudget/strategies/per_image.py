@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import PerImage, ToMe
+from ..config import Auto, BudgetConfig, PerImage, ToMe
 from ..context import PatchContext
 from ..flops import BlockDims, model_flops
 from ..ops.complexity import detail_score
@@ -36,9 +36,12 @@ from ..ops.glance import level_index, redundancy_need, spread_need
 from ..ops.match import max_mergeable
 from ..state import PerImageState, TokenState
 from .adaptive_patch import gather_rows, run_groups
+from .auto import AutoStrategy
 from .base import ScheduledStrategy
 from .tome import ToMeStrategy
 
+#: weight of the tie-breaking second score of the ``redundancy`` glance (small: it only orders ties)
+TIE_BREAK = 1e-3
 #: merge rate of the fastest schedule: every block merges half of its mergeable tokens
 MAX_RATE = 0.5
 
@@ -206,16 +209,46 @@ def mean_flops_target(config: PerImage, num_tokens: int, num_prefix: int, dims: 
     return schedule_flops(num_tokens, merged, dims)
 
 
-class _RateToMe(ToMeStrategy):
-    """ToMe whose blocks each merge ``rate`` of their mergeable tokens (:func:`rate_schedule`)."""
+def level_config(reducer: str, prop_attn: bool, **budget: Any) -> BudgetConfig:
+    """The fixed reducer a per-image level runs (``"auto"``: :class:`~tokenbudget.Auto`, ``"tome"``:
+    :class:`~tokenbudget.ToMe`) at ``budget`` (``r=`` or ``keep=``)."""
+    if reducer == "auto":
+        return Auto(prop_attn=prop_attn, **budget)
+    if reducer == "tome":
+        return ToMe(prop_attn=prop_attn, **budget)
+    raise ValueError(f"reducer must be 'auto' or 'tome', got {reducer!r}")
 
-    def __init__(self, rate: float, num_layers: int, prop_attn: bool) -> None:
-        super().__init__(ToMe(r=0, prop_attn=prop_attn), num_layers)
-        self.rate = rate
+
+class _RateSchedule:
+    """Mixin: blocks each merge ``rate`` of their mergeable tokens (:func:`rate_schedule`)."""
+
+    rate: float
+    num_layers: int
 
     def compute_plan(self, num_tokens: int, num_prefix: int) -> tuple[list[int], list[int]]:
         counts = rate_schedule(num_tokens, num_prefix, self.num_layers, self.rate)
         return counts, list(counts)
+
+
+class _RateToMe(_RateSchedule, ToMeStrategy):
+    """ToMe whose blocks each merge ``rate`` of their mergeable tokens."""
+
+
+class _RateAuto(_RateSchedule, AutoStrategy):
+    """Auto whose blocks each merge ``rate`` of their mergeable tokens."""
+
+
+def level_strategy(
+    reducer: str, prop_attn: bool, num_layers: int, rate: float | None = None, keep: float | None = None
+) -> ScheduledStrategy:
+    """The strategy of one level: ``reducer`` at ``tb.<Reducer>(keep=keep)`` (the anchored fixed
+    budget) or, with ``rate``, at the geometric schedule of that merge rate."""
+    if keep is not None:
+        config = level_config(reducer, prop_attn, keep=keep)
+        return (AutoStrategy if reducer == "auto" else ToMeStrategy)(config, num_layers)
+    strategy = (_RateAuto if reducer == "auto" else _RateToMe)(level_config(reducer, prop_attn, r=0), num_layers)
+    strategy.rate = rate
+    return strategy
 
 
 # -- glance ------------------------------------------------------------------------------------
@@ -225,7 +258,9 @@ def need_scores(
     """[B] need scores (higher: more tokens) of ``policy`` from the patch embeddings [B, N, C]
     (no prefix) and the model-ready ``images`` [B, 3, H, W]."""
     if policy == "redundancy":
-        return redundancy_need(patch_tokens, 0)
+        # Images whose best-matched half are all exact duplicates (a digit on black) score the same;
+        # the mean over every token breaks those ties, so thresholds can split them.
+        return redundancy_need(patch_tokens, 0) + TIE_BREAK * redundancy_need(patch_tokens, 0, fraction=1.0)
     if policy == "spread":
         return spread_need(patch_tokens, 0)
     if policy == "entropy":
@@ -249,7 +284,7 @@ class LevelGroup:
 
 
 class PerImageStrategy:
-    """The per-block strategy of a ``tb.PerImage`` model: the rate-ToMe of the level the current
+    """The per-block strategy of a ``tb.PerImage`` model: the reducer of the level the current
     sub-batch runs at (``ctx.group``); outside a grouped forward (blocks called directly), all tokens."""
 
     needs_keys = True
@@ -262,9 +297,9 @@ class PerImageStrategy:
         self._local = local
         self.level_plan = plan
         self.levels = [
-            ToMeStrategy(ToMe(keep=plan.anchor_keep, prop_attn=config.prop_attn), num_layers)
+            level_strategy(config.reducer, config.prop_attn, num_layers, keep=plan.anchor_keep)
             if j == plan.anchor
-            else _RateToMe(rate, num_layers, config.prop_attn)
+            else level_strategy(config.reducer, config.prop_attn, num_layers, rate=rate)
             for j, rate in enumerate(plan.rates)
         ]
 
@@ -272,7 +307,7 @@ class PerImageStrategy:
     def prop_attn(self) -> bool:
         return self.config.prop_attn
 
-    def current(self) -> ToMeStrategy:
+    def current(self) -> ScheduledStrategy:
         group = getattr(self._local, "group", None)
         return self.levels[0 if group is None else group.level]
 
