@@ -64,8 +64,12 @@ def load(name: str, model: torch.nn.Module, n_train: int, n_test: int) -> EvalDa
     raise ValueError(f"unknown validation set {name!r}")
 
 
-def cached_features(model: torch.nn.Module, data: EvalData, split: str, config: object | None) -> torch.Tensor:
-    root = Path(os.environ.get("TOKENBUDGET_CACHE") or Path.home() / ".cache" / "tokenbudget") / "features-alloc"
+def cached_features(
+    model: torch.nn.Module, data: EvalData, split: str, config: object | None
+) -> torch.Tensor:
+    root = (
+        Path(os.environ.get("TOKENBUDGET_CACHE") or Path.home() / ".cache" / "tokenbudget") / "features-alloc"
+    )
     root.mkdir(parents=True, exist_ok=True)
     images = data.train_images if split == "train" else data.test_images
     code = hashlib.sha256()
@@ -96,23 +100,27 @@ def cached_features(model: torch.nn.Module, data: EvalData, split: str, config: 
 
 
 def candidates(keep: float) -> dict[str, object]:
-    return {
+    out = {
         "tome": tb.ToMe(keep=keep),
         "auto-drop": tb.AutoDrop(keep=keep),
         "tofu": tb.ToFu(keep=keep),
-        "distinct 0.7": tb.Auto(keep=keep, rule="distinct", threshold=0.7),
-        "distinct 0.8": tb.Auto(keep=keep, rule="distinct", threshold=0.8),
-        "distinct 0.9": tb.Auto(keep=keep, rule="distinct", threshold=0.9),
-        "distinct 0.8 mlerp": tb.Auto(keep=keep, rule="distinct", threshold=0.8, fuse="mlerp"),
-        "duplicate 0.9": tb.Auto(keep=keep, rule="duplicate", threshold=0.9),
-        "dispersion 0.1": tb.Auto(keep=keep, rule="dispersion", threshold=0.1),
+        "random": tb.RandomDrop(keep=keep),
+        "pool": tb.GridPool(keep=keep),
     }
+    for t in (0.008, 0.012, 0.016, 0.02, 0.03):
+        for fuse in ("mean", "mlerp"):
+            out[f"dispersion {t} {fuse}"] = tb.Auto(keep=keep, rule="dispersion", threshold=t, fuse=fuse)
+    for t in (0.8, 0.9, 0.95):
+        out[f"distinct {t}"] = tb.Auto(keep=keep, rule="distinct", threshold=t)
+        out[f"duplicate {t}"] = tb.Auto(keep=keep, rule="duplicate", threshold=t)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--speedup", type=float, default=2.0)
     parser.add_argument("--n", type=int, default=240, help="train and validation images per set")
+    parser.add_argument("--n-sets", default="", help="per-set sizes, e.g. fashion-mnist-val=120")
     parser.add_argument("--sets", default="textures-val,fashion-mnist-val,anomaly-val")
     parser.add_argument("--only", default=None, help="comma-separated candidate names")
     parser.add_argument("--threads", type=int, default=2)
@@ -123,9 +131,13 @@ def main() -> None:
     chosen = candidates(keep)
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
-    print(f"FLOPs-ideal {args.speedup}x (keep {keep:.4f}); k-NN k=20 and linear probe on full-token train features")
+    print(
+        f"FLOPs-ideal {args.speedup}x (keep {keep:.4f}); k-NN k=20 and linear probe on full-token train features"
+    )
     for name in args.sets.split(","):
-        data = load(name, model, args.n, args.n)
+        sizes = dict(item.split("=") for item in args.n_sets.split(",") if item)
+        n_set = int(sizes.get(name, args.n))
+        data = load(name, model, n_set, n_set)
         n = len(data.test_labels)
         tr = cached_features(model, data, "train", None)
         te = cached_features(model, data, "test", None)
@@ -141,7 +153,10 @@ def main() -> None:
             knn = knn_accuracy(tr, data.train_labels, red, data.test_labels, k=k)
             lin = linear_probe_accuracy(tr, data.train_labels, red, data.test_labels)
             shift = feature_shift(tr, data.train_labels, te, red).worst
-            print(f"  {label:<22} {knn:>6.3f} {lin:>6.3f} {cosine_fidelity(red, te):>7.4f} {shift:>6.3f}", flush=True)
+            print(
+                f"  {label:<22} {knn:>6.3f} {lin:>6.3f} {cosine_fidelity(red, te):>7.4f} {shift:>6.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -244,7 +244,9 @@ def calibrate_per_image(
         reducer=reducer,
     )
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 0.5:
-        raise ValueError(f"tolerance must be a relative FLOPs error in (0, 0.5), e.g. 0.005; got {tolerance!r}")
+        raise ValueError(
+            f"tolerance must be a relative FLOPs error in (0, 0.5), e.g. 0.005; got {tolerance!r}"
+        )
     if rule not in RULES:
         raise ValueError(f"rule must be 'fit' (run every level on the images) or 'spread', got {rule!r}")
     if is_patched(model):

@@ -104,7 +104,9 @@ class AutoDrop(BudgetConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.matching not in self._matchings:
-            raise ValueError(f"AutoDrop: matching must be one of {list(self._matchings)}, got {self.matching!r}")
+            raise ValueError(
+                f"AutoDrop: matching must be one of {list(self._matchings)}, got {self.matching!r}"
+            )
         if self.merge not in self._merges:
             raise ValueError(f"AutoDrop: merge must be one of {list(self._merges)}, got {self.merge!r}")
         if self.max_size is not None:
@@ -121,7 +123,9 @@ class AutoDrop(BudgetConfig):
             if isinstance(m, bool) or not isinstance(m, int) or m < 2:
                 raise ValueError(f"AutoDrop: mean_up_to must be an int >= 2 (patches) or None, got {m!r}")
             if self.merge != "drop":
-                raise ValueError("AutoDrop: mean_up_to applies to merge='drop' (it averages the small groups)")
+                raise ValueError(
+                    "AutoDrop: mean_up_to applies to merge='drop' (it averages the small groups)"
+                )
         p = self.prune_layers
         if isinstance(p, bool) or not isinstance(p, int) or p < 0:
             raise ValueError(f"AutoDrop: prune_layers must be an int >= 0, got {p!r}")

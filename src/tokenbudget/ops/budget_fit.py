@@ -274,7 +274,9 @@ def hold_budget(
     k = len(level_flops)
     flops = torch.tensor(level_flops, dtype=torch.float64)
     if len(thresholds) != k - 1 or scores.dim() != 1 or len(scores) == 0:
-        raise ValueError(f"expected {k - 1} thresholds and scores [M]; got {len(thresholds)} and {tuple(scores.shape)}")
+        raise ValueError(
+            f"expected {k - 1} thresholds and scores [M]; got {len(thresholds)} and {tuple(scores.shape)}"
+        )
     if not float(flops.min()) <= target <= float(flops.max()):
         raise ValueError(
             f"a mean FLOPs fraction of {target:.3f} is out of reach of these levels "

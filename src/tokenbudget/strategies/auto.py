@@ -3,13 +3,12 @@ dropped, chosen per pair (Auto) or always dropped (AutoDrop, by default)."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-import torch
-
 from ..config import Auto, AutoDrop
-from ..ops.gated_merge import merge_gated, pair_similarity
 from ..ops.disjoint import disjoint_bipartite_matching
+from ..ops.gated_merge import merge_gated, pair_similarity
 from ..ops.match import bipartite_soft_matching
 from ..ops.merge import drop_matched, merge_mlerp, merge_weighted, update_token_map
 from ..ops.moments import merge_moment_preserving

@@ -246,7 +246,9 @@ def level_strategy(
     if keep is not None:
         config = level_config(reducer, prop_attn, keep=keep)
         return (AutoStrategy if reducer == "auto" else ToMeStrategy)(config, num_layers)
-    strategy = (_RateAuto if reducer == "auto" else _RateToMe)(level_config(reducer, prop_attn, r=0), num_layers)
+    strategy = (_RateAuto if reducer == "auto" else _RateToMe)(
+        level_config(reducer, prop_attn, r=0), num_layers
+    )
     strategy.rate = rate
     return strategy
 
