@@ -61,6 +61,14 @@ def load(name: str, model: torch.nn.Module, n_train: int, n_test: int) -> EvalDa
         train = rank < per_train
         x = to_model_input(images, 224, mean, std)
         return EvalData("fashion-mnist-val-s7", x[train], labels[train], x[~train], labels[~train])
+    if name.startswith("folder:"):  # a held-out labelled folder (for confirming, never for choosing)
+        data = load_eval_data(name[len("folder:") :], 224, mean, std)
+        data.name = name
+        return data
+    if name.startswith("test:"):  # a dev set's test split (for confirming, never for choosing)
+        data = load_eval_data(name[len("test:") :], 224, mean, std, n_train=n_train, n_test=n_test, seed=0)
+        data.name = name
+        return data
     raise ValueError(f"unknown validation set {name!r}")
 
 

@@ -53,8 +53,11 @@ def merge_gated(
     weight = src_size * gate.reshape(-1, 1).to(x.dtype)  # 0 for a dropped pair
     kept_rows = rows.index_select(0, kept)
     src_rows = rows.index_select(0, src)
-    total = (kept_rows * kept_size).index_add_(0, dst, src_rows * weight)
-    out = total / kept_size.index_add(0, dst, weight)
+    # Only destination rows change: d + sum_src (x_src - d) * w_src / W_d equals the weighted
+    # average (W_d: the destination's size plus its averaged members'), with no full-size multiply.
+    averaged_size = kept_size.index_add(0, dst, weight)  # [B*(N-r), 1]
+    delta = (src_rows - kept_rows.index_select(0, dst)) * (weight / averaged_size.index_select(0, dst))
+    out = kept_rows.index_add(0, dst, delta)
     if fuse == "mlerp" and matching.r > 0:
         # longest member among those averaged (a dropped member does not count)
         src_norm = src_rows.norm(dim=-1, keepdim=True) * gate.reshape(-1, 1).to(x.dtype)
