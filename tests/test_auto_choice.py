@@ -81,8 +81,8 @@ def test_auto_spans_drop_and_average(variant, images) -> None:
         for name, config in {
             "tome": tb.ToMe(r=6),
             "drop": tb.AutoDrop(r=6),
-            "auto-drop": tb.Auto(r=6, threshold=-1.0),
-            "auto-mean": tb.Auto(r=6, threshold=1.0),
+            "auto-drop": tb.Auto(r=6, rule="distinct", threshold=-1.0),
+            "auto-mean": tb.Auto(r=6, rule="distinct", threshold=1.0, fuse="mean"),
         }.items():
             tb.apply(model, config)
             outs[name] = model(images)

@@ -144,20 +144,25 @@ class Auto(BudgetConfig):
     ``tokenbudget eval --shift``); dropping keeps every token a real one. The choice per pair, from
     the cosine similarity ``s`` of its two keys (:func:`tokenbudget.ops.gated_merge.pair_similarity`):
 
-    * ``rule="distinct"`` (default): average the pairs with ``s < threshold`` (the token merged away
-      still carries something of its own: a stroke edge, a flaw), drop the near-duplicates
-      (``s >= threshold``: the match already stands for them, and averaging them is what smooths a
-      texture).
-    * ``rule="duplicate"``: the reverse (average near-duplicates, drop the rest).
-    * ``rule="dispersion"``: per image and block, average every pair when the spread (standard
-      deviation) of the pairs' similarities is at least ``threshold``, else drop every pair.
+    * ``rule="dispersion"`` (default): per image and block, average every pair (fused as ``fuse``
+      says) when the standard deviation of the pairs' similarities is at least ``threshold``
+      (0.02), else drop the redundant token of every pair. A stationary texture matches all its
+      pairs about equally well (spread 0.001-0.013 in DINOv2-S's blocks on woven fabrics): its
+      averages would smooth it, so Auto drops. An object on a background (clothes, digits) or an
+      image with a flaw pairs near-duplicates next to merely similar tokens (spread up to 0.06 in
+      late blocks): averaging keeps what the merely similar token carries, so Auto averages.
+    * ``rule="distinct"``: average the pairs with ``s < threshold``, drop the near-duplicates.
+    * ``rule="duplicate"``: average the pairs with ``s >= threshold``, drop the rest.
+
+    The threshold was chosen on validation sets only (``docs/methods/auto.md``); :class:`AutoDrop`
+    always drops, :class:`ToMe` always averages.
 
     Args:
         rule: the criterion above.
         threshold: its threshold (a key cosine for ``distinct``/``duplicate``, a standard deviation
             for ``dispersion``).
-        fuse: how an averaged pair becomes one token: ``"mean"`` (size-weighted, ToMe) or
-            ``"mlerp"`` (the mean rescaled to its longest member's norm, ToFu).
+        fuse: how an averaged pair becomes one token: ``"mlerp"`` (default: the size-weighted mean
+            rescaled to its longest member's norm, ToFu's MLERP) or ``"mean"`` (ToMe's average).
         prop_attn: proportional attention (log token size added to the attention logits).
         trace_source: track which input patches each token stands for (``state.token_map``).
     """
@@ -167,9 +172,9 @@ class Auto(BudgetConfig):
     _rules: ClassVar[tuple[str, ...]] = ("distinct", "duplicate", "dispersion")
     _fuses: ClassVar[tuple[str, ...]] = ("mean", "mlerp")
 
-    rule: str = "distinct"
-    threshold: float = 0.9
-    fuse: str = "mean"
+    rule: str = "dispersion"
+    threshold: float = 0.02
+    fuse: str = "mlerp"
     prop_attn: bool = True
     trace_source: bool = False
 
