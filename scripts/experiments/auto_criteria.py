@@ -110,6 +110,7 @@ def cached_features(
 def candidates(keep: float) -> dict[str, object]:
     out = {
         "tome": tb.ToMe(keep=keep),
+        "auto": tb.Auto(keep=keep),
         "auto-drop": tb.AutoDrop(keep=keep),
         "tofu": tb.ToFu(keep=keep),
         "random": tb.RandomDrop(keep=keep),
