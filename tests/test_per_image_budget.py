@@ -14,7 +14,7 @@ from tokenbudget.evaluate.tables import budget_warnings
 from tokenbudget.ops.budget_fit import hold_budget, mean_level_flops
 from tokenbudget.ops.glance import level_index
 from tokenbudget.strategies.auto import AutoStrategy
-from tokenbudget.strategies.per_image import level_strategy
+from tokenbudget.strategies.per_image_levels import level_strategy
 from tokenbudget.strategies.tome import ToMeStrategy
 
 FLOPS = (1.0, 0.8, 0.5, 0.33)

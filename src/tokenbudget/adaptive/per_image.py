@@ -39,13 +39,13 @@ from ..strategies.per_image import (
     MAX_RATE,
     LevelPlan,
     config_levels,
-    level_config,
     mean_flops_target,
     need_scores,
     rate_schedule,
     resolve_levels,
     schedule_flops,
 )
+from ..strategies.per_image_levels import level_config
 
 #: how :func:`calibrate_per_image` places the thresholds
 RULES = ("fit", "spread")

@@ -176,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if row.method == "per-image":
             cfg = row.config
             print(
-                f"per-image keep={row.keep:g} ({cfg['policy']} glance, {cfg.get('reducer', 'tome')} levels; "
+                f"per-image keep={row.keep:g} ({cfg['policy']}; {cfg.get('reducer', 'tome')} levels; "
                 f"calibrated on {min(300, len(data.train_images))} train images, budget held on all "
                 f"{len(data.train_images)}): target mean FLOPs {cfg['target_flops']:.4f}, train "
                 f"{cfg['calibrated_flops']:.4f}, achieved on test {row.flops_ratio:.4f}"

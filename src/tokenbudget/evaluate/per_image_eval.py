@@ -286,7 +286,7 @@ def evaluate_per_image(
     per-image; gains are against fixed with paired standard errors.
     """
     from ..adaptive.per_image import calibrate_per_image
-    from ..strategies.per_image import level_config
+    from ..strategies.per_image_levels import level_config
     from .budgets import keep_for_flops_speedup
 
     def say(text: str) -> None:

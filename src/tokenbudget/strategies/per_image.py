@@ -27,37 +27,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import Auto, BudgetConfig, PerImage, ToMe
+from ..config import PerImage, ToMe
 from ..context import PatchContext
 from ..flops import BlockDims, model_flops
 from ..ops.complexity import detail_score
 from ..ops.entropy import token_entropy
 from ..ops.glance import level_index, redundancy_need, spread_need
-from ..ops.match import max_mergeable
 from ..state import PerImageState, TokenState
 from .adaptive_patch import gather_rows, run_groups
-from .auto import AutoStrategy
 from .base import ScheduledStrategy
-from .tome import ToMeStrategy
+from .per_image_levels import MAX_RATE, level_strategy, rate_schedule
 
 #: weight of the tie-breaking second score of the ``redundancy`` glance (small: it only orders ties)
 TIE_BREAK = 1e-3
-#: merge rate of the fastest schedule: every block merges half of its mergeable tokens
-MAX_RATE = 0.5
-
-
-# -- levels ------------------------------------------------------------------------------------
-def rate_schedule(num_tokens: int, num_prefix: int, num_layers: int, rate: float) -> list[int]:
-    """Tokens merged by each block when each merges ``rate`` of its mergeable (non-prefix) tokens,
-    rounded, at most half of them (the bipartite limit): a geometric decay of the token count."""
-    if not 0.0 <= rate <= MAX_RATE:
-        raise ValueError(f"rate must be in [0, {MAX_RATE}], got {rate}")
-    counts, n = [], num_tokens
-    for _ in range(num_layers):
-        r = min(round(rate * (n - num_prefix)), max_mergeable(n, num_prefix))
-        counts.append(r)
-        n -= r
-    return counts
 
 
 def schedule_flops(num_tokens: int, merged: Sequence[int], dims: Sequence[BlockDims]) -> float:
@@ -207,50 +189,6 @@ def mean_flops_target(config: PerImage, num_tokens: int, num_prefix: int, dims: 
         return 1.0 / config.flops_speedup
     _, merged = ScheduledStrategy(ToMe(keep=config.keep), len(dims)).compute_plan(num_tokens, num_prefix)
     return schedule_flops(num_tokens, merged, dims)
-
-
-def level_config(reducer: str, prop_attn: bool, **budget: Any) -> BudgetConfig:
-    """The fixed reducer a per-image level runs (``"auto"``: :class:`~tokenbudget.Auto`, ``"tome"``:
-    :class:`~tokenbudget.ToMe`) at ``budget`` (``r=`` or ``keep=``)."""
-    if reducer == "auto":
-        return Auto(prop_attn=prop_attn, **budget)
-    if reducer == "tome":
-        return ToMe(prop_attn=prop_attn, **budget)
-    raise ValueError(f"reducer must be 'auto' or 'tome', got {reducer!r}")
-
-
-class _RateSchedule:
-    """Mixin: blocks each merge ``rate`` of their mergeable tokens (:func:`rate_schedule`)."""
-
-    rate: float
-    num_layers: int
-
-    def compute_plan(self, num_tokens: int, num_prefix: int) -> tuple[list[int], list[int]]:
-        counts = rate_schedule(num_tokens, num_prefix, self.num_layers, self.rate)
-        return counts, list(counts)
-
-
-class _RateToMe(_RateSchedule, ToMeStrategy):
-    """ToMe whose blocks each merge ``rate`` of their mergeable tokens."""
-
-
-class _RateAuto(_RateSchedule, AutoStrategy):
-    """Auto whose blocks each merge ``rate`` of their mergeable tokens."""
-
-
-def level_strategy(
-    reducer: str, prop_attn: bool, num_layers: int, rate: float | None = None, keep: float | None = None
-) -> ScheduledStrategy:
-    """The strategy of one level: ``reducer`` at ``tb.<Reducer>(keep=keep)`` (the anchored fixed
-    budget) or, with ``rate``, at the geometric schedule of that merge rate."""
-    if keep is not None:
-        config = level_config(reducer, prop_attn, keep=keep)
-        return (AutoStrategy if reducer == "auto" else ToMeStrategy)(config, num_layers)
-    strategy = (_RateAuto if reducer == "auto" else _RateToMe)(
-        level_config(reducer, prop_attn, r=0), num_layers
-    )
-    strategy.rate = rate
-    return strategy
 
 
 # -- glance ------------------------------------------------------------------------------------
