@@ -59,12 +59,17 @@ def merge_gated(
     delta = (src_rows - kept_rows.index_select(0, dst)) * (weight / averaged_size.index_select(0, dst))
     out = kept_rows.index_add(0, dst, delta)
     if fuse == "mlerp" and matching.r > 0:
-        # longest member among those averaged (a dropped member does not count)
-        src_norm = src_rows.norm(dim=-1, keepdim=True) * gate.reshape(-1, 1).to(x.dtype)
-        longest = kept_rows.norm(dim=-1, keepdim=True).scatter_reduce(0, dst[:, None], src_norm, "amax")
-        scale = longest / out.norm(dim=-1, keepdim=True).clamp_min(eps)
-        averaged = torch.zeros_like(scale).index_add_(0, dst, weight) > 0
-        out = torch.where(averaged, out * scale, out)
+        # Rescale only the destination rows (a few per block), never a full-size pass: each pair's
+        # destination gets its group's longest averaged member's norm (a dropped member does not count).
+        gate_rows = gate.reshape(-1, 1).to(x.dtype)
+        dst_before = kept_rows.index_select(0, dst).norm(dim=-1, keepdim=True)  # [B*r, 1]
+        member = torch.maximum(dst_before, src_rows.norm(dim=-1, keepdim=True) * gate_rows)
+        longest = torch.zeros_like(averaged_size).scatter_reduce(0, dst[:, None], member, "amax")
+        averaged = torch.zeros_like(averaged_size).index_add_(0, dst, gate_rows) > 0  # [B*(N-r), 1]
+        dst_after = out.index_select(0, dst)  # [B*r, C]
+        scale = longest.index_select(0, dst) / dst_after.norm(dim=-1, keepdim=True).clamp_min(eps)
+        scale = torch.where(averaged.index_select(0, dst), scale, torch.ones_like(scale))
+        out = out.index_copy(0, dst, dst_after * scale)  # repeated destinations write the same row
     return out.view(batch, num_out, channels), new_size.view(batch, num_out, 1)
 
 
