@@ -109,3 +109,21 @@ def test_auto_config_json_and_validation() -> None:
         tb.Auto(r=4, threshold=1.5)
     with pytest.raises(ValueError, match="threshold"):
         tb.Auto(r=4, rule="dispersion", threshold=-0.1)
+
+
+def test_mlerp_with_a_mixed_gate_keeps_the_longest_averaged_members_norm() -> None:
+    g = torch.Generator().manual_seed(2)
+    x, keys = torch.randn(2, 25, 6, generator=g), torch.randn(2, 25, 4, generator=g)
+    matching = bipartite_soft_matching(keys, 10, 1)
+    gate = torch.rand(2, 10, generator=g) > 0.5
+    out, _ = merge_gated(x, None, matching, gate, "mlerp")
+    kept, src, dst = matching.flat_indices
+    rows, flat_out, flat_gate = x.reshape(-1, 6), out.reshape(-1, 6), gate.reshape(-1)
+    for d in dst.unique().tolist():
+        pairs = (dst == d).nonzero().flatten()
+        members = [src[p] for p in pairs if flat_gate[p]]
+        if not members:  # only dropped tokens went here: the destination is untouched
+            assert torch.equal(flat_out[d], rows[kept[d]])
+            continue
+        longest = max(float(rows[i].norm()) for i in [kept[d], *members])
+        assert abs(float(flat_out[d].norm()) - longest) < 1e-4

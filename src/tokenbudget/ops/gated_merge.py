@@ -56,20 +56,21 @@ def merge_gated(
     # Only destination rows change: d + sum_src (x_src - d) * w_src / W_d equals the weighted
     # average (W_d: the destination's size plus its averaged members'), with no full-size multiply.
     averaged_size = kept_size.index_add(0, dst, weight)  # [B*(N-r), 1]
-    delta = (src_rows - kept_rows.index_select(0, dst)) * (weight / averaged_size.index_select(0, dst))
-    out = kept_rows.index_add(0, dst, delta)
+    dst_rows = kept_rows.index_select(0, dst)  # [B*r, C] each pair's destination before the merge
+    delta = (src_rows - dst_rows) * (weight / averaged_size.index_select(0, dst))
+    out = kept_rows.index_add_(0, dst, delta)  # kept_rows is this function's own copy: add in place
     if fuse == "mlerp" and matching.r > 0:
         # Rescale only the destination rows (a few per block), never a full-size pass: each pair's
         # destination gets its group's longest averaged member's norm (a dropped member does not count).
         gate_rows = gate.reshape(-1, 1).to(x.dtype)
-        dst_before = kept_rows.index_select(0, dst).norm(dim=-1, keepdim=True)  # [B*r, 1]
+        dst_before = dst_rows.norm(dim=-1, keepdim=True)  # [B*r, 1]
         member = torch.maximum(dst_before, src_rows.norm(dim=-1, keepdim=True) * gate_rows)
         longest = torch.zeros_like(averaged_size).scatter_reduce(0, dst[:, None], member, "amax")
         averaged = torch.zeros_like(averaged_size).index_add_(0, dst, gate_rows) > 0  # [B*(N-r), 1]
         dst_after = out.index_select(0, dst)  # [B*r, C]
         scale = longest.index_select(0, dst) / dst_after.norm(dim=-1, keepdim=True).clamp_min(eps)
         scale = torch.where(averaged.index_select(0, dst), scale, torch.ones_like(scale))
-        out = out.index_copy(0, dst, dst_after * scale)  # repeated destinations write the same row
+        out.index_copy_(0, dst, dst_after * scale)  # repeated destinations write the same row
     return out.view(batch, num_out, channels), new_size.view(batch, num_out, 1)
 
 
