@@ -47,7 +47,7 @@ def main() -> None:
     for name in args.sets.split(","):
         data = load(name, model, 40, args.n)
         record.clear()
-        tb.apply(model, tb.Auto(keep=keep, threshold=-1.0))
+        tb.apply(model, tb.Auto(keep=keep, rule="distinct", threshold=-1.0))  # drops every pair
         with torch.no_grad():
             model(data.test_images[: args.n])
         tb.remove(model)
