@@ -156,7 +156,9 @@ def test_visualize_draws_auto_groups(tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("framework", ["hf", "openclip"])
-@pytest.mark.parametrize("config", [tb.Auto(r=4), tb.AutoDrop(r=4, mean_up_to=3), tb.AutoDrop(r=4), tb.PiToMe(r=4)], ids=repr)
+@pytest.mark.parametrize(
+    "config", [tb.Auto(r=4), tb.AutoDrop(r=4, mean_up_to=3), tb.AutoDrop(r=4), tb.PiToMe(r=4)], ids=repr
+)
 def test_auto_and_pitome_on_the_other_frameworks(framework, config, images) -> None:
     """Every framework's adapter runs them at ToMe's counts; zero budget and remove restore the model."""
     from hf_models import make_hf
