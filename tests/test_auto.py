@@ -1,4 +1,5 @@
-"""The Auto reducer: its ops (one-to-one capped matching, moment-preserving merge) and its contract."""
+"""The drop-only reducer (tb.AutoDrop) and its experiment options: its ops (one-to-one capped matching,
+moment-preserving merge) and its contract. Auto's per-pair choice: tests/test_auto_choice.py."""
 
 from __future__ import annotations
 
@@ -204,10 +205,10 @@ def test_small_group_merge_rejects_a_bad_cap() -> None:
 # -- the strategy on tiny models -------------------------------------------------------------------------
 
 VARIANTS_OF_AUTO = [
-    tb.Auto(r=8),
-    tb.Auto(r=8, mean_up_to=4),
-    tb.Auto(r=8, matching="disjoint", max_size=4, merge="moment"),
-    tb.Auto(r=8, merge="mlerp", prune_layers=1),
+    tb.AutoDrop(r=8),
+    tb.AutoDrop(r=8, mean_up_to=4),
+    tb.AutoDrop(r=8, matching="disjoint", max_size=4, merge="moment"),
+    tb.AutoDrop(r=8, merge="mlerp", prune_layers=1),
 ]
 
 
@@ -216,7 +217,7 @@ def test_zero_budget_is_unpatched_on_every_variant(variant, images) -> None:
     model = make_tiny(variant)
     with torch.no_grad():
         expected = model(images)
-        for config in (tb.Auto(r=0), tb.Auto(keep=1.0, matching="disjoint", merge="moment")):
+        for config in (tb.AutoDrop(r=0), tb.AutoDrop(keep=1.0, matching="disjoint", merge="moment")):
             tb.apply(model, config)
             assert (model(images) - expected).abs().max() <= 1e-5
     tb.remove(model)
@@ -237,35 +238,35 @@ def test_auto_on_every_variant(variant, config, images) -> None:
 
 
 def test_config_json_and_validation() -> None:
-    config = tb.Auto(keep=0.25, matching="disjoint", max_size=8, merge="moment", prune_layers=2)
+    config = tb.AutoDrop(keep=0.25, matching="disjoint", max_size=8, merge="moment", prune_layers=2)
     assert tb.config_from_json(config.to_json()) == config
     with pytest.raises(ValueError, match="matching must be one of"):
-        tb.Auto(r=4, matching="optimal")
+        tb.AutoDrop(r=4, matching="optimal")
     with pytest.raises(ValueError, match="merge must be one of"):
-        tb.Auto(r=4, merge="max")
+        tb.AutoDrop(r=4, merge="max")
     with pytest.raises(ValueError, match="max_size must be an int >= 2"):
-        tb.Auto(r=4, matching="disjoint", max_size=1)
+        tb.AutoDrop(r=4, matching="disjoint", max_size=1)
     with pytest.raises(ValueError, match="max_size needs matching='disjoint'"):
-        tb.Auto(r=4, matching="greedy", max_size=8)
+        tb.AutoDrop(r=4, matching="greedy", max_size=8)
     with pytest.raises(ValueError, match="prune_layers must be an int >= 0"):
-        tb.Auto(r=4, prune_layers=-1)
+        tb.AutoDrop(r=4, prune_layers=-1)
     with pytest.raises(ValueError, match="mean_up_to must be an int >= 2"):
-        tb.Auto(r=4, mean_up_to=1)
+        tb.AutoDrop(r=4, mean_up_to=1)
     with pytest.raises(ValueError, match="mean_up_to applies to merge='drop'"):
-        tb.Auto(r=4, merge="mean", mean_up_to=4)
-    with pytest.raises(ValueError, match="Auto needs exactly one budget"):
-        tb.Auto()
+        tb.AutoDrop(r=4, merge="mean", mean_up_to=4)
+    with pytest.raises(ValueError, match="AutoDrop needs exactly one budget"):
+        tb.AutoDrop()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_default_auto_is_tome_matching_with_the_match_dropped(variant, images) -> None:
+def test_auto_drop_is_tome_matching_with_the_match_dropped(variant, images) -> None:
     """The default drops in every block: ToFu's pruning step (its blocks before ``switch_layer``)."""
     model = make_tiny(variant)
     beyond_the_last_block = 100
     with torch.no_grad():
         tb.apply(model, tb.ToFu(r=6, switch_layer=beyond_the_last_block))
         pruned = model(images)
-        tb.apply(model, tb.Auto(r=6))
+        tb.apply(model, tb.AutoDrop(r=6))
         auto = model(images)
         tb.apply(model, tb.ToMe(r=6))
         tome = model(images)

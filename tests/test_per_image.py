@@ -192,8 +192,8 @@ def test_calibration_meets_the_target_on_its_images(model: torch.nn.Module) -> N
         assert cfg.target_flops == pytest.approx(1 / 1.6)
         # Achieved on the calibration images: within one image's worth of the target.
         assert abs(cfg.calibrated_flops - cfg.target_flops) < 1.0 / len(images)
-        if rule == "fit":
-            assert cfg.calibrated_flops <= cfg.target_flops + 1e-9
+        # and held within 0.5 % of it (or the closest the images' levels allow)
+        assert abs(cfg.calibrated_flops / cfg.target_flops - 1) <= max(0.005, 0.5 / len(images))
         tb.apply(model, cfg)
         model(images)
         assert tb.last_state(model).mean_flops == pytest.approx(cfg.calibrated_flops, abs=1e-6)
@@ -251,9 +251,9 @@ def test_each_image_runs_at_its_level_in_input_order(model: torch.nn.Module, con
     for i in range(len(x)):
         alone = model(x[i : i + 1])
         assert torch.allclose(alone, out[i : i + 1], atol=1e-5)
-        # The same image under plain ToMe with its level's schedule gives the same output.
+        # The same image under plain Auto (the levels' reducer) with its level's schedule gives the same output.
         level = int(state.levels[i])
-        tb.apply(model, tb.ToMe(r=list(plan.merged[level])))
+        tb.apply(model, tb.Auto(r=list(plan.merged[level])))
         assert torch.allclose(model(x[i : i + 1]), out[i : i + 1], atol=1e-5)
         tb.apply(model, config)
     assert state.speedups.tolist() == [LEVELS[int(v)] for v in state.levels]
@@ -384,7 +384,7 @@ def test_the_anchored_level_is_the_fixed_budget_itself(model: torch.nn.Module) -
     thresholds = (-1e9,) * below + (1e9,) * (len(LEVELS) - 1 - below)
     config = tb.PerImage(keep=keep, levels=LEVELS, thresholds=thresholds)
     with torch.inference_mode():
-        tb.apply(model, tb.ToMe(keep=keep))
+        tb.apply(model, tb.Auto(keep=keep))  # the levels' reducer
         fixed = model(x)
         tb.apply(model, config)
         per_image = model(x)
@@ -398,7 +398,7 @@ def test_the_anchored_level_is_the_fixed_budget_itself(model: torch.nn.Module) -
 @pytest.mark.slow
 def test_embedded_dinov2_runs_each_mix_image_at_its_own_level() -> None:
     """On the real weights and real mixed images: calibrated thresholds meet the target on their
-    images, and each image's output under the grouped model is its level's ToMe output."""
+    images, and each image's output under the grouped model is its level's Auto output."""
     from tokenbudget.adaptive.per_image import config_level_plan
     from tokenbudget.data.images import model_normalization, rgb_uint8_to_model_input
     from tokenbudget.data.mix import dev_mix
@@ -416,7 +416,7 @@ def test_embedded_dinov2_runs_each_mix_image_at_its_own_level() -> None:
         state = tb.last_state(model)
         for level in state.levels.unique().tolist():
             members = (state.levels == level).nonzero().flatten()
-            tb.apply(model, tb.ToMe(r=list(plan.merged[level])))
+            tb.apply(model, tb.Auto(r=list(plan.merged[level])))
             assert torch.allclose(pooled[members], model(x[members]), atol=1e-4)
         tb.remove(model)
     assert len(state.group_sizes) > 1  # real mixed images spread over levels

@@ -59,7 +59,7 @@ def test_eval_on_textures_with_shift_and_the_new_methods(own_cache, capsys) -> N
     assert rows[0]["shift"] == 0.0
     for row in rows[1:]:
         assert row["shift"] >= 0.0 and row["final_tokens"] == rows[3]["final_tokens"]  # ToMe's counts
-    assert rows[1]["config"]["method"] == "auto" and rows[1]["config"]["merge"] == "drop"
+    assert rows[1]["config"]["method"] == "auto" and rows[1]["config"]["rule"] == "dispersion"
     # a reduced backbone moves the features: auto's shift is measured, not a placeholder
     assert rows[1]["cosine"] < 1.0 and rows[1]["shift"] > 0.0
 
@@ -156,7 +156,9 @@ def test_visualize_draws_auto_groups(tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("framework", ["hf", "openclip"])
-@pytest.mark.parametrize("config", [tb.Auto(r=4), tb.Auto(r=4, mean_up_to=3), tb.PiToMe(r=4)], ids=repr)
+@pytest.mark.parametrize(
+    "config", [tb.Auto(r=4), tb.AutoDrop(r=4, mean_up_to=3), tb.AutoDrop(r=4), tb.PiToMe(r=4)], ids=repr
+)
 def test_auto_and_pitome_on_the_other_frameworks(framework, config, images) -> None:
     """Every framework's adapter runs them at ToMe's counts; zero budget and remove restore the model."""
     from hf_models import make_hf

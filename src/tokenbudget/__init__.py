@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "GridPool": ".config.merging",
     "PiToMe": ".config.auto",
     "Auto": ".config.auto",
+    "AutoDrop": ".config.auto",
     "Prune": ".config.pruning",
     "DynamicViT": ".config.pruning",
     "AdaptivePatch": ".config.adaptive",

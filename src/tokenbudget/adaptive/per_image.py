@@ -22,11 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import Adapter, find_adapter
-from ..config import PerImage, ToMe
+from ..config import BudgetConfig, PerImage
 from ..config.per_image import DEFAULT_PER_IMAGE_LEVELS
 from ..ops.budget_fit import (
     fit_staircase,
     fit_staircase_within,
+    hold_budget,
     mean_level_flops,
     profile_shares,
     quality_floor_targets,
@@ -44,6 +45,7 @@ from ..strategies.per_image import (
     resolve_levels,
     schedule_flops,
 )
+from ..strategies.per_image_levels import level_config
 
 #: how :func:`calibrate_per_image` places the thresholds
 RULES = ("fit", "spread")
@@ -154,11 +156,14 @@ def pooled_features(model: nn.Module, images: Tensor) -> Tensor:
     return torch.cat([tokens[:, 0], mean], dim=1)
 
 
-def level_cosines(model: nn.Module, images: Tensor, plan: LevelPlan, batch_size: int = 32) -> Tensor:
-    """[N, K] cosine similarity of each image's :func:`pooled_features` at each level of ``plan`` to
-    its full-token ones (level 0 of a plan starting at 1.0 gives 1)."""
+def level_cosines(
+    model: nn.Module, images: Tensor, plan: LevelPlan, batch_size: int = 32, reducer: str = "auto"
+) -> Tensor:
+    """[N, K] cosine similarity of each image's :func:`pooled_features` at each level of ``plan``
+    (run by ``reducer``, ``"auto"`` or ``"tome"``) to its full-token ones (level 0 of a plan starting
+    at 1.0 gives 1)."""
 
-    def features(config: ToMe | None) -> Tensor:
+    def features(config: BudgetConfig | None) -> Tensor:
         if config is not None:
             apply(model, config)
         try:
@@ -176,7 +181,7 @@ def level_cosines(model: nn.Module, images: Tensor, plan: LevelPlan, batch_size:
     full = features(None).double()
     columns = []
     for rate, merged in zip(plan.rates, plan.merged, strict=True):
-        feats = full if rate == 0 else features(ToMe(r=list(merged), prop_attn=True)).double()
+        feats = full if rate == 0 else features(level_config(reducer, True, r=list(merged))).double()
         columns.append(torch.nn.functional.cosine_similarity(feats, full, dim=-1))
     return torch.stack(columns, dim=1)
 
@@ -193,6 +198,8 @@ def calibrate_per_image(
     shares: Sequence[float] | None = None,
     predictor: str | None = None,
     glance_images: Tensor | None = None,
+    reducer: str = "auto",
+    tolerance: float = 0.005,
     batch_size: int = 32,
 ) -> PerImage:
     """A :class:`~tokenbudget.PerImage` whose thresholds give ``images`` (training images, normalised
@@ -202,6 +209,12 @@ def calibrate_per_image(
     the glance sees: with rule ``"fit"`` the thresholds then also keep *their* mean FLOPs within the
     target (:func:`~tokenbudget.ops.budget_fit.fit_staircase_within`), so that the budget holds on
     new images and not only on the few embedded at every level.
+
+    The thresholds then hold the budget: on ``glance_images`` (or on ``images`` without them) the
+    mean FLOPs lands within ``tolerance`` (relative, default 0.5 %) of the target
+    (:func:`~tokenbudget.ops.budget_fit.hold_budget`), recorded as ``calibrated_flops``.
+
+    ``reducer``: what every level runs, ``"auto"`` (default) or ``"tome"`` (``tb.PerImage.reducer``).
 
     ``levels``: the FLOPs-ideal speedups images may run at; ``None``: the default ladder
     (1, 1.25, 1.5, 2, 3, 4) up to what the model reaches (a small model on small inputs merges out
@@ -223,8 +236,17 @@ def calibrate_per_image(
     if levels is None:
         levels = reachable_levels(model, DEFAULT_PER_IMAGE_LEVELS, input_tokens(find_adapter(model), images))
     base = PerImage(
-        keep=keep, flops_speedup=flops_speedup, policy=policy, predictor=predictor, levels=tuple(levels)
+        keep=keep,
+        flops_speedup=flops_speedup,
+        policy=policy,
+        predictor=predictor,
+        levels=tuple(levels),
+        reducer=reducer,
     )
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 0.5:
+        raise ValueError(
+            f"tolerance must be a relative FLOPs error in (0, 0.5), e.g. 0.005; got {tolerance!r}"
+        )
     if rule not in RULES:
         raise ValueError(f"rule must be 'fit' (run every level on the images) or 'spread', got {rule!r}")
     if is_patched(model):
@@ -234,16 +256,17 @@ def calibrate_per_image(
     plan = config_levels(base, num_tokens, adapter.num_prefix, adapter.block_dims())
     target = flops_target(model, base, num_tokens)
     scores = glance_scores(model, images, base, batch_size)
+    budget_scores = scores if glance_images is None else glance_scores(model, glance_images, base, batch_size)
     if rule == "fit":
-        quality = level_cosines(model, images, plan, batch_size)
+        quality = level_cosines(model, images, plan, batch_size, reducer)
         if glance_images is None:
             thresholds = fit_staircase(scores, quality, plan.flops, target)
         else:
-            budget_scores = glance_scores(model, glance_images, base, batch_size)
             thresholds = fit_staircase_within(scores, quality, plan.flops, target, budget_scores)
     else:
         thresholds = thresholds_for_shares(scores, profile_shares(target, plan.flops, shares))
-    index = level_index(scores, torch.tensor(thresholds, dtype=torch.float64), len(plan.flops))
+    thresholds = hold_budget(thresholds, budget_scores, plan.flops, target, tolerance)
+    index = level_index(budget_scores, torch.tensor(thresholds, dtype=torch.float64), len(plan.flops))
     achieved = mean_level_flops(index, plan.flops)
     return replace(base, thresholds=thresholds, target_flops=target, calibrated_flops=round(achieved, 6))
 

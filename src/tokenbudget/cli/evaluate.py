@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from . import methods, options
 
@@ -97,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..config import BudgetConfig, PerImage, config_class
     from ..evaluate import evaluate, format_eval_table, keep_for_flops_speedup, method_config, pareto_plot
     from ..evaluate.distributed import is_main
-    from ..evaluate.tables import rows_to_csv
+    from ..evaluate.tables import budget_warnings, rows_to_csv
     from ..patch import apply, remove
 
     chosen = args.methods
@@ -156,6 +157,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             fh.write(rows_to_csv(rows))
     if args.plot:
         pareto_plot(rows, args.plot)
+    targets = None
+    if args.flops_speedup is not None:
+        targets = {keep: 1.0 / s for keep, s in zip(keeps[1:], args.flops_speedup, strict=True)}
+    warnings = budget_warnings(rows, targets)
+    for line in warnings:
+        print(line, file=sys.stderr)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
@@ -164,14 +171,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"{size} px, {torch.get_num_threads()} threads"
     )
     print(format_eval_table(rows))
+    full = next((r for r in rows if r.method == "full"), None)
     for row in rows:
         if row.method == "per-image":
             cfg = row.config
             print(
-                f"per-image keep={row.keep:g} ({cfg['policy']}; calibrated on {min(300, len(data.train_images))} "
-                f"train images): target mean FLOPs {cfg['target_flops']:.4f}, train {cfg['calibrated_flops']:.4f}, "
-                f"achieved on test {row.flops_ratio:.4f}"
+                f"per-image keep={row.keep:g} ({cfg['policy']}; {cfg.get('reducer', 'tome')} levels; "
+                f"calibrated on {min(300, len(data.train_images))} train images, budget held on all "
+                f"{len(data.train_images)}): target mean FLOPs {cfg['target_flops']:.4f}, train "
+                f"{cfg['calibrated_flops']:.4f}, achieved on test {row.flops_ratio:.4f}"
             )
+            fixed = [r for r in rows if r.keep == row.keep and r.method not in ("full", "per-image")]
+            if full is not None and fixed:
+                best_knn = max(fixed, key=lambda r: r.knn_acc)
+                best_lin = max(fixed, key=lambda r: r.linear_acc)
+                print(
+                    f"  headroom at keep={row.keep:g} (full tokens minus the best fixed method): k-NN "
+                    f"{100 * (full.knn_acc - best_knn.knn_acc):+.1f} points over {best_knn.method}, linear "
+                    f"{100 * (full.linear_acc - best_lin.linear_acc):+.1f} over {best_lin.method}; per-image "
+                    f"{100 * (row.knn_acc - best_knn.knn_acc):+.1f} / {100 * (row.linear_acc - best_lin.linear_acc):+.1f}"
+                )
+    for line in warnings:
+        print(line)
     print(
         f"k-NN (cosine, k={rows[0].knn_k}) and linear probe fit on full-token train features; drop in points "
         "vs full; cosine: reduced vs full test features; speedup measured at batch "

@@ -9,7 +9,7 @@ import importlib
 import pkgutil
 
 from .adaptive import AdaptivePatch
-from .auto import Auto, PiToMe
+from .auto import Auto, AutoDrop, PiToMe
 from .base import (
     DEFAULT_ENTROPY_FLOOR,
     BudgetConfig,
@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_ENTROPY_FLOOR",
     "AdaptivePatch",
     "Auto",
+    "AutoDrop",
     "BudgetConfig",
     "DynamicViT",
     "GridPool",

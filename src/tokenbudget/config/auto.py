@@ -1,4 +1,5 @@
-"""Configs of the reducer without ToMe's texture bias (:class:`Auto`) and of PiToMe, at ToMe's per-layer counts."""
+"""Configs of the reducers that choose how a ToMe pair becomes one token (:class:`Auto`, :class:`AutoDrop`)
+and of PiToMe, all at ToMe's per-layer counts."""
 
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ class PiToMe(BudgetConfig):
 
 
 @dataclass(frozen=True)
-class Auto(BudgetConfig):
-    """ToMe's budget and speed without ToMe's bias on stationary textures (woven fabric, inspection images).
+class AutoDrop(BudgetConfig):
+    """Drop, never average: ToMe's budget, pairs and speed, the redundant token of each pair dropped.
 
     Give exactly one budget (``r``, ``keep`` or ``tokens``, see :class:`BudgetConfig`); every
     block removes exactly as many tokens as :class:`ToMe` would, so FLOPs are ToMe's.
@@ -63,9 +64,8 @@ class Auto(BudgetConfig):
     a softer, lower-contrast texture: the bias this reducer exists to avoid). See
     ``docs/methods/auto.md`` for the measurements behind the choice. Outside textures dropping
     keeps less than averaging (lower cosine to the full features on photos and Fashion-MNIST, and
-    lower accuracy where small flaws decide the class): Auto is the safe choice for data you do not
-    know (it never fell below random dropping), :class:`ToMe` the better one where averaging is known
-    to help.
+    lower accuracy where small flaws decide the class): :class:`Auto` chooses per pair between the
+    two. The options below are the variants measured on the way (``docs/methods/auto.md``).
 
     Args:
         matching: ``"greedy"`` (ToMe's: several tokens may merge into one per block) or
@@ -88,7 +88,7 @@ class Auto(BudgetConfig):
         trace_source: track which input patches each token stands for (``state.token_map``).
     """
 
-    method: ClassVar[str] = "auto"
+    method: ClassVar[str] = "auto-drop"
     _flags: ClassVar[tuple[str, ...]] = ("prop_attn", "trace_source")
     _matchings: ClassVar[tuple[str, ...]] = ("greedy", "disjoint")
     _merges: ClassVar[tuple[str, ...]] = ("drop", "mean", "mlerp", "moment")
@@ -104,24 +104,85 @@ class Auto(BudgetConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.matching not in self._matchings:
-            raise ValueError(f"Auto: matching must be one of {list(self._matchings)}, got {self.matching!r}")
+            raise ValueError(
+                f"AutoDrop: matching must be one of {list(self._matchings)}, got {self.matching!r}"
+            )
         if self.merge not in self._merges:
-            raise ValueError(f"Auto: merge must be one of {list(self._merges)}, got {self.merge!r}")
+            raise ValueError(f"AutoDrop: merge must be one of {list(self._merges)}, got {self.merge!r}")
         if self.max_size is not None:
             if isinstance(self.max_size, bool) or not isinstance(self.max_size, int) or self.max_size < 2:
                 raise ValueError(
-                    f"Auto: max_size must be an int >= 2 (patches) or None, got {self.max_size!r}"
+                    f"AutoDrop: max_size must be an int >= 2 (patches) or None, got {self.max_size!r}"
                 )
             if self.matching != "disjoint":
                 raise ValueError(
-                    "Auto: max_size needs matching='disjoint' (a greedy block can exceed any cap)"
+                    "AutoDrop: max_size needs matching='disjoint' (a greedy block can exceed any cap)"
                 )
         m = self.mean_up_to
         if m is not None:
             if isinstance(m, bool) or not isinstance(m, int) or m < 2:
-                raise ValueError(f"Auto: mean_up_to must be an int >= 2 (patches) or None, got {m!r}")
+                raise ValueError(f"AutoDrop: mean_up_to must be an int >= 2 (patches) or None, got {m!r}")
             if self.merge != "drop":
-                raise ValueError("Auto: mean_up_to applies to merge='drop' (it averages the small groups)")
+                raise ValueError(
+                    "AutoDrop: mean_up_to applies to merge='drop' (it averages the small groups)"
+                )
         p = self.prune_layers
         if isinstance(p, bool) or not isinstance(p, int) or p < 0:
-            raise ValueError(f"Auto: prune_layers must be an int >= 0, got {p!r}")
+            raise ValueError(f"AutoDrop: prune_layers must be an int >= 0, got {p!r}")
+
+
+@dataclass(frozen=True)
+class Auto(BudgetConfig):
+    """ToMe's budget and speed, with each matched pair either averaged or its redundant token dropped,
+    chosen per image and per block from the tokens themselves (no labels, no training).
+
+    Give exactly one budget (``r``, ``keep`` or ``tokens``, see :class:`BudgetConfig`); every block
+    finds ToMe's pairs (bipartite soft matching on the attention keys) and removes exactly as many
+    tokens as :class:`ToMe` would, so FLOPs are ToMe's. Averaging keeps what both members of a pair
+    carry, but on a stationary texture the averages of many similar patches are smoother and lower in
+    contrast than any real patch, and the model reads them as a softer fabric (the feature shift of
+    ``tokenbudget eval --shift``); dropping keeps every token a real one. The choice per pair, from
+    the cosine similarity ``s`` of its two keys (:func:`tokenbudget.ops.gated_merge.pair_similarity`):
+
+    * ``rule="dispersion"`` (default): per image and block, average every pair (fused as ``fuse``
+      says) when the standard deviation of the pairs' similarities is at least ``threshold``
+      (0.02), else drop the redundant token of every pair. A stationary texture matches all its
+      pairs about equally well (spread 0.001-0.013 in DINOv2-S's blocks on woven fabrics): its
+      averages would smooth it, so Auto drops. An object on a background (clothes, digits) or an
+      image with a flaw pairs near-duplicates next to merely similar tokens (spread up to 0.06 in
+      late blocks): averaging keeps what the merely similar token carries, so Auto averages.
+    * ``rule="distinct"``: average the pairs with ``s < threshold``, drop the near-duplicates.
+    * ``rule="duplicate"``: average the pairs with ``s >= threshold``, drop the rest.
+
+    The threshold was chosen on validation sets only (``docs/methods/auto.md``); :class:`AutoDrop`
+    always drops, :class:`ToMe` always averages.
+
+    Args:
+        rule: the criterion above.
+        threshold: its threshold (a key cosine for ``distinct``/``duplicate``, a standard deviation
+            for ``dispersion``).
+        fuse: how an averaged pair becomes one token: ``"mlerp"`` (default: the size-weighted mean
+            rescaled to its longest member's norm, ToFu's MLERP) or ``"mean"`` (ToMe's average).
+        prop_attn: proportional attention (log token size added to the attention logits).
+        trace_source: track which input patches each token stands for (``state.token_map``).
+    """
+
+    method: ClassVar[str] = "auto"
+    _flags: ClassVar[tuple[str, ...]] = ("prop_attn", "trace_source")
+    _rules: ClassVar[tuple[str, ...]] = ("distinct", "duplicate", "dispersion")
+    _fuses: ClassVar[tuple[str, ...]] = ("mean", "mlerp")
+
+    rule: str = "dispersion"
+    threshold: float = 0.02
+    fuse: str = "mlerp"
+    prop_attn: bool = True
+    trace_source: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rule not in self._rules:
+            raise ValueError(f"Auto: rule must be one of {list(self._rules)}, got {self.rule!r}")
+        if self.fuse not in self._fuses:
+            raise ValueError(f"Auto: fuse must be one of {list(self._fuses)}, got {self.fuse!r}")
+        low = 0.0 if self.rule == "dispersion" else -1.0
+        _check_fraction("Auto", f"threshold (rule {self.rule!r})", self.threshold, low, 1.0)

@@ -1,4 +1,4 @@
-"""Config of per-image budgets: a glance at each image picks its own ToMe budget level."""
+"""Config of per-image budgets: a glance at each image picks its own budget level (Auto or ToMe)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from .base import ReductionConfig
 
 #: the glance scores a per-image budget can be chosen by (:mod:`tokenbudget.strategies.per_image`)
 PER_IMAGE_POLICIES = ("redundancy", "entropy", "detail", "spread", "predictor")
+#: the fixed reducers a per-image level can run
+PER_IMAGE_REDUCERS = ("auto", "tome")
 #: default per-image budget levels, as FLOPs-ideal speedups of the blocks (1.0: all tokens)
 DEFAULT_PER_IMAGE_LEVELS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 
@@ -20,11 +22,11 @@ def _check_positive_number(name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class PerImage(ReductionConfig):
-    """A per-image token budget: a cheap glance at each image picks its own ToMe budget level, so
+    """A per-image token budget: a cheap glance at each image picks its own budget level, so
     that images that need few tokens spend few and the mean cost meets a target.
 
     Each level is a FLOPs-ideal speedup of the blocks (``1.0`` runs all tokens); a level runs as
-    ToMe with the schedule that reaches it (:func:`tokenbudget.strategies.per_image.resolve_levels`).
+    ``reducer`` (Auto by default) with the schedule that reaches it (:func:`tokenbudget.strategies.per_image.resolve_levels`).
     The policy scores each image's need (higher: more tokens) from a glance; ``thresholds`` split
     the scores into levels: an image with score ``s`` gets ``levels[len(levels) - 1 - i]``, ``i``
     the number of thresholds ``<= s`` (low scores run the fastest level). A batch runs as one
@@ -53,6 +55,9 @@ class PerImage(ReductionConfig):
         anchor: the level nearest the mean budget runs the fixed budget itself (ToMe's ``keep``
             schedule at exactly the mean FLOPs) instead of the geometric schedule, so that images
             that all get that level are exactly the fixed budget.
+        reducer: what every level runs: ``"auto"`` (default, :class:`~tokenbudget.Auto`, the best
+            fixed reducer we measured, so the anchored level is ``tb.Auto(keep=...)``) or
+            ``"tome"`` (:class:`~tokenbudget.ToMe`).
     """
 
     method: ClassVar[str] = "per-image"
@@ -67,6 +72,7 @@ class PerImage(ReductionConfig):
     calibrated_flops: float | None = None
     prop_attn: bool = True
     anchor: bool = True
+    reducer: str = "auto"
 
     def __post_init__(self) -> None:
         given = [name for name in ("keep", "flops_speedup") if getattr(self, name) is not None]
@@ -118,6 +124,8 @@ class PerImage(ReductionConfig):
             value = getattr(self, name)
             if value is not None:
                 _check_positive_number(name, value)
+        if self.reducer not in PER_IMAGE_REDUCERS:
+            raise ValueError(f"reducer must be one of {list(PER_IMAGE_REDUCERS)}, got {self.reducer!r}")
         for name in ("prop_attn", "anchor"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

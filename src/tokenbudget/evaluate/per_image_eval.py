@@ -273,8 +273,10 @@ def evaluate_per_image(
     seed: int = 0,
     train_full: Tensor | None = None,
     progress: Callable[[str], None] | None = None,
+    reducer: str = "auto",
 ) -> list[PerImageRun]:
-    """``tb.PerImage`` against ToMe at the same mean FLOPs on model-ready images [N, 3, H, W].
+    """``tb.PerImage`` against the fixed budget of its ``reducer`` (``"auto"``: ``tb.Auto``, or
+    ``"tome"``) at the same mean FLOPs on model-ready images [N, 3, H, W].
 
     For each FLOPs-ideal ``speedup``: ToMe's ``keep`` for it (the harness's
     :func:`~tokenbudget.evaluate.keep_for_flops_speedup`), then ``tb.PerImage(keep=keep)``
@@ -284,7 +286,7 @@ def evaluate_per_image(
     per-image; gains are against fixed with paired standard errors.
     """
     from ..adaptive.per_image import calibrate_per_image
-    from ..config import ToMe
+    from ..strategies.per_image_levels import level_config
     from .budgets import keep_for_flops_speedup
 
     def say(text: str) -> None:
@@ -303,8 +305,9 @@ def evaluate_per_image(
     n = len(test_labels)
     for speedup in speedups:
         keep = keep_for_flops_speedup(model, speedup)
-        say(f"{speedup:g}x: fixed ToMe keep={keep:g}")
-        fixed_feats, fixed_flops = real_run(model, test_images, ToMe(keep=keep), batch_size)
+        say(f"{speedup:g}x: fixed {reducer} keep={keep:g}")
+        fixed = level_config(reducer, True, keep=keep)
+        fixed_feats, fixed_flops = real_run(model, test_images, fixed, batch_size)
         say(f"{speedup:g}x: calibrating per-image ({policy}, {rule}) on {len(subset)} train images")
         config = calibrate_per_image(
             model,
@@ -312,6 +315,8 @@ def evaluate_per_image(
             keep=keep,
             policy=policy,
             rule=rule,
+            reducer=reducer,
+            glance_images=train_images,
             batch_size=batch_size,
             **({} if levels is None else {"levels": tuple(levels)}),
         )
@@ -346,7 +351,7 @@ def format_per_image_runs(runs: Sequence[PerImageRun], name: str) -> str:
     for run in runs:
         cfg = run.config
         lines.append(
-            f"{name}, FLOPs-ideal {run.speedup:g}x: fixed ToMe keep={run.fixed_keep:g}; per-image policy "
+            f"{name}, FLOPs-ideal {run.speedup:g}x: fixed {run.config.get('reducer', 'tome')} keep={run.fixed_keep:g}; per-image policy "
             f"{cfg['policy']}, levels {cfg['levels']}, calibrated target FLOPs {cfg['target_flops']:.4f} "
             f"(train: {cfg['calibrated_flops']:.4f}); test images per level {run.level_counts}"
         )

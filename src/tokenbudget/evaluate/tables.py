@@ -29,6 +29,28 @@ def format_eval_table(rows: Sequence[EvalRow]) -> str:
     return "\n".join(lines)
 
 
+def budget_warnings(
+    rows: Sequence[EvalRow], targets: dict[float, float] | None = None, tolerance: float = 0.03
+) -> list[str]:
+    """One line per row whose mean FLOPs (``flops_ratio``) misses its target by more than
+    ``tolerance`` (relative): a per-image row's own ``target_flops``, any other row's
+    ``targets[keep]`` (e.g. ``1 / speedup`` under ``--flops-speedup``; rows without one are not
+    checked). A reducer that spends less than it was given is not comparable at that budget."""
+    lines = []
+    for r in rows:
+        target = r.config.get("target_flops") if r.method == "per-image" else (targets or {}).get(r.keep)
+        if r.method == "full" or target is None or not target > 0:
+            continue
+        miss = r.flops_ratio / target - 1.0
+        if abs(miss) > tolerance:
+            lines.append(
+                f"WARNING: {r.method} at keep {r.keep:g} spent {r.flops_ratio:.4f} of full FLOPs against a target "
+                f"of {target:.4f} ({100 * miss:+.1f} %, more than {100 * tolerance:g} %): its scores are not "
+                "at the budget of the other rows"
+            )
+    return lines
+
+
 def rows_to_csv(rows: Sequence[EvalRow]) -> str:
     buffer = io.StringIO()
     names = [f for f in EvalRow.__dataclass_fields__ if f != "config"]

@@ -253,8 +253,79 @@ def fit_staircase_within(
     return best
 
 
+def hold_budget(
+    thresholds: Sequence[float],
+    scores: Tensor,
+    level_flops: Sequence[float],
+    target: float,
+    tolerance: float = 0.005,
+) -> tuple[float, ...]:
+    """``thresholds`` moved as little as needed so that the images scored ``scores`` [M] get a mean
+    FLOPs within ``tolerance`` (relative) of ``target``.
+
+    A staircase fitted on a few hundred images, or one whose glance scores have many equal values,
+    can leave the budget far below the target. From the assignment the thresholds give, whole blocks
+    of equal scores move one level at a time at a boundary between adjacent levels: up (to more
+    tokens, the neediest image of the cheaper level first) while the mean is below the target, down
+    while it is above. Each step takes the boundary whose move is smallest in FLOPs, so the fitted
+    shape changes as little as possible; it stops at the mean closest to the target.
+    Levels are ordered from the most tokens (0) to the fewest, as in ``tb.PerImage``.
+    """
+    k = len(level_flops)
+    flops = torch.tensor(level_flops, dtype=torch.float64)
+    if len(thresholds) != k - 1 or scores.dim() != 1 or len(scores) == 0:
+        raise ValueError(
+            f"expected {k - 1} thresholds and scores [M]; got {len(thresholds)} and {tuple(scores.shape)}"
+        )
+    if not float(flops.min()) <= target <= float(flops.max()):
+        raise ValueError(
+            f"a mean FLOPs fraction of {target:.3f} is out of reach of these levels "
+            f"({float(flops.min()):.3f} to {float(flops.max()):.3f})"
+        )
+    ordered, _ = scores.double().sort(descending=True)  # most need first
+    values, counts = torch.unique_consecutive(ordered, return_counts=True)  # blocks of equal scores
+    sizes = counts.tolist()
+    block = level_index(values, torch.tensor(thresholds, dtype=torch.float64), k).tolist()  # non-decreasing
+    m = len(ordered)
+    total = sum(float(flops[lvl]) * c for lvl, c in zip(block, sizes, strict=True))
+
+    def error(t: float) -> float:
+        return abs(t / m - target)
+
+    while error(total) > tolerance * target:
+        best = None
+        up = total / m < target
+        for b in range(len(block)):
+            lvl = block[b]
+            if up:  # the neediest block of its level moves to the next dearer level
+                if lvl == 0 or (b > 0 and block[b - 1] == lvl):
+                    continue
+                new = lvl - 1
+            else:  # the least needy block of its level moves to the next cheaper level
+                if lvl == k - 1 or (b + 1 < len(block) and block[b + 1] == lvl):
+                    continue
+                new = lvl + 1
+            moved = total + (float(flops[new]) - float(flops[lvl])) * sizes[b]
+            if best is None or abs(moved - total) < abs(best[2] - total):
+                best = (b, new, moved)
+        if best is None or error(best[2]) >= error(total):
+            break  # no move brings the mean closer
+        block[best[0]], total = best[1], best[2]
+    out = []
+    for level in range(k - 1):  # threshold between level ``level`` (more tokens) and ``level + 1``
+        last = max((b for b in range(len(block)) if block[b] <= level), default=None)
+        if last is None:
+            out.append(float(values[0]) + 1.0)
+        elif last == len(block) - 1:
+            out.append(float(values[-1]) - 1.0)
+        else:
+            out.append(float((values[last] + values[last + 1]) / 2))
+    return tuple(reversed(out))
+
+
 __all__ = [
     "bracket_shares",
+    "hold_budget",
     "fit_staircase",
     "fit_staircase_within",
     "mean_level_flops",

@@ -33,28 +33,13 @@ from ..flops import BlockDims, model_flops
 from ..ops.complexity import detail_score
 from ..ops.entropy import token_entropy
 from ..ops.glance import level_index, redundancy_need, spread_need
-from ..ops.match import max_mergeable
 from ..state import PerImageState, TokenState
 from .adaptive_patch import gather_rows, run_groups
 from .base import ScheduledStrategy
-from .tome import ToMeStrategy
+from .per_image_levels import MAX_RATE, level_strategy, rate_schedule
 
-#: merge rate of the fastest schedule: every block merges half of its mergeable tokens
-MAX_RATE = 0.5
-
-
-# -- levels ------------------------------------------------------------------------------------
-def rate_schedule(num_tokens: int, num_prefix: int, num_layers: int, rate: float) -> list[int]:
-    """Tokens merged by each block when each merges ``rate`` of its mergeable (non-prefix) tokens,
-    rounded, at most half of them (the bipartite limit): a geometric decay of the token count."""
-    if not 0.0 <= rate <= MAX_RATE:
-        raise ValueError(f"rate must be in [0, {MAX_RATE}], got {rate}")
-    counts, n = [], num_tokens
-    for _ in range(num_layers):
-        r = min(round(rate * (n - num_prefix)), max_mergeable(n, num_prefix))
-        counts.append(r)
-        n -= r
-    return counts
+#: weight of the tie-breaking second score of the ``redundancy`` glance (small: it only orders ties)
+TIE_BREAK = 1e-3
 
 
 def schedule_flops(num_tokens: int, merged: Sequence[int], dims: Sequence[BlockDims]) -> float:
@@ -206,18 +191,6 @@ def mean_flops_target(config: PerImage, num_tokens: int, num_prefix: int, dims: 
     return schedule_flops(num_tokens, merged, dims)
 
 
-class _RateToMe(ToMeStrategy):
-    """ToMe whose blocks each merge ``rate`` of their mergeable tokens (:func:`rate_schedule`)."""
-
-    def __init__(self, rate: float, num_layers: int, prop_attn: bool) -> None:
-        super().__init__(ToMe(r=0, prop_attn=prop_attn), num_layers)
-        self.rate = rate
-
-    def compute_plan(self, num_tokens: int, num_prefix: int) -> tuple[list[int], list[int]]:
-        counts = rate_schedule(num_tokens, num_prefix, self.num_layers, self.rate)
-        return counts, list(counts)
-
-
 # -- glance ------------------------------------------------------------------------------------
 def need_scores(
     policy: str, patch_tokens: Tensor, images: Tensor, patch_size: int, predictor: Any = None
@@ -225,7 +198,9 @@ def need_scores(
     """[B] need scores (higher: more tokens) of ``policy`` from the patch embeddings [B, N, C]
     (no prefix) and the model-ready ``images`` [B, 3, H, W]."""
     if policy == "redundancy":
-        return redundancy_need(patch_tokens, 0)
+        # Images whose best-matched half are all exact duplicates (a digit on black) score the same;
+        # the mean over every token breaks those ties, so thresholds can split them.
+        return redundancy_need(patch_tokens, 0) + TIE_BREAK * redundancy_need(patch_tokens, 0, fraction=1.0)
     if policy == "spread":
         return spread_need(patch_tokens, 0)
     if policy == "entropy":
@@ -249,7 +224,7 @@ class LevelGroup:
 
 
 class PerImageStrategy:
-    """The per-block strategy of a ``tb.PerImage`` model: the rate-ToMe of the level the current
+    """The per-block strategy of a ``tb.PerImage`` model: the reducer of the level the current
     sub-batch runs at (``ctx.group``); outside a grouped forward (blocks called directly), all tokens."""
 
     needs_keys = True
@@ -262,9 +237,9 @@ class PerImageStrategy:
         self._local = local
         self.level_plan = plan
         self.levels = [
-            ToMeStrategy(ToMe(keep=plan.anchor_keep, prop_attn=config.prop_attn), num_layers)
+            level_strategy(config.reducer, config.prop_attn, num_layers, keep=plan.anchor_keep)
             if j == plan.anchor
-            else _RateToMe(rate, num_layers, config.prop_attn)
+            else level_strategy(config.reducer, config.prop_attn, num_layers, rate=rate)
             for j, rate in enumerate(plan.rates)
         ]
 
@@ -272,7 +247,7 @@ class PerImageStrategy:
     def prop_attn(self) -> bool:
         return self.config.prop_attn
 
-    def current(self) -> ToMeStrategy:
+    def current(self) -> ScheduledStrategy:
         group = getattr(self._local, "group", None)
         return self.levels[0 if group is None else group.level]
 
