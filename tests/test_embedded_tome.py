@@ -87,4 +87,3 @@ def test_quick_demo_runs_offline(tmp_path, capsys) -> None:
     ]
     assert all(row["cos_class_token"] > 0.95 for row in results["rows"])
     assert (tmp_path / "merges_astronaut_r16.png").stat().st_size > 10_000
-

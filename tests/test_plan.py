@@ -82,7 +82,10 @@ def test_plan_shows_progress_per_candidate(tmp_path, capsys) -> None:
 
 @pytest.mark.parametrize(
     "target, range_text",
-    [(["--target-speedup", "3.0"], "--target-speedup up to"), (["--target-flops", "0.3"], "--target-flops from")],
+    [
+        (["--target-speedup", "3.0"], "--target-speedup up to"),
+        (["--target-flops", "0.3"], "--target-flops from"),
+    ],
 )
 def test_unreachable_target_fails_before_measuring(target, range_text, tmp_path, monkeypatch, capsys) -> None:
     import time

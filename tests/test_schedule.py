@@ -78,7 +78,9 @@ def test_a_budget_cut_by_the_merge_limit_warns_with_the_blocks_and_tokens_left()
     from conftest import make_tiny
 
     model = make_tiny("vit")  # 65 tokens (1 prefix), 4 blocks: one step merges at most half of the rest
-    with pytest.warns(UserWarning, match=r"tb.ToMe\(r=20\).*block 2 merges 12 of 20 \(13 tokens left\)") as caught:
+    with pytest.warns(
+        UserWarning, match=r"tb.ToMe\(r=20\).*block 2 merges 12 of 20 \(13 tokens left\)"
+    ) as caught:
         tb.apply(model, tb.ToMe(r=20))
     assert "block 3 merges 6 of 20 (7 tokens left)" in str(caught[0].message)
     assert "7 of 65 tokens are left" in str(caught[0].message)

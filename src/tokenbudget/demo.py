@@ -131,7 +131,9 @@ def run_demo(
         )
 
     samples = 3 if quick else 7
-    say(f"measuring speed (batch {4 if quick else 8}, {torch.get_num_threads()} threads, {len(configs)} configs) ...")
+    say(
+        f"measuring speed (batch {4 if quick else 8}, {torch.get_num_threads()} threads, {len(configs)} configs) ..."
+    )
     bar = _Bar(samples, "timing", not as_json)
     rows = bench(
         model,
