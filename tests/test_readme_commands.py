@@ -59,26 +59,28 @@ def _explore(args: list[str], cwd: Path, env: dict) -> int:
             proc.kill()
 
 
+COMMANDS = readme_commands()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for all the lines, run in order: later lines read what earlier ones wrote."""
+    return tmp_path_factory.mktemp("readme")
+
+
 @pytest.mark.slow
-def test_every_readme_command_exits_0(tmp_path: Path) -> None:
-    env = dict(os.environ)
-    failures, times = [], []
-    for args in readme_commands():
-        start = time.monotonic()
-        if args[0] == "explore":
-            code, err = _explore(args, tmp_path, env), ""
-        else:
-            run = subprocess.run(
-                [sys.executable, "-m", "tokenbudget", *args],
-                cwd=tmp_path,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=1200,
-            )
-            code, err = run.returncode, run.stderr[-2000:]
-        times.append(f"{time.monotonic() - start:6.0f} s  tokenbudget {shlex.join(args)}")
-        if code != 0:
-            failures.append(f"tokenbudget {shlex.join(args)} exited {code}:\n{err}")
-    print("\n".join(times))
-    assert not failures, "\n\n".join(failures)
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("args", COMMANDS, ids=[" ".join(c[:2]) for c in COMMANDS])
+def test_readme_command_exits_0(args: list[str], workdir: Path) -> None:
+    if args[0] == "explore":
+        code, err = _explore(args, workdir, dict(os.environ)), ""
+    else:
+        run = subprocess.run(
+            [sys.executable, "-m", "tokenbudget", *args],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=1700,
+        )
+        code, err = run.returncode, run.stderr[-3000:]
+    assert code == 0, f"tokenbudget {shlex.join(args)} exited {code}:\n{err}"
