@@ -117,3 +117,24 @@ def test_plan_api_refuses_an_unreachable_target() -> None:
     model = tb.models.load_model("vit_tiny_patch16_224")
     with pytest.raises(ValueError, match="out of reach"):
         plan(model, None, target_speedup=1.5, keeps=(0.9, 0.8))  # fails before reading the data
+
+
+def test_the_refusal_from_a_recorded_geometry_needs_no_torch(tmp_path) -> None:
+    """What keeps an unreachable target's refusal at about a second: no torch, no model, no data."""
+    import os
+    import subprocess
+    import sys
+
+    geometry = tmp_path / "geometry" / "dinov2_small-default.json"
+    geometry.parent.mkdir()
+    dims = [{"dim": 384, "attn_dim": 384, "mlp_hidden": 1536}] * 12
+    geometry.write_text(json.dumps({"model": "dinov2_small", "img_size": None, "tokens": 257, "prefix": 1,
+                                    "layers": 12, "dims": dims}))  # fmt: skip
+    code = (
+        "import sys; from tokenbudget.cli import main; rc = main(['plan', '--target-speedup', '2.0']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    env = dict(os.environ, TOKENBUDGET_CACHE=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "out of reach" in run.stderr and "1.91x" in run.stderr
+    assert run.stdout.split() == ["2", "False"]

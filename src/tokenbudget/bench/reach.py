@@ -10,14 +10,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from ..adapters import find_adapter
 from ..config import BudgetConfig, PerImage, ReductionConfig, config_class
 from ..flops import BlockDims, ideal_speedup
-from ..schedule import tokens_after_each_layer
-from ..strategies import ScheduledStrategy, make_strategy
+from ..schedule import clamp_schedule, resolve_schedule, tokens_after_each_layer
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# Nothing here imports torch at module level (the adapters and strategies load inside the functions
+# that need them): ``plan`` refuses an unreachable target from a recorded geometry in a second.
 
 #: fractions of tokens left after the last block that ``plan`` tries by default
 DEFAULT_KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
@@ -45,6 +48,8 @@ class Geometry:
 
 def geometry_of(model: nn.Module) -> Geometry:
     """The geometry of ``model`` at its default input; ``ValueError`` when it has no default patch grid."""
+    from ..adapters import find_adapter
+
     adapter = find_adapter(model)
     if adapter.default_num_tokens is None:
         raise ValueError("the model has no default patch grid; give --img-size or --keep values")
@@ -59,13 +64,21 @@ def config_speedup(geometry: Geometry, config: ReductionConfig) -> float:
     if isinstance(config, PerImage):
         config = BudgetConfig(keep=config.keep)
     g = geometry
-    # the base BudgetConfig has no method of its own: its plan is the shared per-layer schedule
-    strategy = (
-        ScheduledStrategy(config, g.layers)
-        if type(config) is BudgetConfig
-        else make_strategy(config, g.layers)
-    )
-    _, merged = strategy.compute_plan(g.tokens, g.prefix)
+    if isinstance(config, BudgetConfig):
+        # every method with a per-layer budget plans these counts (ScheduledStrategy.compute_plan)
+        requested = resolve_schedule(
+            r=config.r,
+            keep=config.keep,
+            tokens=config.tokens,
+            num_tokens=g.tokens,
+            num_prefix=g.prefix,
+            num_layers=g.layers,
+        )
+        merged = clamp_schedule(requested, g.tokens, g.prefix)
+    else:
+        from ..strategies import make_strategy
+
+        _, merged = make_strategy(config, g.layers).compute_plan(g.tokens, g.prefix)
     return ideal_speedup(g.tokens, tokens_after_each_layer(merged, g.tokens), g.dims)
 
 
