@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,16 @@ def _explore(args: list[str], cwd: Path, env: dict) -> int:
                 break
             if not line and proc.poll() is not None:
                 return proc.returncode
+        # The address is printed just before serving starts: wait until the page answers, so that
+        # the interrupt reaches a serving explorer (as a user's Ctrl-C does).
+        url = re.search(r"http://\S+", line).group(0)
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=10) as page:
+                    if page.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         return proc.wait(timeout=60)
     finally:
