@@ -13,4 +13,4 @@ run vit_small bench --model vit_small_patch16_224 --r 4,8,16 --batch-size 1,32 -
 run vit_small_small_r bench --model vit_small_patch16_224 --r 1,2 --batch-size 1 --threads 2 --samples 20
 run vit_base bench --model vit_base_patch16_224 --r 8,16 --batch-size 1,32 --threads 2 --samples 7
 run dinov2_small bench --model dinov2_small --r 4,8,16 --batch-size 1,32 --threads 2 --samples 12
-echo "== demo"; .venv/bin/tokenbudget demo --out demo_output --threads 2 | tee "$out/demo.txt"
+echo "== demo"; .venv/bin/tokenbudget demo --out demo_output --threads 2 --report "$out/demo.txt"

@@ -19,7 +19,7 @@ for dtype in fp32 bf16; do
       | tee "$out/${model}_${dtype}.txt"
   done
   # Batch 1 in detail: r=16 and small budgets with the cost model off and on, and batch 256.
-  PYTHONPATH=src "$py" scripts/bench_batch1.py --device cuda --dtype "$dtype" --big-batch 256 --samples 10 \
+  PYTHONPATH=src "$py" scripts/experiments/bench_batch1.py --device cuda --dtype "$dtype" --big-batch 256 --samples 10 \
     --only r16,small-r,big --r 1,2,4,8,16 --out "$out/batch1_${dtype}.json" | tee "$out/batch1_${dtype}.txt"
 done
 # Every budget-scheduled method at 1.5x and 2x FLOPs-ideal, interleaved against one baseline.

@@ -1,4 +1,4 @@
-"""Write docs/explore.png: the explorer's page on the embedded DINOv2 (astronaut, ToMe vs pooling at
+"""Write docs/explore.png: the explorer's page on the embedded DINOv2 (astronaut, Auto vs ToMe at
 keep 0.25, measured times shown), taken by headless Debian chromium and stored as a small palette PNG.
 
     python scripts/explore_screenshot.py [--out docs/explore.png] [--image skimage:astronaut] [--keep 0.25]

@@ -1,5 +1,5 @@
 """The README's headline plot: k-NN accuracy per dev set at one FLOPs-ideal speedup, from the table
-that ``scripts/textures_eval.py`` wrote (results/cpu/textures/final.txt), with one standard error.
+that ``scripts/experiments/textures_eval.py`` wrote (results/cpu/textures/final.txt), with one standard error.
 
     python scripts/plot_headline.py results/cpu/textures/final.txt --speedup 2 --out docs/headline_2x.png
 """

@@ -43,3 +43,13 @@ def test_import_is_light() -> None:
     code = "import sys, tokenbudget, tokenbudget.config; print('torch' in sys.modules, 'timm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_dir_lists_the_api_and_nothing_else() -> None:
+    import tokenbudget
+
+    tokenbudget.ToMe, tokenbudget.config  # noqa: B018 - loaded names and submodules must not leak in
+    names = dir(tokenbudget)
+    assert names == sorted(tokenbudget.__all__)
+    assert not {"Any", "annotations", "importlib", "_importlib", "version", "config", "patch"} & set(names)
+    assert all(hasattr(tokenbudget, name) for name in names)

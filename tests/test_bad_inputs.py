@@ -209,7 +209,9 @@ def test_cache_info_and_clear_cache_by_kind(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setenv("TOKENBUDGET_CACHE", str(tmp_path))
     (tmp_path / "tokens").mkdir()
+    (tmp_path / "geometry").mkdir()
     files = {
+        "geometry/dinov2_small-default.json": 9,
         "dinov2_vits14_imgfocus-0.1.1.pt": 300,
         "tokens/abc.pt": 100,
         "tokens/def.pt": 50,
@@ -231,9 +233,10 @@ def test_cache_info_and_clear_cache_by_kind(tmp_path, monkeypatch) -> None:
         "scenes": (1, 20),
         "anomaly": (1, 10),
         "textures": (1, 12),
+        "geometry": (1, 9),
         "other": (1, 5),
     }
-    assert info.total_bytes == 504 and "tokens" in str(info)
+    assert info.total_bytes == 513 and "tokens" in str(info)
     removed = clear_cache("tokens")
     assert (removed.files, removed.bytes) == (2, 150)
     assert (tmp_path / "tokens" / "abc.pt.123.tmp").exists()

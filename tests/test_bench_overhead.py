@@ -67,3 +67,27 @@ def test_bench_command_with_the_cost_model_prints_the_overhead_column(tmp_path, 
     assert main([*argv, "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["config"]["cost_model"] == "auto" and row["overhead_ms"] is not None
+
+
+def test_derived_columns_show_their_interval_or_noise() -> None:
+    from dataclasses import replace
+
+    from tokenbudget.bench.ceiling import merge_overhead_quartiles
+
+    q1, median, q3 = merge_overhead_quartiles(
+        [0.010, 0.012, 0.011, 0.013], [0.010, 0.009, 0.010, 0.009], [2, 2]
+    )
+    assert q1 <= median <= q3 and math.isclose(median, 1.0)  # excess 0, 3, 1, 4 ms over 2 blocks
+    (row,) = bench(
+        make_tiny("vit"), [tb.ToMe(r=8)], batch_sizes=(2,), samples=3, warmup=1, measure_memory=False
+    )
+    assert row.ceiling_q1 <= row.ceiling_speedup <= row.ceiling_q3
+    assert row.ceiling_efficiency_q1 <= row.ceiling_efficiency <= row.ceiling_efficiency_q3
+    clean = replace(row, ceiling_efficiency=0.9, ceiling_efficiency_q1=0.85, ceiling_efficiency_q3=0.95,
+                    overhead_ms=0.5, overhead_q1=0.4, overhead_q3=0.6)  # fmt: skip
+    line = format_table([clean]).splitlines()[2]
+    assert "0.90 0.85-0.95" in line and "0.50 0.40-0.60" in line and "noise" not in line
+    # A patched model above its own ceiling, or a negative cost, is timing noise: said so, no number.
+    noisy = replace(clean, ceiling_efficiency_q3=1.3, overhead_q1=-0.2)
+    line = format_table([noisy]).splitlines()[2]
+    assert "~1 noise" in line and "~0 noise" in line and "0.85-1.30" not in line and "-0.20-0.60" not in line

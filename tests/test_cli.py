@@ -279,3 +279,10 @@ def test_commands_load_only_the_splits_they_use(tmp_path) -> None:
     assert (len(data.train_images), len(data.test_images)) == (10, 0)
     _, data = model_and_data(_parse(["entropy", *common]))
     assert (len(data.train_images), len(data.test_images)) == (0, 2)
+
+
+def test_visualize_help_speaks_of_one_picture(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["visualize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "one method and one budget per picture" in text and "interleaved" not in text

@@ -72,8 +72,13 @@ def test_proportional_attention_helps_on_real_weights(dinov2, natural_images) ->
 def test_quick_demo_runs_offline(tmp_path, capsys) -> None:
     from tokenbudget.demo import run_demo
 
-    assert run_demo(out_dir=str(tmp_path), quick=True) == 0
+    report = tmp_path / "demo.txt"
+    assert run_demo(out_dir=str(tmp_path), quick=True, report=str(report)) == 0
     out = capsys.readouterr().out
+    # the report file is what the demo printed, headed by the command, the machine and its time
+    text = report.read_text().splitlines()
+    assert text[0].startswith("# tokenbudget demo --quick") and "CPUs" in text[0] and "took" in text[0]
+    assert "\n".join(text[1:]) in out
     assert "auto(r=16)" in out and "tome(r=16)" in out and "cos(class token)" in out
     results = json.loads((tmp_path / "demo.json").read_text())
     assert [(row["config"]["method"], row["config"]["r"]) for row in results["rows"]] == [

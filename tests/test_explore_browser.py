@@ -51,6 +51,11 @@ def test_the_slider_changes_the_picture_and_the_tokens(explorer, tmp_path: Path)
         wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.2)
         wait.until(lambda d: _settled(d, "tokens-a", "tokens-b"))
         assert driver.find_element("id", "error").get_attribute("hidden") is not None
+        # the page opens on the recommended method against the paper's
+        assert [driver.find_element("id", f"method-{p}").get_attribute("value") for p in "ab"] == [
+            "auto",
+            "tome",
+        ]
         before_picture = driver.find_element("id", "picture-a").get_attribute("src")
         before_tokens = driver.find_element("id", "tokens-a").text
         assert _final_tokens(before_tokens) == prefix + round(0.5 * patches)

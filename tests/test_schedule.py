@@ -69,3 +69,23 @@ def test_keep_ratio() -> None:
     assert 197 - sum(counts) == 1 + 49
     # evenly spread, earlier blocks taking the remainder
     assert max(counts) - min(counts) <= 1 and counts == sorted(counts, reverse=True)
+
+
+def test_a_budget_cut_by_the_merge_limit_warns_with_the_blocks_and_tokens_left() -> None:
+    import warnings
+
+    import tokenbudget as tb
+    from conftest import make_tiny
+
+    model = make_tiny("vit")  # 65 tokens (1 prefix), 4 blocks: one step merges at most half of the rest
+    with pytest.warns(
+        UserWarning, match=r"tb.ToMe\(r=20\).*block 2 merges 12 of 20 \(13 tokens left\)"
+    ) as caught:
+        tb.apply(model, tb.ToMe(r=20))
+    assert "block 3 merges 6 of 20 (7 tokens left)" in str(caught[0].message)
+    assert "7 of 65 tokens are left" in str(caught[0].message)
+    assert tb.is_patched(model)  # the patch is installed all the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tb.apply(model, tb.ToMe(r=8))  # within the limit in every block: silent
+        tb.apply(model, tb.ToMe(keep=0.1))  # a keep budget is spread to fit

@@ -14,10 +14,7 @@ saccades), ``tb.models`` (the embedded model, :func:`~tokenbudget.models.load_mo
 ``tb.bench``, ``tb.evaluate``, ``tb.adapters``, ``tb.learned``, ``tb.ops``, ``tb.flops``.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+import importlib as _importlib
 
 from .version import __version__
 
@@ -86,15 +83,16 @@ _SUBPACKAGES = (
 __all__ = ["__version__", *_EXPORTS, *_SUBPACKAGES]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        value = getattr(_importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value  # later lookups skip this function
         return value
     if name in _SUBPACKAGES:
-        return importlib.import_module(f".{name}", __name__)
+        return _importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'tokenbudget' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    # The API only: not the helpers above, nor the submodules that imports add to the namespace.
+    return sorted(__all__)

@@ -10,6 +10,7 @@ the model inside is patched, and every function here accepts either.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 
 from torch import nn
@@ -18,6 +19,7 @@ from .adapters import prepare
 from .config import ReductionConfig
 from .context import PatchContext
 from .cost import CostModel, CostTable
+from .schedule import clamp_message
 from .state import TokenState
 
 _ATTR = "_tokenbudget"  # where a patched model keeps its (adapter, context); not in state_dict
@@ -86,8 +88,31 @@ def apply(model: nn.Module, config: ReductionConfig, *, timeout: float | None = 
                 else ""
             )
         )
-    install_strategy(target, *prepare(target, config), timeout=timeout)
+    adapter, ctx = prepare(target, config)
+    _warn_if_clamped(config, adapter, ctx)
+    install_strategy(target, adapter, ctx, timeout=timeout)
     return model
+
+
+def _warn_if_clamped(config: ReductionConfig, adapter: object, ctx: object) -> None:
+    """Warn when the config asks some block, at the model's default input, to merge more tokens
+    than one merge step can remove (the schedule is cut to the limit, as ToMe does)."""
+    tokens = getattr(adapter, "default_num_tokens", None)
+    plan = getattr(getattr(ctx, "strategy", None), "plan", None)
+    if tokens is None or plan is None:
+        return
+    requested, merged = plan(tokens, adapter.num_prefix)
+    message = clamp_message(requested, merged, tokens)
+    if message is not None:
+        budget = ", ".join(
+            f"{k}={getattr(config, k)}"
+            for k in ("r", "keep", "tokens")
+            if getattr(config, k, None) is not None
+        )
+        warnings.warn(
+            f"tb.{type(config).__name__}({budget}) at the model's {tokens} input tokens: {message}",
+            stacklevel=3,
+        )
 
 
 def install_strategy(

@@ -72,6 +72,23 @@ def clamp_schedule(requested: Sequence[int], num_tokens: int, num_prefix: int) -
     return merged
 
 
+def clamp_message(requested: Sequence[int], merged: Sequence[int], num_tokens: int) -> str | None:
+    """What the bipartite limit cut from a requested schedule: each block that merges fewer tokens
+    than asked, with the tokens it leaves, and the tokens left after the last block; ``None`` when
+    every block merges what it was asked."""
+    left = tokens_after_each_layer(merged, num_tokens)
+    cut = [(i, r, m, n) for i, (r, m, n) in enumerate(zip(requested, merged, left, strict=True)) if m < r]
+    if not cut:
+        return None
+    shown = "; ".join(f"block {i} merges {m} of {r} ({n} tokens left)" for i, r, m, n in cut[:6])
+    more = f"; and {len(cut) - 6} more blocks" if len(cut) > 6 else ""
+    return (
+        f"{len(cut)} of {len(requested)} blocks merge fewer tokens than asked, one merge step removing "
+        f"at most half of a block's mergeable tokens: {shown}{more}; {left[-1]} of {num_tokens} tokens "
+        f"are left after the last block (a keep= or tokens= budget spreads the merges to fit)"
+    )
+
+
 def tokens_after_each_layer(merged: Sequence[int], num_tokens: int) -> list[int]:
     """Token count after each block, given the counts it merges."""
     out, n = [], num_tokens

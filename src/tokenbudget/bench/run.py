@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -14,7 +15,7 @@ from ..adapters import find_adapter
 from ..config import ReductionConfig, config_class
 from ..flops import model_flops
 from ..patch import apply, last_state
-from .ceiling import free_reduction_copy, merge_overhead_ms
+from .ceiling import free_reduction_copy, merge_overhead_quartiles
 from .memory import peak_forward_memory
 from .throughput import measure_interleaved, paired_ratio_quartiles, time_once
 
@@ -51,6 +52,16 @@ class BenchRow:
     patched_compile_s: float | None = None
     #: fixed cost of one merging block in ms: patched minus ceiling time over the merging blocks
     overhead_ms: float | None = None
+    #: quartiles of the paired per-sample values behind ``efficiency``, ``ceiling_speedup``,
+    #: ``ceiling_efficiency`` and ``overhead_ms`` (``None`` where the column is)
+    efficiency_q1: float | None = None
+    efficiency_q3: float | None = None
+    ceiling_q1: float | None = None
+    ceiling_q3: float | None = None
+    ceiling_efficiency_q1: float | None = None
+    ceiling_efficiency_q3: float | None = None
+    overhead_q1: float | None = None
+    overhead_q3: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,14 +193,16 @@ def bench(
             # Speedups are medians of paired per-sample ratios: samples taken side by side share
             # the machine's momentary speed, which drifts on shared hosts.
             q1, speedup, q3 = paired_ratio_quartiles(times["baseline"], times[f"config{i}"])
-            ceiling_speedup = (
-                paired_ratio_quartiles(times["baseline"], times[f"free{i}"])[1] if ceiling else None
-            )
-            overhead = (
-                merge_overhead_ms(times[f"config{i}"], times[f"free{i}"], state.merged_per_layer)
+            none3 = (None, None, None)
+            ceiling_q = paired_ratio_quartiles(times["baseline"], times[f"free{i}"]) if ceiling else none3
+            # patched speedup over ceiling speedup, per sample: free time over patched time
+            c_eff_q = paired_ratio_quartiles(times[f"free{i}"], times[f"config{i}"]) if ceiling else none3
+            overhead_q = (
+                merge_overhead_quartiles(times[f"config{i}"], times[f"free{i}"], state.merged_per_layer)
                 if ceiling
-                else None
+                else none3
             )
+            ceiling_speedup = ceiling_q[1]
             rows.append(
                 BenchRow(
                     model=model_name,
@@ -206,7 +219,8 @@ def bench(
                     ideal_speedup=ideal,
                     efficiency=speedup / ideal,
                     ceiling_speedup=ceiling_speedup,
-                    ceiling_efficiency=None if ceiling_speedup is None else speedup / ceiling_speedup,
+                    # the paired per-sample median, so that it lies inside its own quartiles
+                    ceiling_efficiency=c_eff_q[1],
                     flops_ratio=flops_ratio,
                     baseline_peak_mb=None if base_mem is None else base_mem / 2**20,
                     patched_peak_mb=None if mem is None else mem / 2**20,
@@ -216,17 +230,58 @@ def bench(
                     compiled=compile,
                     baseline_compile_s=compile_s.get("baseline"),
                     patched_compile_s=compile_s.get(f"config{i}"),
-                    overhead_ms=overhead,
+                    overhead_ms=overhead_q[1],
+                    efficiency_q1=q1 / ideal,
+                    efficiency_q3=q3 / ideal,
+                    ceiling_q1=ceiling_q[0],
+                    ceiling_q3=ceiling_q[2],
+                    ceiling_efficiency_q1=c_eff_q[0],
+                    ceiling_efficiency_q3=c_eff_q[2],
+                    overhead_q1=overhead_q[0],
+                    overhead_q3=overhead_q[2],
                 )
             )
     return rows
 
 
+def _interval(value: float | None, q1: float | None, q3: float | None, fmt: str, width: int) -> str:
+    """``value q1-q3`` right-aligned in ``width``; ``-`` when not measured."""
+    if value is None or q1 is None or q3 is None or math.isnan(value):
+        return f"{'-':>{width}}"
+    return f"{format(value, fmt)} {format(q1, fmt)}-{format(q3, fmt)}".rjust(width)
+
+
+def _noise_or_interval(row: BenchRow, column: str, width: int) -> str:
+    """``c-eff`` and ``ovh ms`` with their interval, or ``noise`` when the interval reaches what
+    cannot be: a patched model above its own ceiling (c-eff > 1), a negative fixed cost."""
+    if column == "c-eff":
+        value, q1, q3, impossible = (
+            row.ceiling_efficiency,
+            row.ceiling_efficiency_q1,
+            row.ceiling_efficiency_q3,
+            row.ceiling_efficiency_q3 is not None and row.ceiling_efficiency_q3 > 1.0,
+        )
+        fmt = ".2f"
+    else:
+        value, q1, q3, impossible = (
+            row.overhead_ms,
+            row.overhead_q1,
+            row.overhead_q3,
+            row.overhead_q1 is not None and row.overhead_q1 <= 0.0,
+        )
+        fmt = ".2f"
+    if value is not None and not math.isnan(value) and impossible:
+        return f"{'~1 noise' if column == 'c-eff' else '~0 noise'}".rjust(width)
+    return _interval(value, q1, q3, fmt, width)
+
+
 def format_table(rows: Sequence[BenchRow]) -> str:
-    """Plain-text table of bench rows."""
+    """Plain-text table of bench rows: each derived column with the quartiles of its paired
+    per-sample values, or ``noise`` where that interval includes the impossible."""
     header = (
-        f"{'config':<28} {'batch':>5} {'base img/s':>10} {'tb img/s':>9} {'speedup':>7} {'(IQR)':>11} "
-        f"{'ideal':>6} {'eff':>5} {'ceiling':>7} {'c-eff':>5} {'ovh ms':>6} {'tokens':>9} {'base MB':>8} {'tb MB':>7}"
+        f"{'config':<22} {'batch':>5} {'base img/s':>10} {'tb img/s':>8} {'speedup (IQR)':>16} "
+        f"{'ideal':>6} {'eff (IQR)':>14} {'ceiling (IQR)':>16} {'c-eff (IQR)':>14} {'ovh ms (IQR)':>16} "
+        f"{'tokens':>9} {'base MB':>7} {'tb MB':>6}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -244,19 +299,29 @@ def format_table(rows: Sequence[BenchRow]) -> str:
         label = ",".join(f"{k}={v}" for k, v in cfg.items() if k != "method")
         label = f"{row.config['method']}({label})"
         mem = (
-            f"{row.baseline_peak_mb:>8.1f} {row.patched_peak_mb:>7.1f}"
+            f"{row.baseline_peak_mb:>7.1f} {row.patched_peak_mb:>6.1f}"
             if row.baseline_peak_mb is not None and row.patched_peak_mb is not None
-            else f"{'-':>8} {'-':>7}"
+            else f"{'-':>7} {'-':>6}"
         )
-        ceil = (
-            f"{row.ceiling_speedup:>6.2f}x {row.ceiling_efficiency:>5.2f}"
-            if row.ceiling_speedup is not None and row.ceiling_efficiency is not None
-            else f"{'-':>7} {'-':>5}"
-        )
-        overhead = f"{row.overhead_ms:>6.3f}" if row.overhead_ms is not None else f"{'-':>6}"
         lines.append(
-            f"{label:<28} {row.batch_size:>5} {row.baseline_img_s:>10.1f} {row.patched_img_s:>9.1f} "
-            f"{row.speedup:>6.2f}x {f'{row.speedup_q1:.2f}-{row.speedup_q3:.2f}':>11} {row.ideal_speedup:>5.2f}x {row.efficiency:>5.2f} {ceil} "
-            f"{overhead} {row.input_tokens:>4}->{row.final_tokens:<4} {mem}"
+            f"{label:<22} {row.batch_size:>5} {row.baseline_img_s:>10.1f} {row.patched_img_s:>8.1f} "
+            f"{_interval(row.speedup, row.speedup_q1, row.speedup_q3, '.2f', 16)} {row.ideal_speedup:>5.2f}x "
+            f"{_interval(row.efficiency, row.efficiency_q1, row.efficiency_q3, '.2f', 14)} "
+            f"{_interval(row.ceiling_speedup, row.ceiling_q1, row.ceiling_q3, '.2f', 16)} "
+            f"{_noise_or_interval(row, 'c-eff', 14)} {_noise_or_interval(row, 'ovh', 16)} "
+            f"{row.input_tokens:>4}->{row.final_tokens:<4} {mem}"
         )
     return "\n".join(lines)
+
+
+#: what the columns of :func:`format_table` mean (the command line prints it under the table)
+TABLE_NOTES = (
+    "speedup: measured images/s over the unpatched model; every derived column shows its median and, after it, "
+    "the quartiles of the paired per-sample values (IQR)\n"
+    "ideal: FLOPs-ideal speedup; eff = speedup/ideal; ceiling: speedup of the same token counts with free "
+    "reduction (a slice), the most any implementation of them reaches here\n"
+    "c-eff = speedup/ceiling; ovh ms: fixed cost of one merging block (patched minus ceiling time, per merging "
+    "block); 'noise' where the IQR reaches c-eff > 1 or a cost < 0: the difference is within the timing noise\n"
+    "MB: peak forward memory. Quieter numbers: more --samples, --threads 1 or the cores you have to yourself, "
+    "an otherwise idle machine"
+)

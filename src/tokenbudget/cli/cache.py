@@ -8,7 +8,7 @@ import json
 from . import options
 
 #: the kinds of :data:`tokenbudget.data.cache.CACHE_KINDS` (listed here so --help needs no import)
-KINDS = ("weights", "tokens", "scenes", "anomaly", "textures", "partial")
+KINDS = ("weights", "tokens", "scenes", "anomaly", "textures", "geometry", "partial")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

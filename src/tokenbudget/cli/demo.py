@@ -17,10 +17,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     options.add_out(demo, "demo_output", "folder for the picture and JSON")
     demo.add_argument("--quick", action="store_true", help="fewer budgets and samples (for smoke tests)")
+    demo.add_argument(
+        "--report",
+        default=None,
+        help="also write the printed report to this file, headed by the machine and the time the demo took "
+        "(results/cpu/demo.txt is written this way)",
+    )
     options.add_run_options(demo, quiet=None)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    return run_demo(out_dir=args.out, quick=args.quick, as_json=args.json)
+    return run_demo(out_dir=args.out, quick=args.quick, as_json=args.json, report=args.report)

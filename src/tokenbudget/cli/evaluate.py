@@ -59,7 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     methods.add_per_image_options(pl.add_argument_group("per-image budgets"))
     _add_batch_options(pl, speed_batch_size=8)
     options.add_out(pl, None, "write the chosen config JSON here")
-    options.add_run_options(pl, quiet=None, json="print only the chosen config JSON")
+    options.add_run_options(
+        pl,
+        quiet="no progress lines (by default one per candidate on stderr)",
+        json="print only the chosen config JSON",
+    )
 
     ent = options.add_command(
         sub,
@@ -133,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     conditions = sum(1 for keep in keeps if keep < 1.0) * len(chosen)
     # Under torchrun only rank 0 shows progress and writes results (every rank computes the same rows).
     bar = options.progress(
-        batches + conditions * test_batches,
+        batches + args.speed_samples + conditions * test_batches,
         "eval",
         disable=args.json or args.quiet or os.environ.get("RANK", "0") != "0",
     )
@@ -220,12 +224,29 @@ def _checkable(config: object) -> object:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ..evaluate import format_eval_table
-    from ..evaluate.distributed import is_main
-    from ..evaluate.plan import check_targets, plan
+    # Light imports first: bad or unreachable targets fail in seconds.
+    from ..bench.reach import DEFAULT_KEEPS, candidates, check_reachable, check_targets, geometry_of
 
     check_targets(args.target_speedup, args.target_flops, args.max_drop)
-    model, data = options.model_and_data(args)
+    keeps = args.keep or DEFAULT_KEEPS
+    method_options = {m: methods.method_options(m, args) for m in args.methods}
+    # Before anything is measured: a target no candidate's FLOPs reach fails now, from the model's
+    # geometry as the last command that loaded it recorded (seconds), else from the model itself.
+    targets = {"target_speedup": args.target_speedup, "target_flops": args.target_flops}
+    geometry = options.cached_geometry(args)
+    if geometry is not None:
+        check_reachable(geometry, candidates(geometry, args.methods, keeps, method_options), **targets)
+    from ..evaluate import format_eval_table
+    from ..evaluate.distributed import is_main
+    from ..evaluate.plan import plan
+
+    model = options.load_model(args)
+    geometry = geometry_of(model)
+    found = candidates(geometry, args.methods, keeps, method_options)
+    check_reachable(geometry, found, **targets)
+    model, data = options.model_and_data(args, model)
+    quiet = args.json or args.quiet or os.environ.get("RANK", "0") != "0"
+    steps = PlanProgress(found, data, args.batch_size, args.speed_batch_size, args.speed_samples, quiet)
     result = plan(
         model,
         data,
@@ -236,9 +257,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         speed_batch_size=args.speed_batch_size,
         speed_samples=args.speed_samples,
         methods=args.methods,
-        method_options={m: methods.method_options(m, args) for m in args.methods},
-        **({"keeps": args.keep} if args.keep else {}),
+        method_options=method_options,
+        keeps=keeps,
+        progress=steps.update,
     )
+    steps.close()
     if not is_main():
         return 0
     if result.choice is None:
@@ -291,3 +314,81 @@ def cmd_entropy(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
+
+
+class PlanProgress:
+    """Progress of ``plan`` on stderr: one line when each stage ends (the full-token features, the
+    timing, then each candidate), with the time so far and an estimate of the time left.
+
+    The estimate weighs each step by the images it runs through the model, a reduced image counting
+    its FLOPs fraction, and extrapolates the time spent so far."""
+
+    def __init__(  # noqa: PLR0913 - what sizes the run
+        self,
+        found: list,
+        data,
+        batch_size: int,
+        speed_batch_size: int,
+        speed_samples: int,
+        quiet: bool,  # noqa: ANN001
+    ) -> None:
+        import time
+
+        n_train, n_test = len(data.train_images), len(data.test_images)
+        train_batches, test_batches = -(-n_train // batch_size), -(-n_test // batch_size)
+        cost = [1.0 / c.ideal_speedup if c.ideal_speedup else 1.0 for c in found]
+        # (label, steps, work per step in full-image forwards)
+        self.stages = [
+            (
+                f"full-token features of {n_train + n_test} images",
+                train_batches + test_batches,
+                (n_train + n_test) / (train_batches + test_batches),
+            ),
+            (
+                f"timing {len(found)} candidates against the unpatched model",
+                speed_samples,
+                speed_batch_size * (1.0 + sum(cost)),
+            ),
+        ]
+        for c, w in zip(found, cost, strict=True):
+            ideal = f" (FLOPs-ideal {c.ideal_speedup:.2f}x)" if c.ideal_speedup else ""
+            self.stages.append(
+                (f"{c.method} keep={c.keep:g}{ideal}", test_batches, n_test / test_batches * w)
+            )
+        self.total = sum(n * w for _, n, w in self.stages)
+        self.stage, self.step, self.done = 0, 0, 0.0
+        self.quiet, self.clock, self.start = quiet, time.perf_counter, time.perf_counter()
+        self._say(
+            f"plan: {len(found)} candidates on {len(data.train_images)} train + {n_test} test {data.name} images; "
+            f"{len(self.stages)} stages"
+        )
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        """``n`` steps done (the callback of :func:`~tokenbudget.evaluate.plan.plan`)."""
+        for _ in range(n):
+            if self.stage >= len(self.stages):
+                return
+            label, steps, work = self.stages[self.stage]
+            self.step += 1
+            self.done += work
+            if self.step == steps:
+                elapsed = self.clock() - self.start
+                left = elapsed * (self.total - self.done) / max(self.done, 1e-9)
+                self.stage, self.step = self.stage + 1, 0
+                self._say(
+                    f"plan: [{self.stage}/{len(self.stages)}] {label} done; {_clock(elapsed)} so far, "
+                    + ("finished" if self.stage == len(self.stages) else f"about {_clock(left)} left")
+                )
+
+    def close(self) -> None:
+        """Nothing to release; the stages end themselves."""
+
+
+def _clock(seconds: float) -> str:
+    """``"3:07"``: minutes and seconds."""
+    seconds = round(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"

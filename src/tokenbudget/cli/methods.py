@@ -41,14 +41,18 @@ def add_methods(parser: Any, default: str, note: str = "", *, names: Sequence[st
         parser.add_argument("--method", dest="methods", type=kind, help=argparse.SUPPRESS)
 
 
-def add_budget_options(parser: argparse.ArgumentParser, default_r: str) -> None:
-    """The method/budget group: ``--methods`` and one of ``--r``, ``--keep``, ``--tokens``, ``--config``."""
+def add_budget_options(
+    parser: argparse.ArgumentParser,
+    default_r: str,
+    methods_note: str = "; several are timed interleaved against one unpatched baseline",
+) -> None:
+    """The method/budget group: ``--methods`` (``methods_note`` says what the command does with
+    several) and one of ``--r``, ``--keep``, ``--tokens``, ``--config``."""
     group = parser.add_argument_group("method and budget; give one of --r, --keep, --tokens, --config")
     add_methods(
         group,
         "tome",
-        "; several are timed interleaved against one unpatched baseline. prune/dynamicvit: --keep is "
-        "per stage; dynamicvit needs --predictor",
+        f"{methods_note}. prune/dynamicvit: --keep is per stage; dynamicvit needs --predictor",
     )
     group.add_argument(
         "--r", type=int_list, default=None, help=f"tokens merged per block; comma list (default: {default_r})"

@@ -218,7 +218,52 @@ def load_model(args: argparse.Namespace):  # noqa: ANN201 - nn.Module
     """The model ``--model`` / ``--pretrained`` / ``--img-size`` name."""
     from ..models import load_model as load
 
-    return load(args.model, pretrained=args.pretrained, img_size=args.img_size)
+    model = load(args.model, pretrained=args.pretrained, img_size=args.img_size)
+    _remember_geometry(args, model)
+    return model
+
+
+def _geometry_file(args: argparse.Namespace):  # noqa: ANN202 - pathlib.Path
+    import os
+    import re
+    from pathlib import Path
+
+    env = os.environ.get("TOKENBUDGET_CACHE")  # the cache folder of tokenbudget.data.cache
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "tokenbudget"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{args.model}-{args.img_size or 'default'}")
+    return root / "geometry" / f"{name}.json"
+
+
+def _remember_geometry(args: argparse.Namespace, model) -> None:  # noqa: ANN001
+    """Write the loaded model's geometry (:class:`~tokenbudget.bench.reach.Geometry`) to the cache,
+    so that a later command can check a budget against it before loading the model."""
+    import json
+
+    from ..bench.reach import geometry_of
+
+    try:
+        data = {"model": args.model, "img_size": args.img_size, **geometry_of(model).to_dict()}
+        path = _geometry_file(args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except (ValueError, OSError):
+        pass  # no default input, or an unwritable cache: the check then loads the model
+
+
+def cached_geometry(args: argparse.Namespace):  # noqa: ANN201 - Geometry | None
+    """The geometry of the model ``--model`` / ``--img-size`` name, as the last command that loaded
+    it recorded (``None`` when none did): enough to compute a schedule's FLOPs without the model."""
+    import json
+
+    from ..bench.reach import Geometry
+
+    try:
+        data = json.loads(_geometry_file(args).read_text())
+        return Geometry.from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def image_side(model) -> int:  # noqa: ANN001
@@ -231,8 +276,8 @@ def image_side(model) -> int:  # noqa: ANN001
     return size[0]
 
 
-def model_and_data(args: argparse.Namespace):  # noqa: ANN201 - (nn.Module, EvalData)
-    """The model the command line names and its data, preprocessed for it.
+def model_and_data(args: argparse.Namespace, model=None):  # noqa: ANN001, ANN201 - (nn.Module, EvalData)
+    """The model the command line names (``model`` when already loaded) and its data, preprocessed for it.
 
     A split the command has no ``--n-*`` option for is not loaded (0 images). When the set gives
     another number of images than ``--n-train`` / ``--n-test`` asked for (balanced subsets round
@@ -240,7 +285,7 @@ def model_and_data(args: argparse.Namespace):  # noqa: ANN201 - (nn.Module, Eval
     """
     from ..data.eval_sets import load_eval_data
 
-    model = load_model(args)
+    model = load_model(args) if model is None else model
     asked = {split: getattr(args, f"n_{split}", 0) for split in ("train", "test")}
     data = load_eval_data(
         args.data,

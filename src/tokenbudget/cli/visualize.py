@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     vis.add_argument("image", help="image file, or skimage:NAME (astronaut, coffee, chelsea, ...)")
     options.add_out(vis, "merges.png", "output PNG", "-o")
     options.add_model_options(vis)
-    methods.add_budget_options(vis, default_r="16")
+    methods.add_budget_options(vis, default_r="16", methods_note="; one method and one budget per picture")
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:

@@ -12,6 +12,9 @@ tokens     ``tokens/*.pt``                              embedded backbone tokens
 scenes     ``scenes-*.npz``                             generated multi-object scenes
 anomaly    ``anomaly-*.npz``                            the generated anomaly set
 textures   ``textures-*.npz``                           the generated woven-texture set
+geometry   ``geometry/*.json``                          a model's token count and block widths, so
+                                                        that ``plan`` refuses an unreachable
+                                                        target before loading the model
 partial    ``*.tmp*``                                   writes cut short (safe to delete)
 ========== ============================================ =========================================
 
@@ -31,12 +34,13 @@ from ..models.dinov2 import default_cache_dir
 
 #: kind -> glob patterns relative to the cache folder (checked in this order; "partial" first)
 CACHE_KINDS: dict[str, tuple[str, ...]] = {
-    "partial": ("*.tmp", "*.tmp.*", "tokens/*.tmp", "tokens/*.tmp.*"),
+    "partial": ("*.tmp", "*.tmp.*", "tokens/*.tmp", "tokens/*.tmp.*", "geometry/*.tmp"),
     "weights": ("dinov2_vits14_imgfocus-*.pt",),
     "tokens": ("tokens/*.pt",),
     "scenes": ("scenes-*.npz",),
     "anomaly": ("anomaly-*.npz",),
     "textures": ("textures-*.npz",),
+    "geometry": ("geometry/*.json",),
 }
 
 
@@ -124,7 +128,8 @@ def clear_cache(kind: str | None = None, root: str | os.PathLike[str] | None = N
             removed.files += 1
             removed.bytes += size
             removed.paths.append(path)
-    tokens = info.root / "tokens"
-    if tokens.is_dir() and not any(tokens.iterdir()):
-        tokens.rmdir()
+    for folder in ("tokens", "geometry"):
+        path = info.root / folder
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
     return removed

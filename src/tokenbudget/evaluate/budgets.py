@@ -3,15 +3,10 @@ FLOPs-ideal speedup on a model (every scheduled method shares the schedule, henc
 
 from __future__ import annotations
 
-import math
-from itertools import accumulate
-
 from torch import nn
 
-from ..adapters import find_adapter
-from ..config import BudgetConfig, ReductionConfig, config_class
-from ..flops import ideal_speedup
-from ..strategies import ScheduledStrategy
+from ..bench import reach
+from ..config import ReductionConfig, config_class
 
 
 def method_config(method: str, keep: float, options: dict | None = None) -> ReductionConfig:
@@ -27,42 +22,10 @@ def method_config(method: str, keep: float, options: dict | None = None) -> Redu
     return cls(keep=keep, **(options or {}))
 
 
-def _flops_speedup_of_keep(model: nn.Module):  # noqa: ANN202 - (closure, closure, float)
-    """(achieved(keep) -> FLOPs-ideal speedup, feasible(keep) -> bool, the smallest keep that leaves
-    one token) for ``model`` at its default input."""
-    adapter = find_adapter(model)
-    tokens, prefix, layers = adapter.default_num_tokens, adapter.num_prefix, adapter.num_layers
-    if tokens is None:
-        raise ValueError("the model has no default patch grid; give --keep values instead of a speedup")
-    dims = adapter.block_dims()
-
-    def achieved(keep: float) -> float:
-        _, merged = ScheduledStrategy(BudgetConfig(keep=keep), layers).compute_plan(tokens, prefix)
-        per_layer = list(accumulate(merged, lambda n, r: n - r, initial=tokens))[1:]
-        return ideal_speedup(tokens, per_layer, dims)
-
-    def feasible(keep: float) -> bool:
-        try:
-            achieved(keep)
-        except ValueError:  # fewer tokens than the blocks can reach
-            return False
-        return True
-
-    return achieved, feasible, 1.0 / (tokens - prefix)
-
-
 def fastest_keep(model: nn.Module) -> tuple[float, float]:
     """(the smallest ``keep`` a per-layer schedule reaches on ``model`` at its default input, the
     FLOPs-ideal speedup of that schedule), to 1e-4: the far end of every budget slider."""
-    achieved, feasible, lo = _flops_speedup_of_keep(model)
-    hi = 1.0
-    # The fastest schedule: the smallest feasible keep (bisection on feasibility).
-    if not feasible(lo):
-        while hi - lo > 1e-4:
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if feasible(mid) else (mid, hi)
-        lo = hi
-    return lo, achieved(lo)
+    return reach.fastest_keep(reach.geometry_of(model))
 
 
 def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
@@ -71,19 +34,4 @@ def keep_for_flops_speedup(model: nn.Module, speedup: float) -> float:
 
     Found by bisection on ``keep`` to 1e-4; ``ValueError`` for a speedup no schedule reaches.
     """
-    achieved, feasible, _ = _flops_speedup_of_keep(model)
-    lo, fastest = fastest_keep(model)
-    if speedup < 1.0 or speedup > fastest:
-        raise ValueError(
-            f"a FLOPs-ideal speedup of {speedup} is out of reach for this model: choose one in [1, {fastest:.2f}]"
-        )
-    if speedup <= 1.0 + 1e-9:
-        return 1.0
-    hi = 1.0
-    while hi - lo > 1e-4:  # achieved() falls as keep grows
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if achieved(mid) >= speedup else (lo, mid)
-    # Four decimals, rounded down: a smaller keep never merges less, while rounding to nearest can
-    # cross the point where keep * tokens rounds up to one more token and miss the target.
-    rounded = math.floor(lo * 1e4) / 1e4
-    return rounded if feasible(rounded) else lo
+    return reach.keep_for_speedup(reach.geometry_of(model), speedup)

@@ -3,16 +3,16 @@ into a config, by measuring candidate budgets on the user's model, data and mach
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from ..bench.reach import DEFAULT_KEEPS, candidates, check_reachable, check_targets, geometry_of
 from ..data.eval_sets import EvalData
 from .quality import EvalRow, evaluate
 
-#: fractions of tokens left after the last block that the planner tries
-DEFAULT_KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
+__all__ = ["DEFAULT_KEEPS", "Plan", "check_targets", "choose", "pareto_front", "plan"]
 
 
 @dataclass
@@ -38,20 +38,6 @@ def pareto_front(rows: Sequence[EvalRow]) -> list[EvalRow]:
         )
     ]
     return sorted(front, key=lambda r: r.speedup)
-
-
-def check_targets(target_speedup: float | None, target_flops: float | None, max_drop: float | None) -> None:
-    """Fail before any measurement on a missing or impossible target."""
-    if target_speedup is None and target_flops is None and max_drop is None:
-        raise ValueError("give a target: --target-speedup, --target-flops or --max-drop")
-    if target_speedup is not None and target_speedup <= 1.0:
-        raise ValueError(
-            f"--target-speedup must be above 1.0 (e.g. 2.0 for twice as fast), got {target_speedup}"
-        )
-    if target_flops is not None and not 0.0 < target_flops < 1.0:
-        raise ValueError(f"--target-flops is a fraction of the full FLOPs in (0, 1), got {target_flops}")
-    if max_drop is not None and max_drop < 0:
-        raise ValueError(f"--max-drop is in accuracy points and must be >= 0, got {max_drop}")
 
 
 def choose(
@@ -101,13 +87,22 @@ def plan(
     speed_batch_size: int = 8,
     speed_samples: int = 5,
     batch_size: int = 64,
-    progress=None,  # noqa: ANN001 - optional callable(int)
+    progress: Callable[[int], None] | None = None,
 ) -> Plan:
     """Measure each of ``methods`` (default ToMe) at each ``keep`` on ``data`` (accuracy, FLOPs,
     speedup at ``speed_batch_size``) and choose the config for the target among all of them.
     ``per-image`` is calibrated on the train split at each keep, and its chosen config carries its
-    thresholds."""
+    thresholds. A speed or FLOPs target beyond every candidate's FLOPs-ideal speedup fails at once,
+    before anything is measured (:func:`check_reachable`). ``progress`` is called with 1 after each
+    batch of features and each timed sample (see :func:`progress_steps` for how many of each)."""
     check_targets(target_speedup, target_flops, max_drop)
+    geometry = geometry_of(model)
+    check_reachable(
+        geometry,
+        candidates(geometry, methods, keeps, method_options),
+        target_speedup=target_speedup,
+        target_flops=target_flops,
+    )
     rows = evaluate(
         model,
         data,

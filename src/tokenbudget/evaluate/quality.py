@@ -68,7 +68,9 @@ def evaluate(
     """Score every (method, keep) on ``data``; ``keep=1.0`` is the full model, listed once.
 
     ``method_options`` maps a method name to further config options (e.g. ``{"dynamicvit":
-    {"predictor": path}}``). ``shift``: also measure the bias diagnostic of each condition
+    {"predictor": path}}``). ``progress`` is called with 1 after each batch of features (train,
+    test, then test again per condition) and each timed sample (after the full-token features).
+    ``shift``: also measure the bias diagnostic of each condition
     (:attr:`EvalRow.shift`; needs at least two classes in the train labels)."""
     method_options = method_options or {}
     if shift and len(data.train_labels.unique()) < 2:
@@ -107,6 +109,7 @@ def evaluate(
                 samples=speed_samples,
                 warmup=1,
                 ceiling=False,
+                progress=progress,
                 # per-image budgets depend on the content: time everything on real test images
                 inputs=data.test_images if any(c.method == "per-image" for _, _, c in configs) else None,
             )

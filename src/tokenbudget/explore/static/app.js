@@ -241,7 +241,7 @@ async function start() {
       option.value = option.textContent = method;
       select.appendChild(option);
     }
-    const preferred = k === 0 ? "tome" : "pool";
+    const preferred = k === 0 ? "auto" : "tome"; // Auto, the recommended method, against the paper's ToMe
     select.value = info.methods.includes(preferred) ? preferred : info.methods[Math.min(k, info.methods.length - 1)];
     select.addEventListener("change", () => {
       $(`time-${panel}`).textContent = "-";

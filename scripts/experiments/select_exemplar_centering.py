@@ -4,7 +4,7 @@ Exemplar selection on the 300 cached DINOv2-S test scenes (see tokenbudget.evalu
 relevance computed on raw tokens, on tokens minus the scene's mean patch token, and with the query
 centred the same way. Prints the on-item share and k-NN accuracy at k=8 and k=32.
 
-    PYTHONPATH=src python scripts/select_exemplar_centering.py
+    PYTHONPATH=src python scripts/experiments/select_exemplar_centering.py
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ Every row comes from :func:`tokenbudget.bench.bench` (interleaved against the un
 the same process, paired per-sample ratios, the free-reduction ceiling beside them). Run on a
 quiet machine; on a shared one, give more samples and compare only rows of one run. Usage:
 
-    PYTHONPATH=src python scripts/bench_batch1.py --threads 2 --samples 20            # everything
-    PYTHONPATH=src python scripts/bench_batch1.py --only small-r --models vit_small_patch16_224
-    PYTHONPATH=src python scripts/bench_batch1.py --device cuda --dtype bf16 --big-batch 256
-    PYTHONPATH=src python scripts/bench_batch1.py --smoke       # a minute or two: does it all run?
+    PYTHONPATH=src python scripts/experiments/bench_batch1.py --threads 2 --samples 20            # everything
+    PYTHONPATH=src python scripts/experiments/bench_batch1.py --only small-r --models vit_small_patch16_224
+    PYTHONPATH=src python scripts/experiments/bench_batch1.py --device cuda --dtype bf16 --big-batch 256
+    PYTHONPATH=src python scripts/experiments/bench_batch1.py --smoke       # a minute or two: does it all run?
 
 Sections (``--only``, comma list): ``r16`` (ViT-S and ViT-B r=16 at batch 1, cost model off and
 auto), ``small-r`` (r = 1..16 at batch 1 on ViT-S and the embedded DINOv2, cost model off and

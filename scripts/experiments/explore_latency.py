@@ -6,7 +6,7 @@ keep values (spread over the slider) one /api/run per method (two methods, as th
 panels), and reports the seconds per answer (median, quartiles, max) and the first answer of a
 new image apart (it also computes the image's unreduced feature).
 
-    python scripts/explore_latency.py [--model dinov2_small] [--moves 20] [--threads 2]
+    python scripts/experiments/explore_latency.py [--model dinov2_small] [--moves 20] [--threads 2]
 """
 
 from __future__ import annotations

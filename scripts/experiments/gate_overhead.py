@@ -2,7 +2,7 @@
 patched model whose gate is switched off (no-op enter/leave, model hooks detached), interleaved in
 one process. Prints the per-forward time of both, the difference in microseconds and the ratio.
 
-    PYTHONPATH=src python scripts/gate_overhead.py [--model tiny|vit_tiny_patch16_224] [--batch 1]
+    PYTHONPATH=src python scripts/experiments/gate_overhead.py [--model tiny|vit_tiny_patch16_224] [--batch 1]
 """
 
 from __future__ import annotations

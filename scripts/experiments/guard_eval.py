@@ -6,7 +6,7 @@ are fit on full-token training features and scored on reduced test features, as 
 ``tokenbudget eval``. Fashion-MNIST full-token features come from the shared token cache
 (``dinov2_fashion_mnist_tokens``, float16); the anomaly set is embedded here.
 
-    PYTHONPATH=src python scripts/guard_eval.py --data fashion-mnist --n-test 200 --keep 0.05,0.02
+    PYTHONPATH=src python scripts/experiments/guard_eval.py --data fashion-mnist --n-test 200 --keep 0.05,0.02
 """
 
 from __future__ import annotations

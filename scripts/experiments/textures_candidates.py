@@ -8,7 +8,7 @@ classes, the shift of nominal and local images towards ``global`` and the k-NN c
 
 Choose on ``textures-val`` (its own generator seed) or train splits, never on the test sets.
 
-    PYTHONPATH=src python scripts/textures_candidates.py --data textures-val --speedup 2 \\
+    PYTHONPATH=src python scripts/experiments/textures_candidates.py --data textures-val --speedup 2 \\
         --candidates tome,random,pool,'{"method": "auto", "merge": "moment"}'
 """
 

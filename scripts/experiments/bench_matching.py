@@ -3,7 +3,7 @@
 Times one matching step (scores, choice, index bookkeeping; no merge, no model) on random keys
 shaped like a ViT's: [B, N, d]. Usage:
 
-    PYTHONPATH=src python scripts/bench_matching.py --tokens 197 --dim 64 --r 8,16 --batch-size 1,32
+    PYTHONPATH=src python scripts/experiments/bench_matching.py --tokens 197 --dim 64 --r 8,16 --batch-size 1,32
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ set whose images all get that level equals the fixed budget exactly. Cached feat
 same calibration (``fit`` on every third train image, the budget held on all train images) and the
 same held-out scoring as ``perimage_final.py``.
 
-    PYTHONPATH=src:scripts python scripts/perimage_anchor.py --threads 1
+    PYTHONPATH=src:scripts/experiments python scripts/experiments/perimage_anchor.py --threads 1
 """
 
 from __future__ import annotations

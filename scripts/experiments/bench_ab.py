@@ -8,7 +8,7 @@ busy machine inflate far less than wall time. ``--parts`` adds the ceiling with 
 proportional-attention bias and with the key capture, to split what a merge costs. Usage:
 
     git archive 1944647 src/tokenbudget | tar x -C /tmp/old
-    PYTHONPATH=src python scripts/bench_ab.py --other /tmp/old/src/tokenbudget --threads 1 --r 16
+    PYTHONPATH=src python scripts/experiments/bench_ab.py --other /tmp/old/src/tokenbudget --threads 1 --r 16
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ out (finer), more sensor noise. The edit whose change points the same way as the
 is what the reduction makes the fabric *look like* to the model, and a class that differs from
 nominal in that way is the one a biased reducer pushes images into.
 
-    PYTHONPATH=src python scripts/textures_alignment.py --images 60 --speedup 2
+    PYTHONPATH=src python scripts/experiments/textures_alignment.py --images 60 --speedup 2
 """
 
 from __future__ import annotations

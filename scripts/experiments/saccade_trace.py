@@ -1,6 +1,6 @@
 """Print and plot one saccade trace on a cached test scene (README: "Object slots and saccades").
 
-PYTHONPATH=src python scripts/saccade_trace.py --scene 0 --out results/cpu/saccade_trace
+PYTHONPATH=src python scripts/experiments/saccade_trace.py --scene 0 --out results/cpu/saccade_trace
 """
 
 import argparse

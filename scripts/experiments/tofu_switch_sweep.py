@@ -3,7 +3,7 @@
 switch_layer=0 merges (MLERP) in every block, switch_layer >= depth prunes in every block; ToMe
 (plain size-weighted average) is the reference. Usage:
 
-    PYTHONPATH=src python scripts/tofu_switch_sweep.py --data skimage --keep 0.25,0.05 --switch 0,3,6,12
+    PYTHONPATH=src python scripts/experiments/tofu_switch_sweep.py --data skimage --keep 0.25,0.05 --switch 0,3,6,12
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ thread and on two, after a pause that lets the pool's threads go idle, as betwee
 forward. Printed per call: CPU time of the calling thread, and CPU time the other threads spent
 (their share of the work, or spinning while they wait). Usage:
 
-    python scripts/bench_small_ops.py --threads 2 --calls 200
+    python scripts/experiments/bench_small_ops.py --threads 2 --calls 200
 """
 
 from __future__ import annotations

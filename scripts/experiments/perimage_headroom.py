@@ -1,7 +1,7 @@
 """Headroom of per-image budgets on the dev mix: an oracle that knows each test image's full features
 picks its level, against one fixed budget at the same mean FLOPs.
 
-    PYTHONPATH=src python scripts/perimage_headroom.py [--n-per-source 300] [--threads 2]
+    PYTHONPATH=src python scripts/experiments/perimage_headroom.py [--n-per-source 300] [--threads 2]
 
 Every test image is embedded under every level (cached under $TOKENBUDGET_CACHE/features), so an
 allocation is scored by picking each image's row: ToMe reduces each image on its own, so its

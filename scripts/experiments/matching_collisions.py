@@ -1,7 +1,7 @@
 """How often ToMe's greedy edges share a destination on the embedded DINOv2, and what the
 optimal one-to-one matching recovers, per block.
 
-    PYTHONPATH=src python scripts/matching_collisions.py --keep 0.25 --images 8
+    PYTHONPATH=src python scripts/experiments/matching_collisions.py --keep 0.25 --images 8
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Final held-out measurement of tb.PerImage: calibrated on train, reported on test, against one fixed
 ToMe budget at the same mean FLOPs, on the dev mix and on two homogeneous sets.
 
-    PYTHONPATH=src python scripts/perimage_final.py --threads 1 [--speed-samples 7] [--no-anchor]
+    PYTHONPATH=src python scripts/experiments/perimage_final.py --threads 1 [--speed-samples 7] [--no-anchor]
 
 * scopes: the dev mix (all five sources), and its ``fashion`` (Fashion-MNIST items) and
   ``inspection`` (the anomaly set's surfaces) sources alone, each with its own classifiers (k-NN and

@@ -3,7 +3,7 @@
 Times unpatched DINOv2, ToMe and ToMe + guard at the same keep, interleaved, on Fashion-MNIST test
 images (batch ``--batch-size``), and prints medians of paired ratios to the unpatched model:
 
-    PYTHONPATH=src python scripts/guard_speed.py --keep 0.05 --batch-size 16 --reps 5
+    PYTHONPATH=src python scripts/experiments/guard_speed.py --keep 0.05 --batch-size 16 --reps 5
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ error of that difference (the same test images under both methods).
 
 ToFu is printed for reference; the targets compare against ToMe, random drop, grid pool and PiToMe.
 
-    PYTHONPATH=src python scripts/textures_eval.py --data textures --n-train 600 --n-test 1050
+    PYTHONPATH=src python scripts/experiments/textures_eval.py --data textures --n-train 600 --n-test 1050
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ block, every token that contains a flaw patch is scored by its purity (share of 
 are flaw patches) and size. A reducer that averages the flaw into its background leaves impure,
 large tokens.
 
-    .venv/bin/python scripts/anomaly_purity.py --images 48 --speedup 1.5,2
+    .venv/bin/python scripts/experiments/anomaly_purity.py --images 48 --speedup 1.5,2
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ below 1, the reduced sequence is smoother, lower in contrast, than the one it st
 the last block it prints the largest token (patches), the share of patches inside tokens of
 8 or more patches, and the class token's cosine to the full model's.
 
-    PYTHONPATH=src python scripts/textures_mechanism.py --images 32 --speedup 2 \\
+    PYTHONPATH=src python scripts/experiments/textures_mechanism.py --images 32 --speedup 2 \\
         --methods tome,random,pool,'{"method": "auto", "merge": "moment"}'
 """
 

@@ -1,7 +1,7 @@
 """Per-image policies on the dev mix: which glance score, calibrated on train only, beats one fixed
 budget at the same mean FLOPs on the held-out test split.
 
-    PYTHONPATH=src python scripts/perimage_policies.py [--calib-stride 3] [--threads 2]
+    PYTHONPATH=src python scripts/experiments/perimage_policies.py [--calib-stride 3] [--threads 2]
 
 Each policy scores every image (:mod:`tokenbudget.ops.glance` and friends); thresholds are calibrated
 on the *train* split (rule ``fit``: on a subset of train images embedded at every level, where

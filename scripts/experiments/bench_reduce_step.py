@@ -6,9 +6,9 @@ each block's keys [B, H, N, d] (a strided view, as timm's attention hands them),
 [B, N, C] and sizes. Times are per block, summed over the blocks; ``--threads 1`` uses the
 thread's CPU time (robust on a busy machine), more threads wall time. Usage:
 
-    PYTHONPATH=src python scripts/bench_reduce_step.py --threads 1 --r 16 --batch-size 1
-    PYTHONPATH=src python scripts/bench_reduce_step.py --compile dynamic   # + torch.compile
-    PYTHONPATH=src python scripts/bench_reduce_step.py --other /tmp/old/src/tokenbudget  # + another version
+    PYTHONPATH=src python scripts/experiments/bench_reduce_step.py --threads 1 --r 16 --batch-size 1
+    PYTHONPATH=src python scripts/experiments/bench_reduce_step.py --compile dynamic   # + torch.compile
+    PYTHONPATH=src python scripts/experiments/bench_reduce_step.py --other /tmp/old/src/tokenbudget  # + another version
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main() -> None:
         n -= r
     fns = {"two-step": two_step, "fused": fused, "fused+serial": fused_serial}
     if args.other is not None:
-        from bench_ab import import_other  # scripts/ is on the path when this file runs
+        from bench_ab import import_other  # its folder is on the path when this file runs
 
         other = import_other(args.other)
         other_match = other.ops.match.bipartite_soft_matching
