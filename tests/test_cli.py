@@ -160,10 +160,16 @@ def test_every_option_has_help() -> None:
     assert not missing, missing
 
 
+#: commands whose --model is a saved vision-language model folder, not a vision transformer's name
+VLM_COMMANDS = {"eval-vlm"}
+
+
 def test_model_option_names_every_accepted_form() -> None:
     for name, command in _commands().items():
         for action in command._actions:
-            if "--model" in action.option_strings:
+            if "--model" in action.option_strings and name in VLM_COMMANDS:
+                assert "save_pretrained" in action.help, name
+            elif "--model" in action.option_strings:
                 for form in ("timm", "dinov2_small", "dinov2_small_hf", "hf:", "openclip:", "register_model"):
                     assert form in action.help, (name, form)
 
