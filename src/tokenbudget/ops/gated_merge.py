@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .match import Matching
+from .small_merge import flat_group_sizes
 
 
 def pair_similarity(keys: Tensor, matching: Matching) -> Tensor:
@@ -42,14 +43,7 @@ def merge_gated(
         raise ValueError(f"gate must be [B, r] = {[batch, matching.r]}, got {list(gate.shape)}")
     num_out = num_tokens - matching.r
     kept, src, dst = matching.flat_indices
-    rows = x.reshape(batch * num_tokens, channels)
-    if size is None:
-        size_rows = torch.ones(batch * num_tokens, 1, device=x.device, dtype=x.dtype)
-    else:
-        size_rows = size.reshape(batch * num_tokens, 1).to(x.dtype)
-    kept_size = size_rows.index_select(0, kept)  # [B*(N-r), 1]
-    src_size = size_rows.index_select(0, src)  # [B*r, 1]
-    new_size = kept_size.index_add(0, dst, src_size)  # [B*(N-r), 1] the whole group, dropped included
+    rows, kept_size, src_size, new_size = flat_group_sizes(x, size, kept, src, dst)
     weight = src_size * gate.reshape(-1, 1).to(x.dtype)  # 0 for a dropped pair
     kept_rows = rows.index_select(0, kept)
     src_rows = rows.index_select(0, src)
