@@ -10,7 +10,13 @@
 * :mod:`.vlm_answers`: answers of a transformers VLM under visual-token cuts (:func:`evaluate_vlm`).
 """
 
-from .budgets import fastest_keep, keep_for_flops_speedup, method_config
+from .budgets import (
+    ScheduledKeep,
+    budget_for_flops_speedup,
+    fastest_keep,
+    keep_for_flops_speedup,
+    method_config,
+)
 from .features import extract_features
 from .metrics import accuracy_drop, cosine_fidelity, knn_accuracy, linear_probe_accuracy
 from .quality import EvalRow, evaluate
@@ -34,6 +40,8 @@ __all__ = [
     "format_answer_table",
     "format_eval_table",
     "keep_for_flops_speedup",
+    "budget_for_flops_speedup",
+    "ScheduledKeep",
     "knn_accuracy",
     "linear_probe_accuracy",
     "load_vqa",
