@@ -68,10 +68,14 @@ class Judges:
         probe = fit_linear_probe(train_feats, train_labels, num_classes=num_classes)
         return cls(train_feats, train_labels, test_labels, test_full, probe, min(k, len(train_labels)))
 
+    def predict(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """Per test image (k-NN prediction [N], linear probe prediction [N]) from ``feats`` [N, F]."""
+        knn = knn_predictions(self.train_feats, self.train_labels, feats, self.test_labels, k=self.k)
+        return knn, self.probe.predict(feats)
+
     def correct(self, feats: Tensor) -> tuple[Tensor, Tensor]:
         """Per test image (k-NN correct [N], linear probe correct [N]) as floats."""
-        knn = knn_predictions(self.train_feats, self.train_labels, feats, self.test_labels, k=self.k)
-        lin = self.probe.predict(feats)
+        knn, lin = self.predict(feats)
         return (knn == self.test_labels).double(), (lin == self.test_labels).double()
 
     def knn_full_predictions(self) -> Tensor:

@@ -12,16 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..bench.run import bench
+from ..config import ReductionConfig
 from ..data.eval_sets import EvalData
 from ..patch import apply, remove
 from . import distributed as dist_utils
 from .budgets import method_config
 from .features import extract_features
 from .metrics import cosine_fidelity, knn_accuracy, linear_probe_accuracy
-from .per_image_eval import calibrate_in_run, per_image_mean_flops
+from .oracle import OracleHeadroom, level_features, oracle_headroom
+from .per_image_eval import Judges, calibrate_in_run, per_image_mean_flops
 from .shift import feature_shift
 
 
@@ -46,6 +48,11 @@ class EvalRow:
     #: bias diagnostic (``evaluate(shift=True)``): the largest fraction of a class gap that the mean
     #: feature shift covers (:func:`tokenbudget.evaluate.shift.feature_shift`); 0 for full tokens
     shift: float | None = None
+    #: per-image rows: the oracle's k-NN and linear accuracy at the same mean FLOPs (each test image at
+    #: the level its classifier is right at, cheapest first; an upper bound, see
+    #: :mod:`tokenbudget.evaluate.oracle`); ``None`` for other rows
+    oracle_knn: float | None = None
+    oracle_linear: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,12 +155,17 @@ def evaluate(
                 shift=0.0 if shift else None,
             )
         )
+    judges, level_cache = None, {}
     for (method, keep, cfg), row in zip(configs, speed, strict=True):
         apply(model, cfg)
         try:
             test_reduced = extract_features(model, data.test_images, batch_size, progress)
         finally:
             remove(model)
+        oracle = None
+        if cfg.method == "per-image":
+            judges = judges or Judges.fit(train_full, y_train, test_full, y_test, k=k)
+            oracle = per_image_oracle(model, cfg, data.test_images, judges, batch_size, level_cache)
         knn = knn_accuracy(train_full, y_train, test_reduced, y_test, k=k)
         lin = linear_probe_accuracy(train_full, y_train, test_reduced, y_test)
         rows.append(
@@ -178,6 +190,26 @@ def evaluate(
                 final_tokens=row.final_tokens,
                 knn_k=k,
                 shift=feature_shift(train_full, y_train, test_full, test_reduced).worst if shift else None,
+                oracle_knn=None if oracle is None else oracle.knn_acc,
+                oracle_linear=None if oracle is None else oracle.linear_acc,
             )
         )
     return rows
+
+
+def per_image_oracle(
+    model: nn.Module,
+    config: ReductionConfig,
+    test_images: Tensor,
+    judges: Judges,
+    batch_size: int = 64,
+    cache: dict | None = None,
+) -> OracleHeadroom:
+    """The oracle headroom of a calibrated ``tb.PerImage`` ``config`` on ``test_images``: its levels
+    run on every test image, the oracle picks each image's level at the config's mean FLOPs target."""
+    from ..adapters import find_adapter
+    from ..adaptive.per_image import flops_target, input_tokens
+
+    feats, flops, speedups = level_features(model, config, test_images, judges.test_full, batch_size, cache)
+    target = flops_target(model, config, input_tokens(find_adapter(model), test_images))
+    return oracle_headroom(feats, flops, speedups, target, judges.predict, judges.test_labels)

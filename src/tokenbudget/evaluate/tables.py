@@ -84,3 +84,29 @@ def pareto_plot(rows: Sequence[EvalRow], path: str, metric: str = "knn_acc") -> 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def headroom_line(row: EvalRow, fixed: Sequence[EvalRow], full: EvalRow | None, num_test: int) -> str:
+    """What a per-image ``row`` gained over the best of the ``fixed`` rows at its budget, beside the
+    oracle's headroom (:mod:`tokenbudget.evaluate.oracle`) and full tokens, in points, with the
+    binomial standard error of one accuracy on ``num_test`` images."""
+    best_knn = max(fixed, key=lambda r: r.knn_acc)
+    best_lin = max(fixed, key=lambda r: r.linear_acc)
+    se = 100 * max((a * (1 - a) / max(num_test, 1)) ** 0.5 for a in (best_knn.knn_acc, best_lin.linear_acc))
+    parts = [
+        f"  best fixed at this budget: k-NN {best_knn.knn_acc:.3f} ({best_knn.method}), linear "
+        f"{best_lin.linear_acc:.3f} ({best_lin.method}); per-image "
+        f"{100 * (row.knn_acc - best_knn.knn_acc):+.1f} / {100 * (row.linear_acc - best_lin.linear_acc):+.1f} points"
+    ]
+    if row.oracle_knn is not None and row.oracle_linear is not None:
+        parts.append(
+            f"oracle headroom {100 * (row.oracle_knn - best_knn.knn_acc):+.1f} / "
+            f"{100 * (row.oracle_linear - best_lin.linear_acc):+.1f} (each image at the cheapest of its levels "
+            "that it is right at, same mean FLOPs: an upper bound)"
+        )
+    if full is not None:
+        parts.append(
+            f"full tokens {100 * (full.knn_acc - best_knn.knn_acc):+.1f} / "
+            f"{100 * (full.linear_acc - best_lin.linear_acc):+.1f}"
+        )
+    return "; ".join(parts) + f"; one accuracy's SE <= {se:.1f} points ({num_test} test images)"
