@@ -153,6 +153,8 @@ class Auto(BudgetConfig):
       late blocks): averaging keeps what the merely similar token carries, so Auto averages.
     * ``rule="distinct"``: average the pairs with ``s < threshold``, drop the near-duplicates.
     * ``rule="duplicate"``: average the pairs with ``s >= threshold``, drop the rest.
+    * ``rule="outlier"``: per pair, average the pairs whose ``s`` is more than ``threshold``
+      standard deviations below the mean of the image's pairs in that block, drop the rest.
 
     The threshold was chosen on validation sets only (``docs/methods/auto.md``); :class:`AutoDrop`
     always drops, :class:`ToMe` always averages.
@@ -169,7 +171,7 @@ class Auto(BudgetConfig):
 
     method: ClassVar[str] = "auto"
     _flags: ClassVar[tuple[str, ...]] = ("prop_attn", "trace_source")
-    _rules: ClassVar[tuple[str, ...]] = ("distinct", "duplicate", "dispersion")
+    _rules: ClassVar[tuple[str, ...]] = ("distinct", "duplicate", "dispersion", "outlier")
     _fuses: ClassVar[tuple[str, ...]] = ("mean", "mlerp")
 
     rule: str = "dispersion"
@@ -184,5 +186,5 @@ class Auto(BudgetConfig):
             raise ValueError(f"Auto: rule must be one of {list(self._rules)}, got {self.rule!r}")
         if self.fuse not in self._fuses:
             raise ValueError(f"Auto: fuse must be one of {list(self._fuses)}, got {self.fuse!r}")
-        low = 0.0 if self.rule == "dispersion" else -1.0
-        _check_fraction("Auto", f"threshold (rule {self.rule!r})", self.threshold, low, 1.0)
+        low, high = {"dispersion": (0.0, 1.0), "outlier": (-3.0, 3.0)}.get(self.rule, (-1.0, 1.0))
+        _check_fraction("Auto", f"threshold (rule {self.rule!r})", self.threshold, low, high)

@@ -59,8 +59,10 @@ def averaging_gate(sim: Tensor, rule: str, threshold: float) -> Tensor:
         return sim >= threshold
     if sim.shape[1] < 2:
         return torch.zeros_like(sim, dtype=torch.bool)
-    spread = sim.std(dim=1, keepdim=True)  # [B, 1] one choice per image
-    return (spread >= threshold).expand_as(sim)
+    spread = sim.std(dim=1, keepdim=True)  # [B, 1]
+    if rule == "outlier":  # per pair: the image's least similar pairs, relative to its own spread
+        return sim < sim.mean(dim=1, keepdim=True) - threshold * spread
+    return (spread >= threshold).expand_as(sim)  # one choice per image
 
 
 @register(Auto)
