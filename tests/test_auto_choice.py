@@ -68,6 +68,9 @@ def test_gate_rules() -> None:
     assert averaging_gate(sim, "duplicate", 0.92).tolist() == [[True, True, False], [False, False, False]]
     # dispersion: one choice per image, from the spread of its pairs
     assert averaging_gate(sim, "dispersion", 0.1).tolist() == [[True] * 3, [False] * 3]
+    # outlier: per pair, the pairs well below their image's mean; a uniform image averages none
+    assert averaging_gate(sim, "outlier", 0.5).tolist() == [[False, False, True], [False] * 3]
+    assert averaging_gate(sim, "outlier", -3.0).tolist() == [[True] * 3, [False] * 3]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -109,6 +112,9 @@ def test_auto_config_json_and_validation() -> None:
         tb.Auto(r=4, threshold=1.5)
     with pytest.raises(ValueError, match="threshold"):
         tb.Auto(r=4, rule="dispersion", threshold=-0.1)
+    assert tb.Auto(r=4, rule="outlier", threshold=1.5).threshold == 1.5  # standard deviations
+    with pytest.raises(ValueError, match=r"threshold \(rule 'outlier'\) must be a number in \[-3.0, 3.0\]"):
+        tb.Auto(r=4, rule="outlier", threshold=4.0)
 
 
 def test_mlerp_with_a_mixed_gate_keeps_the_longest_averaged_members_norm() -> None:

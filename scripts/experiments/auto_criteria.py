@@ -32,6 +32,19 @@ from tokenbudget.evaluate.metrics import cosine_fidelity, knn_accuracy, linear_p
 from tokenbudget.evaluate.shift import feature_shift
 
 SOURCES = ("strategies/auto.py", "ops/gated_merge.py", "ops/merge.py", "ops/match.py", "strategies/tofu.py")
+#: sources only Auto and AutoDrop run: other methods' cache keys hash them as of PIN, so that a change
+#: to Auto does not recompute ToMe, ToFu, random and pool
+AUTO_ONLY = ("strategies/auto.py", "ops/gated_merge.py")
+PIN = "cef88ee"
+
+
+def pinned_source(name: str) -> bytes:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        ["git", "show", f"{PIN}:src/tokenbudget/{name}"], cwd=root, capture_output=True, check=True
+    ).stdout
 
 
 def log(message: str) -> None:
@@ -81,8 +94,12 @@ def cached_features(
     root.mkdir(parents=True, exist_ok=True)
     images = data.train_images if split == "train" else data.test_images
     code = hashlib.sha256()
+    method = None if config is None else config.to_dict().get("method")
     for name in SOURCES:
-        code.update((Path(tb.__file__).parent / name).read_bytes())
+        if name in AUTO_ONLY and method not in ("auto", "auto-drop"):
+            code.update(pinned_source(name))  # other methods never read it: keep their cache
+        else:
+            code.update((Path(tb.__file__).parent / name).read_bytes())
     spec = {
         "data": data.name,
         "split": split,
@@ -116,9 +133,11 @@ def candidates(keep: float) -> dict[str, object]:
         "random": tb.RandomDrop(keep=keep),
         "pool": tb.GridPool(keep=keep),
     }
-    for t in (0.008, 0.012, 0.016, 0.02, 0.03):
+    for t in (0.008, 0.012, 0.014, 0.016, 0.02, 0.03):
         for fuse in ("mean", "mlerp"):
             out[f"dispersion {t} {fuse}"] = tb.Auto(keep=keep, rule="dispersion", threshold=t, fuse=fuse)
+    for z in (0.0, 0.5, 1.0):
+        out[f"outlier {z}"] = tb.Auto(keep=keep, rule="outlier", threshold=z)
     for t in (0.8, 0.9, 0.95):
         out[f"distinct {t}"] = tb.Auto(keep=keep, rule="distinct", threshold=t)
         out[f"duplicate {t}"] = tb.Auto(keep=keep, rule="duplicate", threshold=t)
