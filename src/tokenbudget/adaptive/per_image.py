@@ -36,14 +36,12 @@ from ..ops.budget_fit import (
 from ..ops.glance import level_index
 from ..patch import apply, install_strategy, is_patched, last_state, remove
 from ..strategies.per_image import (
-    MAX_RATE,
     LevelPlan,
     config_levels,
+    fastest_rate_speedup,
     mean_flops_target,
     need_scores,
-    rate_schedule,
     resolve_levels,
-    schedule_flops,
 )
 from ..strategies.per_image_levels import level_config
 
@@ -76,8 +74,7 @@ def reachable_levels(
     adapter = find_adapter(model)
     tokens = num_tokens if num_tokens is not None else adapter.default_num_tokens
     dims = adapter.block_dims()
-    merged = rate_schedule(tokens, adapter.num_prefix, len(dims), MAX_RATE)
-    fastest = 1.0 / schedule_flops(tokens, merged, dims)
+    fastest = fastest_rate_speedup(tokens, adapter.num_prefix, dims)
     kept = tuple(s for s in speedups if s <= fastest + 1e-9)
     if len(kept) < len(speedups) and fastest - kept[-1] > 0.05:
         kept = (*kept, math.floor(fastest * 100) / 100)  # rounded down: reachable

@@ -82,14 +82,14 @@ def budget_for_flops_speedup(model: nn.Module, speedup: float) -> float:
     :class:`ScheduledKeep` for the geometric schedule (each block merges the same share of its
     mergeable tokens, at most half: the per-image levels' schedule), which front-loads the merging
     and so reaches further. ``ValueError`` beyond what merging half of every block reaches."""
-    from ..strategies.per_image import rate_for_speedup, schedule_flops
-    from ..strategies.per_image_levels import MAX_RATE, rate_schedule
+    from ..strategies.per_image import fastest_rate_speedup, rate_for_speedup, schedule_flops
+    from ..strategies.per_image_levels import rate_schedule
 
     geometry = reach.geometry_of(model)
     if speedup <= reach.fastest_keep(geometry)[1]:
         return reach.keep_for_speedup(geometry, speedup)
     tokens, prefix, dims = geometry.tokens, geometry.prefix, geometry.dims
-    fastest = 1.0 / schedule_flops(tokens, rate_schedule(tokens, prefix, len(dims), MAX_RATE), dims)
+    fastest = fastest_rate_speedup(tokens, prefix, dims)
     if speedup > fastest + 1e-9:
         raise ValueError(
             f"a FLOPs-ideal speedup of {speedup} is out of reach for this model: merging half of the "

@@ -51,6 +51,13 @@ def schedule_flops(num_tokens: int, merged: Sequence[int], dims: Sequence[BlockD
     return model_flops(num_tokens, per_layer, dims) / model_flops(num_tokens, [num_tokens] * len(dims), dims)
 
 
+def fastest_rate_speedup(num_tokens: int, num_prefix: int, dims: Sequence[BlockDims]) -> float:
+    """The FLOPs-ideal speedup of the fastest geometric schedule: every block merges half of its
+    mergeable tokens (:data:`MAX_RATE`), the far end of the per-image levels and of
+    :func:`tokenbudget.evaluate.budget_for_flops_speedup`."""
+    return 1.0 / schedule_flops(num_tokens, rate_schedule(num_tokens, num_prefix, len(dims), MAX_RATE), dims)
+
+
 def rate_for_speedup(num_tokens: int, num_prefix: int, dims: Sequence[BlockDims], speedup: float) -> float:
     """The smallest merge rate whose :func:`rate_schedule` reaches a FLOPs-ideal ``speedup``
     (bisection; the counts are integers, so the speedup reached can overshoot slightly)."""
@@ -61,7 +68,7 @@ def rate_for_speedup(num_tokens: int, num_prefix: int, dims: Sequence[BlockDims]
 
     if speedup <= 1.0:
         return 0.0
-    fastest = reached(MAX_RATE)
+    fastest = fastest_rate_speedup(num_tokens, num_prefix, dims)
     if speedup > fastest + 1e-9:
         raise ValueError(
             f"a FLOPs-ideal speedup of {speedup} is out of reach: merging half of the tokens in every "
@@ -441,6 +448,7 @@ def pad_tokens(outputs: Sequence[tuple[Tensor, Tensor]], batch_size: int) -> Ten
 
 __all__ = [
     "MAX_RATE",
+    "fastest_rate_speedup",
     "LevelGroup",
     "LevelPlan",
     "PerImageContext",
