@@ -21,6 +21,7 @@ the cheapest level that it is classified right at, within the same mean FLOPs: a
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -28,13 +29,11 @@ from pathlib import Path
 import torch
 
 import tokenbudget as tb
-from tokenbudget.adapters import find_adapter
-from tokenbudget.adaptive.per_image import config_level_plan, glance_scores, input_tokens
+from tokenbudget.adaptive.per_image import glance_scores
 from tokenbudget.evaluate.budgets import ScheduledKeep, budget_for_flops_speedup, method_config
-from tokenbudget.evaluate.oracle import oracle_headroom
+from tokenbudget.evaluate.oracle import level_features, oracle_headroom
 from tokenbudget.evaluate.per_image_eval import Judges, calibrate_in_run
 from tokenbudget.ops.glance import level_index
-from tokenbudget.strategies.per_image_levels import level_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from auto_criteria import cached_features, load, log  # noqa: E402
@@ -80,22 +79,27 @@ def main() -> None:
                 correct[method] = judges.correct(feats)
             # per-image, calibrated on the train split as `tokenbudget eval` does
             config = calibrate_in_run(model, method_config("per-image", budget), data.train_images)
-            plan = config_level_plan(model, config, input_tokens(find_adapter(model), data.test_images))
-            levels = []
-            for counts in plan.merged:
-                if sum(counts) == 0:
-                    levels.append(test_full)
-                else:
-                    cfg = level_config(config.reducer, config.prop_attn, r=list(counts))
-                    levels.append(cached_features(model, data, "test", cfg))
-            level_feats = torch.stack(levels, dim=1)  # [N, K, F]
+            level_feats, level_flops, level_speedups = level_features(
+                model,
+                config,
+                data.test_images,
+                test_full,
+                embed=functools.partial(cached_features, model, data, "test"),
+            )  # [N, K, F]
             scores = glance_scores(model, data.test_images, config)
-            index = level_index(scores, torch.tensor(config.thresholds, dtype=torch.float64), len(plan.flops))
-            flops = torch.tensor(plan.flops, dtype=torch.float64)
+            index = level_index(
+                scores, torch.tensor(config.thresholds, dtype=torch.float64), len(level_flops)
+            )
+            flops = torch.tensor(level_flops, dtype=torch.float64)
             per_image = level_feats[torch.arange(n), index]
             correct["per-image"] = judges.correct(per_image)
             oracle = oracle_headroom(
-                level_feats, plan.flops, plan.speedups, config.target_flops, judges.predict, data.test_labels
+                level_feats,
+                level_flops,
+                level_speedups,
+                config.target_flops,
+                judges.predict,
+                data.test_labels,
             )
             best = max(FIXED, key=lambda m: float(correct[m][0].mean() + correct[m][1].mean()))
             best_sum = correct[best][0] + correct[best][1]
@@ -113,9 +117,9 @@ def main() -> None:
                     f" {gain:+13.1f}±{se_gain:3.1f}{'  (best)' if method == best else '':>8}"
                     f" {cost:7.4f}"
                 )
-            counts = torch.bincount(index, minlength=len(plan.flops)).tolist()
+            counts = torch.bincount(index, minlength=len(level_flops)).tolist()
             print(
-                f"  per-image levels {[round(s, 2) for s in plan.speedups]}, images per level {counts}; "
+                f"  per-image levels {[round(s, 2) for s in level_speedups]}, images per level {counts}; "
                 f"target FLOPs {config.target_flops:.4f}, calibrated {config.calibrated_flops:.4f}"
             )
             print(

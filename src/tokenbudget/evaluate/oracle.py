@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import find_adapter
-from ..config import PerImage
+from ..config import PerImage, ReductionConfig
 from .features import extract_features
 
 
@@ -77,15 +77,24 @@ def level_features(
     batch_size: int = 64,
     cache: dict | None = None,
     progress: Callable[[int], None] | None = None,
+    embed: Callable[[ReductionConfig], Tensor] | None = None,
 ) -> tuple[Tensor, tuple[float, ...], tuple[float, ...]]:
     """(features [N, K, F] of ``images`` under each level of ``config``, each level's FLOPs fraction,
     each level's speedup). Level ``k`` runs ``config.reducer`` at that level's per-block counts, as
     ``tb.PerImage`` runs it (each image is reduced on its own, so a level's features do not depend on
     the batch); a level with no merging is ``full_features`` [N, F]. ``cache`` (a dict) keeps levels
-    by their counts across calls on the same images."""
+    by their counts across calls on the same images. ``embed(level config)``, if given, returns the
+    level's features [N, F] instead of running the model (e.g. from a feature cache on disk)."""
     from ..adaptive.per_image import config_level_plan, input_tokens
     from ..patch import apply, remove
     from ..strategies.per_image_levels import level_config
+
+    def run_level(level: ReductionConfig) -> Tensor:
+        apply(model, level)
+        try:
+            return extract_features(model, images, batch_size, progress)
+        finally:
+            remove(model)
 
     plan = config_level_plan(model, config, input_tokens(find_adapter(model), images))
     cache = {} if cache is None else cache
@@ -96,11 +105,8 @@ def level_features(
             continue
         key = (config.reducer, config.prop_attn, counts)
         if key not in cache:
-            apply(model, level_config(config.reducer, config.prop_attn, r=list(counts)))
-            try:
-                cache[key] = extract_features(model, images, batch_size, progress)
-            finally:
-                remove(model)
+            level = level_config(config.reducer, config.prop_attn, r=list(counts))
+            cache[key] = embed(level) if embed is not None else run_level(level)
         feats.append(cache[key])
     return torch.stack(feats, dim=1), plan.flops, plan.speedups
 
